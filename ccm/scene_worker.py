@@ -1,0 +1,106 @@
+"""Scene generation in a separate process, handing chunks over through shared memory.
+
+Drawing scenes is Python-bound; in a thread it would hold the GIL against the physics and the
+writer. A forked worker process draws each chunk and runs the forward model's scene-side half
+(:meth:`ForwardModel.encode`) straight into one of a few shared-memory slots, so nothing is
+copied or pickled but a slot number.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing import shared_memory
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ccm.devices import CannulaDevice, WindowDevice
+from ccm.optics import ForwardModel
+
+
+def fill_scenes(out: np.ndarray, device: CannulaDevice | WindowDevice, sources: Sequence, seed: int, chunk_index: int) -> None:
+    """Fill ``out`` (size, D, h, w) float32 with the scenes of chunk ``chunk_index``.
+
+    Scenes draw from ``default_rng([seed, chunk_index, 0])``; each frame's class is drawn
+    uniformly from ``sources``.
+    """
+    rng = np.random.default_rng([seed, chunk_index, 0])
+    for i, choice in enumerate(rng.integers(len(sources), size=len(out))):
+        out[i] = sources[choice](device, out.shape[1], rng)
+
+
+class _Slot:
+    """One chunk's volumes and their encoding, in shared memory."""
+
+    def __init__(self, volume_shape: tuple[int, ...], encoded_shape: tuple[int, ...], name: str | None = None):
+        sizes = [int(np.prod(volume_shape)) * 4, int(np.prod(encoded_shape)) * 4]
+        self.memory = shared_memory.SharedMemory(name=name, create=name is None, size=sum(sizes) if name is None else 0)
+        self.volume_shape, self.encoded_shape, self._split = volume_shape, encoded_shape, sizes[0]
+
+    def views(self, size: int, forward: ForwardModel) -> tuple[np.ndarray, np.ndarray]:
+        """(size, D, h, w) volumes and the encoding of ``size`` frames, as views into the slot."""
+        volumes = np.ndarray((size, *self.volume_shape[1:]), np.float32, buffer=self.memory.buf)
+        encoded = np.ndarray(forward.encoded_shape(size), np.float32, buffer=self.memory.buf, offset=self._split)
+        return volumes, encoded
+
+
+def _worker(forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tuple[int, int]], slots: list[_Slot],
+            free: mp.Queue, ready: mp.Queue) -> None:
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)  # a forked child must not use the parent's thread pool
+        for index, size in chunks:
+            k = free.get()
+            volumes, encoded = slots[k].views(size, forward)
+            fill_scenes(volumes, forward.device, sources, seed, index)
+            forward.encode(volumes, out=encoded)
+            del volumes, encoded
+            ready.put((k, index, size))
+        ready.put(None)
+    except BaseException as err:  # report, then stop
+        ready.put(RuntimeError(f"scene worker failed: {err!r}"))
+
+
+class SceneWorker:
+    """Draw and encode the scenes of ``chunks`` (list of (index, size)) in a forked worker process.
+
+    Iterating yields ``(volumes, encoded, chunk_index, slot)``: views valid until
+    :meth:`release` is called with the slot, so a consumer can keep a few chunks in flight. Use
+    as a context manager; leaving it stops the worker and frees the shared memory.
+    """
+
+    def __init__(self, forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tuple[int, int]],
+                 chunk_size: int, n_slots: int = 4):
+        # fork: spawn would re-import the caller's __main__; the child uses only numpy, scipy and OpenCV
+        ctx = mp.get_context("fork")
+        self.forward = forward
+        volume_shape = (chunk_size, len(forward.planes_um), *forward.device.target.shape)
+        self._slots = [_Slot(volume_shape, forward.encoded_shape(chunk_size)) for _ in range(n_slots)]
+        self._free, self._ready = ctx.Queue(), ctx.Queue()
+        for k in range(n_slots):
+            self._free.put(k)
+        self._process = ctx.Process(target=_worker, daemon=True,
+                                    args=(forward, sources, seed, chunks, self._slots, self._free, self._ready))
+        self._process.start()
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+        while (item := self._ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            k, index, size = item
+            yield (*self._slots[k].views(size, self.forward), index, k)
+
+    def release(self, slot: int) -> None:
+        self._free.put(slot)
+
+    def __enter__(self) -> "SceneWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        for slot in self._slots:
+            slot.memory.close()
+            slot.memory.unlink()

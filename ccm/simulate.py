@@ -1,0 +1,145 @@
+"""Simulated devices end to end: scenes → forward model → photon budget and background → camera.
+
+:class:`Simulator` turns volumes into noisy raw frames for one device and one plane set;
+:func:`simulate_stack` streams a whole calibration stack to disk. Chunk k of a stack draws its
+scenes from ``default_rng([seed, k, 0])`` and its noise from ``default_rng([seed, k, 1])``, so the same seed gives the same bytes whatever
+the machine, and an interrupted run resumes at a chunk boundary with identical results.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ccm.devices import CannulaDevice, WindowDevice
+from ccm.optics import forward_model
+from ccm.optics.camera import dark_frame, expose, pixel_gain_map
+from ccm.scene_worker import SceneWorker
+from ccm.scenes import GENERATORS, ImageScenes, field_of_view_mask
+from ccm.stack import StackWriter
+
+Mode = Literal["2d", "3d"]
+SceneSource = Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]
+REFERENCE_SCENES = 8
+"""Number of typical scenes whose median brightest pixel defines the photon budget."""
+
+
+def reference_scene_kind(device: CannulaDevice | WindowDevice) -> str:
+    """The scene class that 'a typical scene' means for this kind of device."""
+    return "neurons" if isinstance(device, CannulaDevice) else "digits"
+
+
+class Simulator:
+    """Raw frames of one device for volumes on one set of depth planes.
+
+    Parameters
+    ----------
+    device : the device to simulate.
+    mode : ``"2d"`` (one plane at ``target.depth_2d_um``) or ``"3d"`` (all ``target.depths_um``).
+    """
+
+    def __init__(self, device: CannulaDevice | WindowDevice, mode: Mode = "2d"):
+        self.device = device
+        self.mode = mode
+        self.planes_um = device.target.planes(mode)
+        self.forward = forward_model(device, self.planes_um)
+        self.gain_map = pixel_gain_map(device.sensor, device.seed)
+        mask = field_of_view_mask(device)
+        uniform = self.forward(np.broadcast_to(mask, (1, len(self.planes_um), *mask.shape)).copy())[0]
+        lit = uniform > 0
+        self.background = (uniform / uniform[lit].mean() * device.sensor.background_e).astype(np.float32)
+        rng = np.random.default_rng([device.seed, 41])
+        generate = GENERATORS[reference_scene_kind(device)]
+        ref = np.stack([generate(device, len(self.planes_um), rng) for _ in range(REFERENCE_SCENES)])
+        peaks = self.forward(ref).max(axis=(1, 2))
+        self.photons_per_unit = float(device.sensor.peak_signal_e / np.median(peaks))
+        """Photo-electrons per unit of forward-model output: sets the photon budget."""
+        self._electrons_per_unit = (self.photons_per_unit * self.gain_map).astype(np.float32)
+        self._background_electrons = (self.background * self.gain_map).astype(np.float32)
+
+    def expected_electrons(self, volumes: np.ndarray) -> np.ndarray:
+        """Noise-free photo-electrons: (N, D, h, w) float32 volumes → (N, H, W) float32."""
+        return self._electrons(self.forward(volumes))
+
+    def _electrons(self, light: np.ndarray) -> np.ndarray:
+        light *= self._electrons_per_unit
+        light += self._background_electrons
+        return light
+
+    def frames(self, volumes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noisy raw frames: (N, D, h, w) float32 volumes → (N, H, W) uint16."""
+        return expose(self.expected_electrons(volumes), self.device.sensor, rng)
+
+    def frames_from_encoded(self, encoded: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noisy raw frames from volumes already passed through ``forward.encode``."""
+        return expose(self._electrons(self.forward.decode(encoded)), self.device.sensor, rng)
+
+    def dark(self) -> np.ndarray:
+        """Mean dark frame (H, W) float32 ADU, as a lab records it before calibrating."""
+        return dark_frame(self.device.sensor, np.random.default_rng([self.device.seed, 51]))
+
+
+def scene_sources(kinds: Sequence[str], files: Sequence[Path] = ()) -> list[SceneSource]:
+    """Scene generators for named classes (``beads``, ``neurons``, ``digits``) and user files."""
+    unknown = [k for k in kinds if k not in GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown scene class {unknown}; choose from {sorted(GENERATORS)}")
+    sources: list[SceneSource] = [GENERATORS[k] for k in kinds]
+    if files:
+        sources.append(ImageScenes(list(files)))
+    if not sources:
+        raise ValueError("no scenes: name at least one scene class or give scene files")
+    return sources
+
+
+def chunk_noise_rng(seed: int, chunk_index: int) -> np.random.Generator:
+    """Generator for the camera noise of one chunk (scenes have their own stream, see ccm.scene_worker)."""
+    return np.random.default_rng([seed, chunk_index, 1])
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run torch (and scipy.fft, which follows it here) on ``n`` threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
+                   scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
+                   chunk_size: int = 32, progress: bool = True, command: str = "") -> Path:
+    """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
+
+    Scenes are drawn (and passed through the forward model's scene-side half) in a worker
+    process, while this one applies the operator and the camera and writes, chunk by chunk of
+    ``chunk_size`` frames; memory is bounded by a few chunks whatever ``n``. An interrupted run with the same
+    arguments resumes from its last complete chunk.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    sources = scene_sources(scenes, scene_files)
+    simulator = Simulator(device, mode)
+    provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
+                  "seed": seed, "chunk_size": chunk_size, "photons_per_unit": simulator.photons_per_unit, "command": command}
+    with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True) as writer:
+        first = writer.written // chunk_size
+        chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, -(-n // chunk_size))]
+        # scenes are drawn and encoded in a worker process while this one applies the operator,
+        # the camera, and writes: two stages on two cores,
+        # so the operator runs single-threaded here
+        with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, _torch_threads(1), \
+                tqdm(total=n, initial=writer.written, unit="frame", desc=f"simulate {Path(path).name}", disable=not progress) as bar:
+            for volumes, encoded, index, slot in drawn:
+                raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
+                writer.append(raw, volumes)
+                drawn.release(slot)
+                bar.update(len(raw))
+    return Path(path)
