@@ -9,9 +9,11 @@ copied or pickled but a slot number.
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 from multiprocessing import shared_memory
 from typing import Iterator, Sequence
 
+import cv2
 import numpy as np
 
 from ccm.devices import CannulaDevice, WindowDevice
@@ -47,9 +49,6 @@ class _Slot:
 def _worker(forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tuple[int, int]], slots: list[_Slot],
             free: mp.Queue, ready: mp.Queue) -> None:
     try:
-        import cv2
-
-        cv2.setNumThreads(1)  # a forked child must not use the parent's thread pool
         for index, size in chunks:
             k = free.get()
             volumes, encoded = slots[k].views(size, forward)
@@ -72,8 +71,12 @@ class SceneWorker:
 
     def __init__(self, forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tuple[int, int]],
                  chunk_size: int, n_slots: int = 4):
-        # fork: spawn would re-import the caller's __main__; the child uses only numpy, scipy and OpenCV
+        # fork: spawn would re-import the caller's __main__; the child uses only numpy, scipy and OpenCV.
+        # OpenCV goes single-threaded before the fork: a child inheriting a live thread pool can
+        # deadlock in it (and changing it inside the child can too).
         ctx = mp.get_context("fork")
+        self._cv2_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
         self.forward = forward
         volume_shape = (chunk_size, len(forward.planes_um), *forward.device.target.shape)
         self._slots = [_Slot(volume_shape, forward.encoded_shape(chunk_size)) for _ in range(n_slots)]
@@ -85,11 +88,20 @@ class SceneWorker:
         self._process.start()
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
-        while (item := self._ready.get()) is not None:
+        while (item := self._next()) is not None:
             if isinstance(item, BaseException):
                 raise item
             k, index, size = item
             yield (*self._slots[k].views(size, self.forward), index, k)
+
+    def _next(self):
+        """Next message from the worker; raises if it died without saying why (killed, out of memory)."""
+        while True:
+            try:
+                return self._ready.get(timeout=1.0)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(f"the scene worker process stopped unexpectedly (exit code {self._process.exitcode})") from None
 
     def release(self, slot: int) -> None:
         self._free.put(slot)
@@ -101,6 +113,7 @@ class SceneWorker:
         if self._process.is_alive():
             self._process.terminate()
         self._process.join()
+        cv2.setNumThreads(self._cv2_threads)
         for slot in self._slots:
             slot.memory.close()
             slot.memory.unlink()

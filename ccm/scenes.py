@@ -197,12 +197,14 @@ def read_scene_file(path: Path) -> np.ndarray:
         try:
             data = tifffile.imread(path)
         except Exception as err:  # tifffile raises several types for corrupt files
-            raise ValueError(f"{path}: not a readable TIFF ({err})") from None
+            raise ValueError(f"{path}: not a readable image ({err})") from None
     else:
         data = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
         if data is None:
             raise ValueError(f"{path}: not a readable image (expected PNG, JPEG, BMP or TIFF)")
     data = np.squeeze(np.asarray(data)).astype(np.float32)
+    if data.size == 0:
+        raise ValueError(f"{path}: not a readable image (no pixel data)")
     if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
         data = data[..., :3].mean(axis=-1)  # RGB(A) → grey
     if data.ndim not in (2, 3):

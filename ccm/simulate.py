@@ -34,6 +34,20 @@ def reference_scene_kind(device: CannulaDevice | WindowDevice) -> str:
     return "neurons" if isinstance(device, CannulaDevice) else "digits"
 
 
+def photon_scale(device: CannulaDevice | WindowDevice) -> float:
+    """Photo-electrons per unit of forward-model output, from the device's photon budget.
+
+    ``sensor.peak_signal_e`` is the brightest pixel of a typical scene in the 2D configuration;
+    the same scale holds for every plane set (a fluorophore is as bright in a 3D volume), so
+    deep planes are dimmer, as they are in tissue.
+    """
+    forward = forward_model(device, device.target.planes("2d"))
+    rng = np.random.default_rng([device.seed, 41])
+    generate = GENERATORS[reference_scene_kind(device)]
+    ref = np.stack([generate(device, 1, rng) for _ in range(REFERENCE_SCENES)])
+    return float(device.sensor.peak_signal_e / np.median(forward(ref).max(axis=(1, 2))))
+
+
 class Simulator:
     """Raw frames of one device for volumes on one set of depth planes.
 
@@ -53,11 +67,7 @@ class Simulator:
         uniform = self.forward(np.broadcast_to(mask, (1, len(self.planes_um), *mask.shape)).copy())[0]
         lit = uniform > 0
         self.background = (uniform / uniform[lit].mean() * device.sensor.background_e).astype(np.float32)
-        rng = np.random.default_rng([device.seed, 41])
-        generate = GENERATORS[reference_scene_kind(device)]
-        ref = np.stack([generate(device, len(self.planes_um), rng) for _ in range(REFERENCE_SCENES)])
-        peaks = self.forward(ref).max(axis=(1, 2))
-        self.photons_per_unit = float(device.sensor.peak_signal_e / np.median(peaks))
+        self.photons_per_unit = photon_scale(device)
         """Photo-electrons per unit of forward-model output: sets the photon budget."""
         self._electrons_per_unit = (self.photons_per_unit * self.gain_map).astype(np.float32)
         self._background_electrons = (self.background * self.gain_map).astype(np.float32)

@@ -220,3 +220,29 @@ def _version() -> str:
     from ccm import __version__
 
     return __version__
+
+
+def summarize(path: Path, sample: int = 32) -> dict:
+    """What a person wants to know about a stack: device, shapes, provenance, and raw statistics
+    over the first ``sample`` frames (ADU range, mean, fraction saturated)."""
+    with CalibrationStack(path) as stack:
+        raw = stack.raw[:sample]
+        target = stack.target[:sample]
+        sensor = stack.device.sensor
+        return {
+            "file": str(path),
+            "size_mb": round(Path(path).stat().st_size / 1e6, 2),
+            "schema_version": SCHEMA_VERSION,
+            "device": {"name": stack.device.name, "kind": stack.device.kind, "fingerprint": stack.fingerprint},
+            "pairs": len(stack),
+            "raw": {"shape": list(stack.raw.shape), "dtype": str(stack.raw.dtype), "pixel_size_um": sensor.pixel_size_um},
+            "target": {"shape": list(stack.target.shape), "dtype": str(stack.target.dtype),
+                       "pixel_size_um": stack.device.target.pixel_size_um},
+            "depths_um": [float(d) for d in stack.depths_um],
+            "raw_sample": {"frames": len(raw), "min_adu": int(raw.min()), "max_adu": int(raw.max()),
+                           "mean_adu": round(float(raw.mean()), 1),
+                           "saturated_fraction": float((raw >= sensor.max_adu).mean())},
+            "target_sample": {"max": float(target.max()), "nonzero_fraction": round(float((target > 0).mean()), 4)},
+            "dark_mean_adu": round(float(stack.dark.mean()), 2),
+            "provenance": stack.provenance,
+        }

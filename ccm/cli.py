@@ -1,0 +1,177 @@
+"""The ``ccm`` command line. Each subcommand has ``--help``; errors print one clear line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ccm import __version__
+
+
+def _device_arg(p: argparse.ArgumentParser, default: str = "cannula-220um") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"device YAML file, or the name of a shipped device (default: {default}; see `ccm devices`)")
+
+
+def _cmd_devices(args: argparse.Namespace) -> None:
+    from ccm.devices import fingerprint, load_device
+    from ccm.resources import shipped_path
+
+    for path in sorted(shipped_path("calibration").glob("*.yaml")):
+        device = load_device(path)
+        print(f"{device.name:22s} {device.kind:8s} fingerprint {fingerprint(device)}  "
+              f"raw {device.sensor.shape[0]}x{device.sensor.shape[1]}  target {device.target.shape[0]}x{device.target.shape[1]}"
+              f" x {len(device.target.depths_um)} planes  ({path})")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.simulate import simulate_stack
+
+    device = load_device(args.device)
+    out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
+                         seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv))
+    print(f"wrote {out}")
+
+
+def _cmd_psf(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.figures import psf_figure
+
+    device = load_device(args.device)
+    print(f"wrote {psf_figure(device, args.output, args.positions_um, args.depths_um)}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from ccm.stack import summarize
+
+    summary = summarize(args.stack)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    s = summary
+    print(f"{s['file']}  ({s['size_mb']} MB, schema v{s['schema_version']})")
+    print(f"  device     {s['device']['name']} ({s['device']['kind']}), fingerprint {s['device']['fingerprint']}")
+    print(f"  pairs      {s['pairs']}")
+    print(f"  raw        {tuple(s['raw']['shape'])} {s['raw']['dtype']}, {s['raw']['pixel_size_um']} µm/px")
+    print(f"  target     {tuple(s['target']['shape'])} {s['target']['dtype']}, {s['target']['pixel_size_um']} µm/px")
+    print(f"  depths     {', '.join(f'{d:g}' for d in s['depths_um'])} µm")
+    r = s["raw_sample"]
+    print(f"  raw sample {r['frames']} frames: {r['min_adu']}–{r['max_adu']} ADU, mean {r['mean_adu']}, "
+          f"{100 * r['saturated_fraction']:.3f} % saturated; dark frame mean {s['dark_mean_adu']} ADU")
+    p = s["provenance"]
+    print(f"  provenance {p.get('source')}, {p.get('created')}, ccm {p.get('ccm_version')}, "
+          + ", ".join(f"{k}={p[k]}" for k in ("mode", "scenes", "seed") if k in p))
+
+
+def _cmd_export_tiff(args: argparse.Namespace) -> None:
+    from ccm.tiff_export import export_tiff
+
+    for path in export_tiff(args.stack, args.output, args.targets):
+        print(f"wrote {path}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.figures import examples_figure, psf_figure
+    from ccm.simulate import simulate_stack
+
+    out = Path(args.output)
+    cannula, window = load_device("cannula-220um"), load_device("window-see-through")
+    steps = [
+        ("cannula 2D calibration set", lambda: simulate_stack(cannula, out / "cannula-2d.h5", args.n, "2d", ["neurons", "beads"], seed=1)),
+        ("cannula 3D calibration set", lambda: simulate_stack(cannula, out / "cannula-3d.h5", args.n // 2, "3d", ["neurons", "beads"], seed=2)),
+        ("see-through window set", lambda: simulate_stack(window, out / "window-2d.h5", args.n // 2, "2d", ["digits"], seed=3)),
+        ("cannula PSF figure", lambda: psf_figure(cannula, out / "cannula-psf.png")),
+        ("window PSF figure", lambda: psf_figure(window, out / "window-psf.png")),
+        ("example pairs", lambda: [examples_figure(out / f"{name}.h5", out / f"{name}-examples.png")
+                                   for name in ("cannula-2d", "cannula-3d", "window-2d")]),
+    ]
+    for i, (label, step) in enumerate(steps, 1):
+        print(f"[{i}/{len(steps)}] {label}", flush=True)
+        step()
+    print(f"done: stacks and figures in {out}/ — try `ccm info {out / 'cannula-2d.h5'}`")
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from ccm.benchmark import run_benchmarks
+
+    path = run_benchmarks(args.output, quick=args.quick, repeats=args.repeats)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccm", description="Computational cannula microscopy and see-through cameras.")
+    parser.add_argument("--version", action="version", version=f"ccm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("devices", help="list the shipped device descriptions")
+    p.set_defaults(func=_cmd_devices)
+
+    p = sub.add_parser("simulate", help="simulate a calibration stack (raw frames + ground truth) to HDF5",
+                       description="Simulate N (raw frame, ground-truth volume) pairs through a device's physics and "
+                                   "stream them to an HDF5 calibration stack. An interrupted run resumes when repeated.")
+    _device_arg(p)
+    p.add_argument("--scenes", nargs="+", default=["neurons"], metavar="CLASS",
+                   help="scene classes, mixed uniformly: neurons, beads, digits (default: neurons)")
+    p.add_argument("--scene-files", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="also use these images or TIFF stacks (Z planes must match --planes) as scenes")
+    p.add_argument("--n", type=int, default=1000, help="number of pairs (default: 1000)")
+    p.add_argument("--planes", choices=["2d", "3d"], default="2d", help="one plane, or the device's depth planes (default: 2d)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .h5 file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("psf", help="figure of a device's point-emitter patterns across positions and depths")
+    _device_arg(p)
+    p.add_argument("--positions-um", nargs="+", type=float, help="transverse emitter positions, µm from the axis")
+    p.add_argument("--depths-um", nargs="+", type=float, help="emitter depths, µm below the face (cannula only)")
+    p.add_argument("-o", "--output", type=Path, default=Path("psf.png"), help="output PNG (default: psf.png)")
+    p.set_defaults(func=_cmd_psf)
+
+    p = sub.add_parser("info", help="summarise a calibration stack")
+    p.add_argument("stack", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export-tiff", help="export a stack's raw frames (and targets) to OME-TIFF")
+    p.add_argument("stack", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="OME-TIFF for the raw frames (T, Y, X) uint16")
+    p.add_argument("--targets", type=Path, help="also write the targets (T, Z, Y, X) float32 here")
+    p.set_defaults(func=_cmd_export_tiff)
+
+    p = sub.add_parser("demo", help="the main job on the simulated devices: calibration sets and figures")
+    p.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    p.add_argument("--n", type=int, default=2000, help="pairs in the 2D cannula set (default: 2000)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("benchmark", help="measure simulation throughput and memory; writes JSON")
+    p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<machine>.json)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    p.add_argument("--repeats", type=int, default=3, help="runs per case (default: 3)")
+    p.set_defaults(func=_cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ccm.devices import DeviceError
+    from ccm.stack import StackError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DeviceError, StackError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"ccm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ccm {args.command}: interrupted; run the same command again to resume an interrupted stack", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny devices (fast to ray-trace) and an isolated operator cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from ccm.devices import device_from_dict
+from ccm.resources import shipped_path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Operators built by the tests go to a temporary cache, not the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CCM_CACHE_DIR", str(tmp_path_factory.mktemp("ccm-cache")))
+    yield
+    mp.undo()
+
+
+def shipped_dict(name: str) -> dict:
+    return yaml.safe_load(shipped_path("calibration", f"{name}.yaml").read_text())
+
+
+def tiny_cannula_dict(**overrides) -> dict:
+    """The standard cannula's physics on small grids: 48x48 sensor, 24x24 target, 4 planes."""
+    data = copy.deepcopy(shipped_dict("cannula-220um"))
+    data["sensor"].update(shape=[48, 48], pixel_size_um=220 / 48)
+    data["target"].update(shape=[24, 24], pixel_size_um=220 / 24, depths_um=[0, 100, 200, 400], depth_2d_um=10)
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+    return data
+
+
+PERFECT = {"length_tolerance": 0.0, "ellipticity": 0.0, "twist_deg": 0.0, "transmission_variation": 0.0}
+
+
+@pytest.fixture
+def tiny_cannula():
+    return device_from_dict(tiny_cannula_dict(), source="tiny cannula")
+
+
+@pytest.fixture
+def perfect_cannula():
+    """No imperfection and no scattering: the ideal cylinder."""
+    return device_from_dict(tiny_cannula_dict(imperfection=PERFECT, tissue={"scattered_collection": 0.0}), source="perfect cannula")
+
+
+@pytest.fixture
+def tiny_window():
+    data = copy.deepcopy(shipped_dict("window-see-through"))
+    data["sensor"].update(shape=[12, 16], pixel_size_um=240)
+    data["target"].update(shape=[8, 8], pixel_size_um=12000)
+    data["imperfection"].update(scattering_sites=150)
+    return device_from_dict(data, source="tiny window")

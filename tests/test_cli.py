@@ -1,0 +1,74 @@
+"""The command line as a newcomer uses it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from ccm.cli import build_parser, main
+
+from conftest import tiny_cannula_dict
+
+
+@pytest.fixture
+def tiny_device_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_cannula_dict()))
+    return path
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"simulate", "psf", "info", "export-tiff", "demo", "benchmark", "devices"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: ccm " + name in capsys.readouterr().out
+
+
+def test_simulate_info_export(tmp_path, tiny_device_file, capsys):
+    out = tmp_path / "s.h5"
+    assert main(["simulate", "--device", str(tiny_device_file), "--scenes", "neurons", "beads", "--n", "20",
+                 "--planes", "3d", "-o", str(out), "--no-progress"]) == 0
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "pairs      20" in text and "fingerprint" in text and "0, 100, 200, 400 µm" in text
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs"] == 20
+    raw_tif, tgt_tif = tmp_path / "raw.ome.tif", tmp_path / "tgt.ome.tif"
+    assert main(["export-tiff", str(out), "-o", str(raw_tif), "--targets", str(tgt_tif)]) == 0
+    with tifffile.TiffFile(raw_tif) as tif:
+        assert tif.series[0].axes == "TYX" and tif.series[0].shape == (20, 48, 48)
+        assert tif.is_ome and 'PhysicalSizeX="4.58' in tif.ome_metadata
+    with tifffile.TiffFile(tgt_tif) as tif:
+        assert tif.series[0].axes == "TZYX" and tif.series[0].shape == (20, 4, 24, 24)
+        assert tif.series[0].asarray().dtype == np.float32
+
+
+def test_psf_figure(tmp_path, tiny_device_file):
+    png = tmp_path / "psf.png"
+    assert main(["psf", "--device", str(tiny_device_file), "--depths-um", "10", "300", "--positions-um", "0", "40", "-o", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ccm info: error:") and "nope.h5" in err and "Traceback" not in err
+    assert main(["simulate", "--device", "no-such-device", "-o", str(tmp_path / "x.h5")]) == 2
+    assert "shipped devices" in capsys.readouterr().err
+    assert main(["simulate", "--scenes", "unicorns", "-o", str(tmp_path / "x.h5"), "--n", "2"]) == 2
+    assert "unknown scene class" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "ccm.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("ccm ")

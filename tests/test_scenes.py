@@ -1,0 +1,87 @@
+"""Ground-truth scenes: ranges, field of view, depth spread, real digits, user files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from ccm.scenes import GENERATORS, ImageScenes, field_of_view_mask, read_scene_file
+
+
+@pytest.mark.parametrize("kind", sorted(GENERATORS))
+def test_generators_give_float32_in_unit_range_inside_the_field(kind, tiny_cannula):
+    rng = np.random.default_rng(0)
+    mask = field_of_view_mask(tiny_cannula)
+    for planes in (1, 4):
+        volume = GENERATORS[kind](tiny_cannula, planes, rng)
+        assert volume.shape == (planes, 24, 24) and volume.dtype == np.float32
+        assert volume.min() >= 0 and volume.max() <= 1
+        assert np.all(volume[:, mask == 0] == 0)
+
+
+def test_same_rng_same_scene(tiny_cannula):
+    a = GENERATORS["neurons"](tiny_cannula, 4, np.random.default_rng(5))
+    b = GENERATORS["neurons"](tiny_cannula, 4, np.random.default_rng(5))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_neurons_have_somata_and_thin_neurites():
+    from ccm.devices import load_device
+
+    device = load_device("cannula-220um")  # 1.72 µm pixels: a 2 µm neurite is about one pixel wide
+    rng = np.random.default_rng(1)
+    lit = np.mean([(GENERATORS["neurons"](device, 1, rng)[0] > 0.05).mean() for _ in range(20)])
+    assert 0.01 < lit < 0.3  # sparse, as cultured neurons are
+    volume = GENERATORS["neurons"](device, 1, rng)[0]
+    from scipy import ndimage
+
+    bright = volume > 0.5
+    assert bright.any()
+    # somata (10–20 µm ≈ 6–12 px) are blobs; neurites are thin: erosion by 2 px keeps only somata
+    assert ndimage.binary_erosion(volume > 0.2, iterations=2).sum() < (volume > 0.2).sum() * 0.5
+
+
+def test_3d_scenes_spread_over_planes(tiny_cannula):
+    rng = np.random.default_rng(2)
+    used = [(GENERATORS["neurons"](tiny_cannula, 4, rng).reshape(4, -1).max(axis=1) > 0).sum() for _ in range(20)]
+    assert np.mean(used) > 1.5
+
+
+def test_digits_are_the_real_uci_digits(tiny_window):
+    from ccm.scenes import _uci_digits
+
+    digits = _uci_digits()
+    assert digits.shape == (1797, 8, 8) and digits.max() == 16
+    scene = GENERATORS["digits"](tiny_window, 1, np.random.default_rng(3))
+    assert scene.max() > 0.3
+
+
+def test_user_images_and_stacks(tmp_path, tiny_cannula):
+    image = np.zeros((50, 60), np.uint16)
+    image[20:30, 20:40] = 1000
+    tifffile.imwrite(tmp_path / "one.tif", image)
+    stack = np.random.default_rng(0).random((4, 30, 30)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    scenes = ImageScenes([tmp_path / "one.tif", tmp_path / "stack.tif"])
+    rng = np.random.default_rng(0)
+    a = scenes(tiny_cannula, 4, rng)
+    b = scenes(tiny_cannula, 4, rng)
+    assert a.shape == b.shape == (4, 24, 24)
+    assert (a.reshape(4, -1).max(axis=1) > 0).sum() == 1  # a 2D image lands on one plane
+    assert (b.reshape(4, -1).max(axis=1) > 0).sum() == 4
+    with pytest.raises(ValueError, match="stack.tif: a 3D scene stack needs 8 planes"):
+        ImageScenes([tmp_path / "stack.tif"])(tiny_cannula, 8, rng)
+
+
+def test_bad_scene_files_are_explained(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    with pytest.raises(ValueError, match="bad.tif: not a readable image"):
+        read_scene_file(bad)
+    nan = tmp_path / "nan.tif"
+    tifffile.imwrite(nan, np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        read_scene_file(nan)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        ImageScenes([tmp_path / "missing.png"])
