@@ -114,16 +114,21 @@ class CannulaImperfection(_Strict):
     """Relative standard deviation of a smooth transmission map over the exit face (chips, dirt)."""
 
 
-class CannulaDevice(_Strict):
-    kind: Literal["cannula"]
+class _DeviceBase(_Strict):
+    """Fields every device has; ``seed`` draws its own imperfections."""
+
     name: str = Field(min_length=1)
     description: str = ""
     seed: int = Field(ge=0)
+    sensor: Sensor
+    target: TargetGrid
+
+
+class CannulaDevice(_DeviceBase):
+    kind: Literal["cannula"]
     cannula: CannulaGeometry
     tissue: Tissue
     imperfection: CannulaImperfection
-    sensor: Sensor
-    target: TargetGrid
 
     @model_validator(mode="after")
     def _fits(self) -> "CannulaDevice":
@@ -163,15 +168,10 @@ class WindowImperfection(_Strict):
     """Largest tilt of a defect's reflecting micro-facet from the slab face (tilts are drawn from half of it up)."""
 
 
-class WindowDevice(_Strict):
+class WindowDevice(_DeviceBase):
     kind: Literal["window"]
-    name: str = Field(min_length=1)
-    description: str = ""
-    seed: int = Field(ge=0)
     window: WindowGeometry
     imperfection: WindowImperfection
-    sensor: Sensor
-    target: TargetGrid
 
     @model_validator(mode="after")
     def _fits(self) -> "WindowDevice":

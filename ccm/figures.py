@@ -31,6 +31,14 @@ def _point_volume(device: CannulaDevice | WindowDevice, n_planes: int, plane: in
     return volume
 
 
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def psf_figure(device: CannulaDevice | WindowDevice, path: Path, positions_um: list[float] | None = None,
                depths_um: list[float] | None = None) -> Path:
     """Noise-free sensor patterns of point emitters: rows are depths, columns transverse positions.
@@ -53,16 +61,11 @@ def psf_figure(device: CannulaDevice | WindowDevice, path: Path, positions_um: l
             pattern = model(_point_volume(device, len(depths_um), i, x, 0.0))[0]
             ax = axes[i, j]
             ax.imshow(np.sqrt(np.clip(pattern, 0, None)), cmap="magma", aspect="auto" if isinstance(device, WindowDevice) else "equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set_axis_off()
             label = f"x = {x / 1000:.0f} mm" if isinstance(device, WindowDevice) else f"x = {x:.0f} µm, z = {depth:.0f} µm"
             ax.set_title(f"{label}\npower {pattern.sum():.2e}", fontsize=8)
     fig.suptitle(f"{device.name}: noise-free patterns of point emitters (√ stretch)", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def examples_figure(stack_path: Path, path: Path, n: int = 4) -> Path:
@@ -85,11 +88,6 @@ def examples_figure(stack_path: Path, path: Path, n: int = 4) -> Path:
         axes[1, k].imshow(raw[k], cmap="gray", aspect="auto")
         axes[1, k].set_title(f"raw {k}: {raw[k].min()}–{raw[k].max()} ADU", fontsize=8)
         for ax in axes[:, k]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set_axis_off()
     fig.suptitle(f"{name}: calibration pairs from {Path(stack_path).name}", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

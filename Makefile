@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine (Python 3.11, no GPU):
+#   make demo   — build the environment, then run the main job on the simulated devices
+#   make test   — build the environment, then run the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast benchmark clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# constraints pin torch to the CPU build; the package itself accepts a range
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ccm demo -o out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow"
+
+benchmark: $(STAMP)
+	$(VENV)/bin/ccm benchmark
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

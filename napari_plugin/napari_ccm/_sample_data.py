@@ -1,0 +1,39 @@
+"""Sample data: calibration pairs from the simulated standard cannula, as napari layer data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+SAMPLE_PAIRS = 16
+
+
+def _simulated(mode: str) -> list[tuple[np.ndarray, dict, str]]:
+    from ccm.devices import load_device
+    from ccm.scene_worker import fill_scenes
+    from ccm.simulate import Simulator, chunk_noise_rng, scene_sources
+
+    device = load_device("cannula-220um")
+    simulator = Simulator(device, mode)  # the first call ray-traces the device (seconds), then it is cached
+    volumes = np.zeros((SAMPLE_PAIRS, len(simulator.planes_um), *device.target.shape), np.float32)
+    fill_scenes(volumes, device, scene_sources(["neurons"]), seed=0, chunk_index=0)
+    raw = simulator.frames(volumes, chunk_noise_rng(0, 0))
+    sensor_um, target_um = device.sensor.pixel_size_um, device.target.pixel_size_um
+    depth_step = float(np.diff(simulator.planes_um).mean()) if len(simulator.planes_um) > 1 else 1.0
+    return [
+        (raw, {"name": f"raw ({device.name})", "scale": (1, sensor_um, sensor_um), "colormap": "gray",
+               "metadata": {"units": "µm", "device": device.name}}, "image"),
+        (volumes if mode == "3d" else volumes[:, 0],
+         {"name": f"ground truth ({mode})", "colormap": "green", "blending": "additive",
+          "scale": (1, depth_step, target_um, target_um) if mode == "3d" else (1, target_um, target_um),
+          "metadata": {"units": "µm", "depths_um": list(simulator.planes_um)}}, "image"),
+    ]
+
+
+def simulated_cannula_2d() -> list[tuple[np.ndarray, dict, str]]:
+    """16 raw frames (T, 256, 256) uint16 and their 2D neuron scenes (T, 128, 128) float32."""
+    return _simulated("2d")
+
+
+def simulated_cannula_3d() -> list[tuple[np.ndarray, dict, str]]:
+    """16 raw frames and their 8-plane neuron volumes (T, 8, 128, 128) float32, 0–700 µm."""
+    return _simulated("3d")
