@@ -37,8 +37,21 @@ def expose(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator) -> n
     -------
     (..., H, W) uint16 — digital numbers, saturated at ``2^bit_depth - 1``.
     """
-    lam = torch.from_numpy(np.ascontiguousarray(electrons, dtype=np.float32)).clamp(min=0.0)
-    noise = torch.empty_like(lam).normal_(generator=torch.Generator().manual_seed(int(rng.integers(2**62))))
+    electrons = np.ascontiguousarray(electrons, dtype=np.float32)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    frames = electrons.reshape(-1, *electrons.shape[-2:])
+    out = np.empty(frames.shape, np.uint16)
+    for start in range(0, len(frames), _BLOCK):  # a few frames at a time: each pass stays in cache
+        out[start:start + _BLOCK] = _expose_block(frames[start:start + _BLOCK], sensor, rng, generator)
+    return out.reshape(electrons.shape)
+
+
+_BLOCK = 8
+
+
+def _expose_block(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator, generator: torch.Generator) -> np.ndarray:
+    lam = torch.from_numpy(electrons).clamp(min=0.0)
+    noise = torch.empty_like(lam).normal_(generator=generator)
     signal = (lam + sensor.read_noise_e**2).sqrt_().mul_(noise).add_(lam)  # shot ⊕ read noise, Gaussian branch
     low = ((lam > 0) & (lam < EXACT_POISSON_BELOW)).numpy()
     if low.any():
