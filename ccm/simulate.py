@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ccm.devices import CannulaDevice, WindowDevice
 from ccm.optics import forward_model
-from ccm.optics.camera import dark_frame, expose, pixel_gain_map
+from ccm.optics.camera import EXPOSE_BLOCK, camera_generator, dark_frame, expose, pixel_gain_map
 from ccm.scene_worker import SceneWorker
 from ccm.scenes import GENERATORS, ImageScenes, field_of_view_mask
 from ccm.stack import StackWriter
@@ -74,20 +74,30 @@ class Simulator:
 
     def expected_electrons(self, volumes: np.ndarray) -> np.ndarray:
         """Noise-free photo-electrons: (N, D, h, w) float32 volumes → (N, H, W) float32."""
-        return self._electrons(self.forward(volumes))
+        return self._to_electrons(self.forward(volumes))
 
-    def _electrons(self, light: np.ndarray) -> np.ndarray:
+    def _to_electrons(self, light: np.ndarray) -> np.ndarray:
+        """Irradiance → expected photo-electrons, in place."""
         light *= self._electrons_per_unit
         light += self._background_electrons
         return light
 
     def frames(self, volumes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noisy raw frames: (N, D, h, w) float32 volumes → (N, H, W) uint16."""
-        return expose(self.expected_electrons(volumes), self.device.sensor, rng)
+        return self._expose(self.forward(volumes), rng)
 
     def frames_from_encoded(self, encoded: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noisy raw frames from volumes already passed through ``forward.encode``."""
-        return expose(self._electrons(self.forward.decode(encoded)), self.device.sensor, rng)
+        return self._expose(self.forward.decode(encoded), rng)
+
+    def _expose(self, light: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Irradiance (N, H, W) → uint16 frames, a few frames at a time so each pass stays in cache."""
+        generator = camera_generator(rng)
+        out = np.empty(light.shape, np.uint16)
+        for start in range(0, len(light), EXPOSE_BLOCK):
+            block = light[start:start + EXPOSE_BLOCK]
+            out[start:start + EXPOSE_BLOCK] = expose(self._to_electrons(block), self.device.sensor, rng, generator)
+        return out
 
     def dark(self) -> np.ndarray:
         """Mean dark frame (H, W) float32 ADU, as a lab records it before calibrating."""

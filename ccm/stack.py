@@ -16,8 +16,8 @@ Schema, version 1 (root attributes, then datasets)::
     depths_um (D,)         float64  depth of each target plane, µm
     dark      (H, W)       float32  mean dark frame, ADU
 
-Both big datasets are compressed with Blosc (LZ4, byte shuffle) through ``hdf5plugin``: 4× faster
-than LZF here at the same size. Other HDF5 tools read them once the Blosc filter is installed
+Both big datasets are compressed with Blosc (LZ4 level 1, byte shuffle) through ``hdf5plugin``:
+4–5× faster than LZF here at about the same size. Other HDF5 tools read them once the Blosc filter is installed
 (``import hdf5plugin`` in Python; the HDF5 filter plugins elsewhere). Frames are written in
 chunks and never held whole. A stack being written lives under a hidden
 temporary name (``.NAME.partial``) and is renamed when complete, so a file with the final name
@@ -41,7 +41,7 @@ from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_js
 
 FORMAT = "ccm-calibration-stack"
 SCHEMA_VERSION = 1
-_COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+_COMPRESSION = hdf5plugin.Blosc(cname="lz4", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)
 
 
 class StackError(ValueError):

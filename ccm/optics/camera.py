@@ -24,7 +24,16 @@ def pixel_gain_map(sensor: Sensor, seed: int) -> np.ndarray:
     return (1.0 + sensor.prnu * rng.standard_normal(sensor.shape)).astype(np.float32)
 
 
-def expose(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator) -> np.ndarray:
+EXPOSE_BLOCK = 8
+"""Frames exposed at a time by callers that stream: each elementwise pass then stays in cache."""
+
+
+def camera_generator(rng: np.random.Generator) -> torch.Generator:
+    """torch generator for the normal draws, seeded from ``rng``."""
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+def expose(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator, generator: torch.Generator | None = None) -> np.ndarray:
     """Noisy digital frames from expected photo-electron counts.
 
     Parameters
@@ -32,25 +41,14 @@ def expose(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator) -> n
     electrons : (..., H, W) float32 ≥ 0 — expected photo-electrons per pixel (gain map included).
     sensor : the camera's parameters.
     rng : source of randomness; same state, same bytes (whatever the number of threads).
+    generator : torch generator for the normal draws; made from ``rng`` if None.
 
     Returns
     -------
     (..., H, W) uint16 — digital numbers, saturated at ``2^bit_depth - 1``.
     """
-    electrons = np.ascontiguousarray(electrons, dtype=np.float32)
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    frames = electrons.reshape(-1, *electrons.shape[-2:])
-    out = np.empty(frames.shape, np.uint16)
-    for start in range(0, len(frames), _BLOCK):  # a few frames at a time: each pass stays in cache
-        out[start:start + _BLOCK] = _expose_block(frames[start:start + _BLOCK], sensor, rng, generator)
-    return out.reshape(electrons.shape)
-
-
-_BLOCK = 8
-
-
-def _expose_block(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator, generator: torch.Generator) -> np.ndarray:
-    lam = torch.from_numpy(electrons).clamp(min=0.0)
+    generator = camera_generator(rng) if generator is None else generator
+    lam = torch.from_numpy(np.ascontiguousarray(electrons, dtype=np.float32)).clamp(min=0.0)
     noise = torch.empty_like(lam).normal_(generator=generator)
     signal = (lam + sensor.read_noise_e**2).sqrt_().mul_(noise).add_(lam)  # shot ⊕ read noise, Gaussian branch
     low = ((lam > 0) & (lam < EXACT_POISSON_BELOW)).numpy()
