@@ -43,8 +43,8 @@ def psf_figure(device: CannulaDevice | WindowDevice, path: Path, positions_um: l
                depths_um: list[float] | None = None) -> Path:
     """Noise-free sensor patterns of point emitters: rows are depths, columns transverse positions.
 
-    Each panel is shown with a square-root stretch and titled with the power reaching the
-    sensor (fraction of the emitted power), so the depth dependence can be read off directly.
+    Each panel is shown with a square-root stretch. Cannula panels are titled with the power
+    reaching the sensor (fraction of the emitted power), so the depth dependence can be read off.
     """
     if isinstance(device, WindowDevice):
         depths_um = [device.target.depth_2d_um]
@@ -62,8 +62,11 @@ def psf_figure(device: CannulaDevice | WindowDevice, path: Path, positions_um: l
             ax = axes[i, j]
             ax.imshow(np.sqrt(np.clip(pattern, 0, None)), cmap="magma", aspect="auto" if isinstance(device, WindowDevice) else "equal")
             ax.set_axis_off()
-            label = f"x = {x / 1000:.0f} mm" if isinstance(device, WindowDevice) else f"x = {x:.0f} µm, z = {depth:.0f} µm"
-            ax.set_title(f"{label}\npower {pattern.sum():.2e}", fontsize=8)
+            if isinstance(device, WindowDevice):  # the window operator is in relative units
+                title = f"x = {x / 1000:.0f} mm\nsignal {pattern.sum() / pattern.size:.3g} (relative)"
+            else:
+                title = f"x = {x:.0f} µm, z = {depth:.0f} µm\nguided power {pattern.sum():.2e}"
+            ax.set_title(title, fontsize=8)
     fig.suptitle(f"{device.name}: noise-free patterns of point emitters (√ stretch)", fontsize=10)
     return _save(fig, path)
 

@@ -135,18 +135,23 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
                    scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
-                   chunk_size: int = 32, progress: bool = True, command: str = "") -> Path:
+                   chunk_size: int = 32, progress: bool = True, command: str = "",
+                   simulator: Simulator | None = None) -> Path:
     """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
 
     Scenes are drawn (and passed through the forward model's scene-side half) in a worker
     process, while this one applies the operator and the camera and writes, chunk by chunk of
     ``chunk_size`` frames; memory is bounded by a few chunks whatever ``n``. An interrupted run with the same
-    arguments resumes from its last complete chunk.
+    arguments resumes from its last complete chunk. Pass a ``simulator`` built for the same
+    device and mode to skip its set-up (loading the operator, calibrating the photon budget).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     sources = scene_sources(scenes, scene_files)
-    simulator = Simulator(device, mode)
+    if simulator is None:
+        simulator = Simulator(device, mode)
+    elif simulator.device != device or simulator.mode != mode:
+        raise ValueError(f"the simulator given is for {simulator.device.name} ({simulator.mode}), not {device.name} ({mode})")
     provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
                   "seed": seed, "chunk_size": chunk_size, "photons_per_unit": simulator.photons_per_unit, "command": command}
     with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True) as writer:

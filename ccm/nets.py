@@ -1,0 +1,125 @@
+"""Reconstruction networks: configurable U-Nets mapping a preprocessed raw frame to a volume.
+
+Input (N, 1, H, W) float32 (from :class:`ccm.preprocess.Preprocessor`), output (N, D, h, w)
+float32 — one channel per depth plane, D = 1 for 2D. When the raw frame is larger than the
+target grid (256×256 → 128×128 for the standard cannula), an input stage brings it to the
+target grid first; at 4× the pixels, the first layers would otherwise dominate the cost:
+
+- ``unshuffle``: space-to-depth (each 2×2 block becomes 4 channels) — lossless and cheap;
+- ``stride``: a strided convolution;
+- ``resize``: area averaging to the target grid, as the published system fed 128×128 images.
+
+:data:`REFERENCE` is shaped like the published CCM network (residual U-Net, 32/64/128/256
+channels, sigmoid output) so every comparison can include it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+class UNetConfig(BaseModel):
+    """Architecture of a reconstruction U-Net; stored in model bundles."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_shape: tuple[int, int] = (256, 256)
+    """(H, W) of the preprocessed input."""
+    out_shape: tuple[int, int] = (128, 128)
+    """(h, w) of the target grid."""
+    out_channels: int = Field(default=1, ge=1, le=64)
+    """Depth planes D."""
+    widths: tuple[int, ...] = Field(default=(16, 32, 64, 128), min_length=2, max_length=7)
+    """Channels at each resolution level, finest first."""
+    norm: Literal["batch", "group", "instance", "none"] = "batch"
+    residual: bool = True
+    input_stage: Literal["unshuffle", "stride", "resize"] = "unshuffle"
+    output: Literal["sigmoid", "none"] = "sigmoid"
+
+    @model_validator(mode="after")
+    def _fits(self) -> "UNetConfig":
+        (hi, wi), (ho, wo) = self.in_shape, self.out_shape
+        if hi % ho or wi % wo or hi // ho != wi // wo:
+            raise ValueError(f"in_shape {self.in_shape} must be the same whole multiple of out_shape {self.out_shape} on both axes")
+        levels = 2 ** (len(self.widths) - 1)
+        if ho % levels or wo % levels:
+            raise ValueError(f"out_shape {self.out_shape} must be divisible by {levels} for {len(self.widths)} levels")
+        if any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive, got {self.widths}")
+        return self
+
+    @property
+    def factor(self) -> int:
+        return self.in_shape[0] // self.out_shape[0]
+
+
+REFERENCE = UNetConfig(widths=(32, 64, 128, 256), norm="batch", residual=True, input_stage="resize", output="sigmoid")
+"""Shaped like the published CCM network; set ``out_channels`` and shapes with ``model_copy``."""
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Module):
+    """Two 3×3 convolutions with normalisation and ReLU; with ``residual``, a 1×1 shortcut adds the input."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str, residual: bool):
+        super().__init__()
+        bias = norm == "none"
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias), _norm(norm, c_out), nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=bias), _norm(norm, c_out))
+        self.shortcut = (nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1, bias=False)) if residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        if self.shortcut is not None:
+            y = y + self.shortcut(x)
+        return F.relu(y, inplace=True)
+
+
+class UNet(nn.Module):
+    """U-Net: (N, 1, H, W) float32 → (N, D, h, w) float32; see :class:`UNetConfig`."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        f, w0 = config.factor, config.widths[0]
+        if f == 1 or config.input_stage == "resize":
+            self.stem = ConvBlock(1, w0, config.norm, config.residual)
+        elif config.input_stage == "unshuffle":
+            self.stem = nn.Sequential(nn.PixelUnshuffle(f), ConvBlock(f * f, w0, config.norm, config.residual))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(1, w0, 2 * f, stride=f, padding=f // 2, bias=False), _norm(config.norm, w0),
+                                      nn.ReLU(inplace=True), ConvBlock(w0, w0, config.norm, config.residual))
+        widths = config.widths
+        self.down = nn.ModuleList(ConvBlock(a, b, config.norm, config.residual) for a, b in zip(widths[:-1], widths[1:]))
+        self.reduce = nn.ModuleList(nn.Conv2d(b, a, 1) for a, b in zip(widths[:-1], widths[1:]))
+        self.up = nn.ModuleList(ConvBlock(2 * a, a, config.norm, config.residual) for a in widths[:-1])
+        self.head = nn.Conv2d(w0, config.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.input_stage == "resize" and self.config.factor > 1:
+            x = F.interpolate(x, size=self.config.out_shape, mode="area")
+        skips = [self.stem(x)]
+        for block in self.down:
+            skips.append(block(F.max_pool2d(skips[-1], 2)))
+        y = skips.pop()
+        for reduce, block in zip(reversed(self.reduce), reversed(self.up)):
+            skip = skips.pop()
+            y = reduce(F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+            y = block(torch.cat([y, skip], dim=1))
+        y = self.head(y)
+        return torch.sigmoid(y) if self.config.output == "sigmoid" else y
