@@ -25,7 +25,7 @@ from ccm.stack import StackWriter
 
 Mode = Literal["2d", "3d"]
 SceneSource = Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]
-REFERENCE_SCENES = 8
+REFERENCE_SCENES = 64
 """Number of typical scenes whose median brightest pixel defines the photon budget."""
 
 

@@ -83,7 +83,10 @@ def test_demo_end_to_end_on_the_standard_devices(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     from ccm.stack import summarize
 
+    from ccm.devices import load_device
+
+    sensor = load_device("cannula-220um").sensor
     s = summarize(tmp_path / "cannula-2d.h5")
-    # photon budget: the brightest pixel of typical neuron scenes sits near 2,000 e- (0.75 e-/ADU, offset 100)
-    assert 0.4 * 2000 < (s["raw_sample"]["max_adu"] - 100) * 0.75 < 3 * 2000
-    assert s["raw_sample"]["saturated_fraction"] < 0.01
+    # photon budget: the brightest pixel of typical neuron scenes sits near 2,000 e-
+    assert 0.4 * 2000 < (s["raw_sample"]["max_adu"] - sensor.offset_adu) * sensor.gain_e_per_adu < 3 * 2000
+    assert s["raw_sample"]["saturated_fraction"] < 0.001
