@@ -125,7 +125,7 @@ class StackWriter:
         self._file["raw"][start:start + k] = raw
         self._file["target"][start:start + k] = target
         self._file.attrs["frames_written"] = start + k
-        self._file.flush()
+        self._file.flush()  # the resume point: what is flushed survives an interruption
 
     def __enter__(self) -> "StackWriter":
         return self
