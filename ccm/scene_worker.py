@@ -57,8 +57,8 @@ def _worker(forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tu
             del volumes, encoded
             ready.put((k, index, size))
         ready.put(None)
-    except BaseException as err:  # report, then stop
-        ready.put(RuntimeError(f"scene worker failed: {err!r}"))
+    except BaseException as err:  # hand the exception itself to the consumer, then stop
+        ready.put(err)
 
 
 class SceneWorker:

@@ -172,6 +172,13 @@ class ImageScenes:
         self.paths = [Path(p) for p in paths]
         self._next = 0
 
+    def check(self, n_planes: int) -> None:
+        """Read every file once and raise if any cannot serve as a scene with ``n_planes`` planes."""
+        for path in self.paths:
+            image = read_scene_file(path)
+            if image.ndim == 3 and image.shape[0] != n_planes:
+                raise ValueError(f"{path}: a 3D scene stack needs {n_planes} planes (Z, Y, X), found shape {image.shape}")
+
     def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
         path = self.paths[self._next % len(self.paths)]
         self._next += 1

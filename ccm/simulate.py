@@ -148,6 +148,9 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     sources = scene_sources(scenes, scene_files)
+    for source in sources:  # bad scene files stop the run before any output exists
+        if isinstance(source, ImageScenes):
+            source.check(len(device.target.planes(mode)))
     if simulator is None:
         simulator = Simulator(device, mode)
     elif simulator.device != device or simulator.mode != mode:

@@ -90,3 +90,26 @@ def test_demo_end_to_end_on_the_standard_devices(tmp_path):
     # photon budget: the brightest pixel of typical neuron scenes sits near 2,000 e-
     assert 0.4 * 2000 < (s["raw_sample"]["max_adu"] - sensor.offset_adu) * sensor.gain_e_per_adu < 3 * 2000
     assert s["raw_sample"]["saturated_fraction"] < 0.001
+
+
+def test_bad_scene_file_stops_before_any_output(tmp_path, tiny_device_file, capsys):
+    four = tmp_path / "four.tif"
+    tifffile.imwrite(four, np.zeros((3, 16, 16), np.float32), photometric="minisblack")
+    out = tmp_path / "s.h5"
+    assert main(["simulate", "--device", str(tiny_device_file), "--scene-files", str(four), "--planes", "3d",
+                 "--n", "8", "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "four.tif: a 3D scene stack needs 4 planes" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / ".s.h5.partial").exists()
+
+
+def test_failure_inside_the_scene_worker_keeps_its_type(tmp_path, tiny_cannula, monkeypatch):
+    import ccm.scene_worker
+    from ccm.simulate import simulate_stack
+
+    def broken(*args, **kwargs):
+        raise ValueError("drawing failed on purpose")
+
+    monkeypatch.setattr(ccm.scene_worker, "fill_scenes", broken)  # the forked worker inherits the patch
+    with pytest.raises(ValueError, match="drawing failed on purpose"):
+        simulate_stack(tiny_cannula, tmp_path / "x.h5", 8, "2d", progress=False)
