@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccm.devices import CannulaDevice, WindowDevice
+from ccm.optics.polar import disk_mask
 
 
 class PreprocessConfig(BaseModel):
@@ -51,14 +52,10 @@ class FrameError(ValueError):
 
 
 def aperture_mask(device: CannulaDevice | WindowDevice) -> np.ndarray:
-    """(H, W) float32: 1 where the sensor sees light through the device, 0 elsewhere."""
-    h, w = device.sensor.shape
+    """(H, W) float32, read-only: 1 where the sensor sees light through the device, 0 elsewhere."""
     if isinstance(device, WindowDevice):
-        return np.ones((h, w), np.float32)
-    yy, xx = np.mgrid[0:h, 0:w]
-    px = device.sensor.pixel_size_um
-    r = np.hypot((xx - w / 2 + 0.5) * px, (yy - h / 2 + 0.5) * px)
-    return (r <= device.cannula.diameter_um / 2).astype(np.float32)
+        return disk_mask(device.sensor.shape, 1.0, np.inf)
+    return disk_mask(device.sensor.shape, device.sensor.pixel_size_um, device.cannula.diameter_um)
 
 
 class Preprocessor:

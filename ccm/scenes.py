@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from ccm.devices import CannulaDevice, WindowDevice
+from ccm.optics.polar import disk_mask
 from ccm.resources import shipped_path
 
 SceneKind = Literal["beads", "neurons", "digits"]
@@ -34,17 +35,8 @@ _SCALE = 1 << _AA_SHIFT
 def field_of_view_mask(device: CannulaDevice | WindowDevice) -> np.ndarray:
     """(h, w) float32 mask of the target pixels the device can see (1 inside, 0 outside). Read-only."""
     if isinstance(device, WindowDevice):
-        return _disk_mask(device.target.shape, 1.0, np.inf)
-    return _disk_mask(device.target.shape, device.target.pixel_size_um, device.cannula.field_of_view_um)
-
-
-@lru_cache(maxsize=8)
-def _disk_mask(shape: tuple[int, int], pixel_um: float, diameter_um: float) -> np.ndarray:
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    mask = (np.hypot(xx - w / 2 + 0.5, yy - h / 2 + 0.5) * pixel_um <= diameter_um / 2).astype(np.float32)
-    mask.setflags(write=False)
-    return mask
+        return disk_mask(device.target.shape, 1.0, np.inf)
+    return disk_mask(device.target.shape, device.target.pixel_size_um, device.cannula.field_of_view_um)
 
 
 def _fixed(points: np.ndarray) -> np.ndarray:

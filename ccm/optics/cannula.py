@@ -31,7 +31,7 @@ import torch
 
 from ccm.devices import CannulaDevice
 from ccm.optics.billiard import billiard_exit
-from ccm.optics.polar import PolarGrid
+from ccm.optics.polar import PolarGrid, disk_mask
 
 OPTICS_VERSION = 1
 """Bump when the model changes: cached operators are keyed by it."""
@@ -198,9 +198,7 @@ def exit_face_distortion(device: CannulaDevice) -> tuple[np.ndarray, np.ndarray]
     noise = rng.standard_normal((h, w)).astype(np.float32)
     smooth = cv2.GaussianBlur(noise, (0, 0), sigmaX=max(h, w) / 16)
     smooth *= imp.transmission_variation / max(float(smooth.std()), 1e-12)
-    yy, xx = np.mgrid[0:h, 0:w]
-    r = np.hypot((xx - w / 2 + 0.5) * device.sensor.pixel_size_um, (yy - h / 2 + 0.5) * device.sensor.pixel_size_um)
-    face = (r <= device.cannula.diameter_um / 2).astype(np.float32)
+    face = disk_mask(device.sensor.shape, device.sensor.pixel_size_um, device.cannula.diameter_um)
     return matrix, np.clip(1.0 + smooth, 0.0, None) * face
 
 

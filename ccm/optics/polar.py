@@ -7,8 +7,20 @@ centre at x = (j - W/2 + 0.5)·px, y = (i - H/2 + 0.5)·px from the optical axis
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+
+
+@lru_cache(maxsize=16)
+def disk_mask(shape: tuple[int, int], pixel_size_um: float, diameter_um: float) -> np.ndarray:
+    """(H, W) float32, read-only: 1 for pixels whose centre lies within ``diameter_um`` of the axis, else 0."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    r_um = np.hypot(xx - w / 2 + 0.5, yy - h / 2 + 0.5) * pixel_size_um
+    mask = (r_um <= diameter_um / 2).astype(np.float32)
+    mask.setflags(write=False)
+    return mask
 
 
 @dataclass(frozen=True)
