@@ -31,6 +31,15 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from ccm.devices import load_device
     from ccm.simulate import simulate_stack
 
+    if args.recipe:
+        from ccm.recipe import load_dataset_recipe
+
+        recipe, path = load_dataset_recipe(args.recipe)
+        if args.part not in recipe.parts:
+            raise ValueError(f"{path}: no part {args.part!r}; it defines {sorted(recipe.parts)}")
+        part = recipe.parts[args.part]
+        args.device, args.planes, args.n, args.seed = recipe.device, recipe.planes, part.n, part.seed
+        args.scenes = list(part.scenes or recipe.scenes)
     device = load_device(args.device)
     out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
                          seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv))
@@ -96,6 +105,37 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"done: stacks and figures in {out}/ — try `ccm info {out / 'cannula-2d.h5'}`")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from ccm.recipe import load_recipe
+    from ccm.training import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    train(recipe, args.data, args.output, work=args.workdir, restart=args.restart, progress=not args.no_progress)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from ccm.evaluate import evaluate, load_for_evaluation
+
+    bundles = load_for_evaluation([args.bundle, *args.compare])
+    evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs)
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from ccm.bundle import BundleError, load_bundle
+    from ccm.resources import shipped_path
+
+    for path in sorted(shipped_path("models").glob("*.safetensors")):
+        try:
+            b = load_bundle(path, self_test=False)
+        except BundleError as err:
+            print(f"{path.name}: {err}")
+            continue
+        overall = next(iter(b.metrics.values()), {}).get("overall", {})
+        print(f"{b.name:22s} {b.kind:6s} device {b.device.name} ({b.fingerprint})  {len(b.depths_um)} plane(s)  "
+              f"SSIM {overall.get('ssim', float('nan')):.3f}  PSNR {overall.get('psnr', float('nan')):.1f} dB  "
+              f"{path.stat().st_size / 1e6:.1f} MB  ({path})")
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> None:
     from ccm.benchmark import run_benchmarks
 
@@ -122,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of pairs (default: 1000)")
     p.add_argument("--planes", choices=["2d", "3d"], default="2d", help="one plane, or the device's depth planes (default: 2d)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
+    p.add_argument("--recipe", help="a dataset recipe (YAML, or the name of one in datasets/): sets device, planes, "
+                                    "scenes, n and seed from its --part")
+    p.add_argument("--part", default="train", help="which part of the dataset recipe (default: train)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .h5 file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_simulate)
@@ -149,6 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000, help="pairs in the 2D cannula set (default: 2000)")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("train", help="train a model bundle (or the linear baseline) on a calibration stack",
+                       description="Train a reconstruction network — or fit the linear baseline — on a calibration "
+                                   "stack, following a recipe (YAML). Checkpoints and logs go to a work folder; running "
+                                   "the same command again resumes an interrupted run.")
+    p.add_argument("--data", type=Path, required=True, help="calibration stack (.h5), from `ccm simulate` or a capture")
+    p.add_argument("--recipe", required=True,
+                   help="recipe YAML, or the name of a shipped recipe in models/ (e.g. cannula-220um-2d, linear-baseline)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe field, e.g. --set optim.max_epochs=3 --set model.widths=[8,16,32]")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle to write (.safetensors)")
+    p.add_argument("--workdir", type=Path, help="checkpoints and logs (default: OUTPUT without .safetensors + .training/)")
+    p.add_argument("--restart", action="store_true", help="discard an earlier run in the work folder instead of resuming it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score bundles on a held-out stack: metrics, resolution, sectioning → JSON + PNG",
+                       description="Score a bundle — and, side by side, any bundles given with --compare (the linear "
+                                   "baseline, the reference architecture) — on a held-out calibration stack: SSIM, PSNR, "
+                                   "MAE and Pearson per depth plane (data range 1), a two-point resolution probe and an "
+                                   "axial-sectioning probe, and example reconstructions.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("--compare", type=Path, nargs="*", default=[], metavar="BUNDLE", help="more bundles to score side by side")
+    p.add_argument("--data", type=Path, required=True, help="held-out calibration stack (.h5) from the same device")
+    p.add_argument("-o", "--output", type=Path, default=Path("evaluation.json"),
+                   help="report JSON; the PNG goes next to it (default: evaluation.json)")
+    p.add_argument("--max-pairs", type=int, help="score at most this many pairs")
+    p.add_argument("--no-probes", action="store_true", help="skip the resolution and sectioning probes")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("models", help="list the shipped model bundles")
+    p.set_defaults(func=_cmd_models)
+
     p = sub.add_parser("benchmark", help="measure simulation throughput and memory; writes JSON")
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<machine>.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -158,13 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ccm.bundle import BundleError
     from ccm.devices import DeviceError
+    from ccm.preprocess import FrameError
     from ccm.stack import StackError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DeviceError, StackError, FileNotFoundError, ValueError, OSError) as err:
+    except (DeviceError, StackError, BundleError, FrameError, FileNotFoundError, ValueError, OSError) as err:
         print(f"ccm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

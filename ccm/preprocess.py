@@ -102,6 +102,18 @@ class Preprocessor:
             return tuple(self.config.input_shape)
         return tuple(self.config.crop[2:]) if self.config.crop is not None else tuple(self.device.sensor.shape)
 
+    def aperture_circle(self) -> tuple[float, float, float]:
+        """(centre row, centre column, radius) of a cannula's exit face in network-input pixels
+        (continuous coordinates: pixel i spans [i, i + 1]); for a window, the inscribed circle."""
+        device, (h_in, w_in) = self.device, self.output_shape
+        height, width = device.sensor.shape
+        top, left, crop_h, crop_w = self.config.crop if self.config.crop is not None else (0, 0, height, width)
+        sy, sx = h_in / crop_h, w_in / crop_w
+        if isinstance(device, WindowDevice):
+            return h_in / 2, w_in / 2, min(h_in, w_in) / 2
+        radius = device.cannula.diameter_um / 2 / device.sensor.pixel_size_um
+        return (height / 2 - top) * sy, (width / 2 - left) * sx, radius * min(sy, sx)
+
     def check(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:
         """Validate frames; returns them as (N, H, W). ``source`` names where they came from in errors."""
         frames = np.asarray(frames)

@@ -55,12 +55,13 @@ class Simulator:
     ----------
     device : the device to simulate.
     mode : ``"2d"`` (one plane at ``target.depth_2d_um``) or ``"3d"`` (all ``target.depths_um``).
+    planes_um : other depths (µm) instead of the mode's, e.g. for the axial-sectioning probe.
     """
 
-    def __init__(self, device: CannulaDevice | WindowDevice, mode: Mode = "2d"):
+    def __init__(self, device: CannulaDevice | WindowDevice, mode: Mode = "2d", planes_um: tuple[float, ...] | None = None):
         self.device = device
         self.mode = mode
-        self.planes_um = device.target.planes(mode)
+        self.planes_um = tuple(planes_um) if planes_um is not None else device.target.planes(mode)
         self.forward = forward_model(device, self.planes_um)
         self.gain_map = pixel_gain_map(device.sensor, device.seed)
         mask = field_of_view_mask(device)

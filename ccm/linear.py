@@ -1,0 +1,309 @@
+"""The classical baseline: a regularised linear inverse fitted from calibration pairs.
+
+Before networks, CCM images were recovered with a linear inverse of the calibrated system. Here
+it is fitted directly from (preprocessed frame, target volume) pairs by ridge regression on the
+frames' covariance, with Tikhonov or truncated-SVD filtering of its eigenvalues and the
+regularisation strength chosen on the validation split. Two bases keep it tractable:
+
+- ``polar`` (cannulas): a cylinder is rotation-symmetric, so in polar coordinates the forward
+  model is a convolution in angle and each angular frequency m maps on its own: rings of the
+  frame → rings of the target, one small complex matrix per m. A real cannula's imperfections
+  break the symmetry slightly; what they add is left to the networks.
+- ``pixels`` (small sensors such as the see-through window): one dense matrix from the
+  aperture's pixels to the target's.
+
+:class:`LinearInverse` is a torch module, (N, 1, H, W) float32 preprocessed frames → (N, D, h, w)
+float32 volumes, so it is stored in a model bundle, runs wherever a bundle runs, and serves as a
+network's first stage (``UNetConfig.input_stage = "linear"``). Its weights are kept at float16
+precision (rounded when fitted) so bundles stay small and load bit-exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class LinearFit(BaseModel):
+    """How to fit the linear inverse (part of a training recipe)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    basis: Literal["auto", "polar", "pixels"] = "auto"
+    """``auto``: polar for cannulas, pixels for windows."""
+    method: Literal["tikhonov", "tsvd"] = "tikhonov"
+    alphas: tuple[float, ...] = Field(default=tuple(10.0 ** k for k in range(-6, 4)), min_length=1)
+    """Regularisation strengths tried on the validation split, relative to the mean eigenvalue."""
+    n_rings_input: int | None = Field(default=None, ge=2)
+    """Rings sampled on the frame (default: one per input pixel of radius)."""
+    n_rings_target: int | None = Field(default=None, ge=2)
+    """Rings of the target (default: one per target pixel of radius)."""
+    max_frequency: int | None = Field(default=None, ge=0)
+    """Highest angular frequency kept (default: all that 4 angles per ring allow)."""
+    max_frames: int = Field(default=20000, ge=1)
+    """At most this many training pairs are used for the fit."""
+
+
+class LinearSpec(BaseModel):
+    """The shape of a fitted linear inverse; stored in bundles."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    basis: Literal["polar", "pixels"]
+    in_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    out_channels: int
+    input_circle: tuple[float, float, float]
+    """(row, column, radius) of the aperture in input pixels (continuous coordinates)."""
+    target_circle: tuple[float, float, float]
+    """(row, column, radius) of the field of view in target pixels."""
+    n_rings_input: int = 0
+    n_rings_target: int = 0
+    n_angles: int = 0
+    max_frequency: int = 0
+    clip: bool = True
+    """Clip the output to the targets' range [0, 1] (off when feeding a network)."""
+
+
+def _sampling_grid(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """Continuous pixel coordinates → grid_sample coordinates (align_corners=False), (1, *rows.shape, 2)."""
+    h, w = shape
+    grid = np.stack([cols / w * 2 - 1, rows / h * 2 - 1], axis=-1)
+    return torch.from_numpy(grid[None].astype(np.float32))
+
+
+class PolarBasis(nn.Module):
+    """Images ↔ angular-frequency coefficients of rings.
+
+    ``features``: (N, 1, H, W) → (N, M, R_in) complex; ``target_features``: (N, D, h, w) →
+    (N, M, D·R_out) complex; ``image``: (N, M, D·R_out) → (N, D, h, w) real. M = max_frequency + 1.
+    """
+
+    def __init__(self, spec: LinearSpec):
+        super().__init__()
+        self.spec = spec
+        angles = 2 * np.pi * np.arange(spec.n_angles) / spec.n_angles
+
+        def rings(circle, n):
+            row, col, radius = circle
+            r = (np.arange(n) + 0.5) / n * radius
+            return row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
+
+        self.register_buffer("input_grid", _sampling_grid(*rings(spec.input_circle, spec.n_rings_input), spec.in_shape), persistent=False)
+        self.register_buffer("target_grid", _sampling_grid(*rings(spec.target_circle, spec.n_rings_target), spec.out_shape), persistent=False)
+        # target pixel centres → (angle index, ring index) in the polar image padded by one angle on each side
+        h, w = spec.out_shape
+        row, col, radius = spec.target_circle
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        rr = np.hypot(yy - row, xx - col)
+        phi = np.mod(np.arctan2(yy - row, xx - col), 2 * np.pi)
+        u = phi / (2 * np.pi) * spec.n_angles + 1
+        v = np.clip(rr / radius * spec.n_rings_target - 0.5, 0, spec.n_rings_target - 1)
+        grid = np.stack([u / (spec.n_angles + 1) * 2 - 1, v / max(spec.n_rings_target - 1, 1) * 2 - 1], axis=-1)
+        self.register_buffer("output_grid", torch.from_numpy(grid[None].astype(np.float32)), persistent=False)
+        self.register_buffer("inside", torch.from_numpy((rr <= radius).astype(np.float32)), persistent=False)
+        # error weights: Parseval (m = 0 and the Nyquist bin once, others twice) × ring area
+        m = np.arange(spec.max_frequency + 1)
+        freq_weight = np.where((m == 0) | (2 * m == spec.n_angles), 1.0, 2.0)
+        ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
+        self.register_buffer("error_weight", torch.from_numpy(np.outer(freq_weight, ring_weight)), persistent=False)
+
+    def _rings_to_freq(self, polar: torch.Tensor) -> torch.Tensor:
+        n, c, r, _ = polar.shape
+        spectrum = torch.fft.rfft(polar, dim=-1)[..., :self.spec.max_frequency + 1]
+        return spectrum.permute(0, 3, 1, 2).reshape(n, -1, c * r)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rings_to_freq(F.grid_sample(x, self.input_grid.expand(len(x), -1, -1, -1), align_corners=False))
+
+    def target_features(self, y: torch.Tensor) -> torch.Tensor:
+        return self._rings_to_freq(F.grid_sample(y, self.target_grid.expand(len(y), -1, -1, -1), align_corners=False))
+
+    def image(self, coefficients: torch.Tensor) -> torch.Tensor:
+        n, m, _ = coefficients.shape
+        d, r = self.spec.out_channels, self.spec.n_rings_target
+        spectrum = coefficients.reshape(n, m, d, r).permute(0, 2, 3, 1)
+        polar = torch.fft.irfft(spectrum, n=self.spec.n_angles, dim=-1)
+        polar = torch.cat([polar[..., -1:], polar, polar[..., :1]], dim=-1)
+        out = F.grid_sample(polar, self.output_grid.expand(n, -1, -1, -1), align_corners=True, padding_mode="border")
+        return out * self.inside
+
+
+class PixelBasis(nn.Module):
+    """Images ↔ pixel vectors: (N, 1, H, W) → (N, 1, P) over the aperture; (N, D, h, w) ↔ (N, 1, D·h·w)."""
+
+    def __init__(self, spec: LinearSpec):
+        super().__init__()
+        self.spec = spec
+        h, w = spec.in_shape
+        row, col, radius = spec.input_circle
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        inside = np.flatnonzero((np.hypot(yy - row, xx - col) <= radius).ravel()) if spec.input_circle[2] < max(h, w) \
+            else np.arange(h * w)
+        self.register_buffer("index", torch.from_numpy(inside), persistent=False)
+        self.register_buffer("error_weight", torch.ones(1, spec.out_channels * spec.out_shape[0] * spec.out_shape[1],
+                                                        dtype=torch.float64), persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, self.index][:, None]
+
+    def target_features(self, y: torch.Tensor) -> torch.Tensor:
+        return y.flatten(1)[:, None]
+
+    def image(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return coefficients.reshape(len(coefficients), self.spec.out_channels, *self.spec.out_shape)
+
+
+def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
+    """(M, F, G): frequency blocks, input features and output features per block."""
+    if spec.basis == "polar":
+        return spec.max_frequency + 1, spec.n_rings_input, spec.out_channels * spec.n_rings_target
+    h, w = spec.in_shape
+    basis = PixelBasis(spec)
+    return 1, len(basis.index), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
+
+
+class LinearInverse(nn.Module):
+    """(N, 1, H, W) float32 preprocessed frames → (N, D, h, w) float32 volumes, linearly.
+
+    Buffers (stored in bundles): ``mean_in`` (M, F), ``mean_out`` (M, G) and ``weight`` (M, F, G),
+    complex for the polar basis (kept as real/imaginary pairs in a trailing axis of 2).
+    """
+
+    def __init__(self, spec: LinearSpec):
+        super().__init__()
+        self.spec = spec
+        self.basis = PolarBasis(spec) if spec.basis == "polar" else PixelBasis(spec)
+        m, f, g = feature_sizes(spec)
+        pair = (2,) if spec.basis == "polar" else ()
+        self.register_buffer("mean_in", torch.zeros(m, f, *pair))
+        self.register_buffer("mean_out", torch.zeros(m, g, *pair))
+        self.register_buffer("weight", torch.zeros(m, f, g, *pair))
+
+    def _complex(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_complex(t.contiguous()) if self.spec.basis == "polar" else t  # channels_last may restride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # complex arithmetic stays in float32
+            a = self.basis.features(x.float()) - self._complex(self.mean_in)
+            b = torch.einsum("nmf,mfg->nmg", a, self._complex(self.weight)) + self._complex(self.mean_out)
+            y = self.basis.image(b)
+        return y.clamp(0, 1) if self.spec.clip else y
+
+
+def resolve_spec(fit: LinearFit, preprocessor, out_channels: int, clip: bool = True) -> LinearSpec:
+    """Fill in a :class:`LinearSpec` for frames prepared by ``preprocessor`` (a
+    :class:`ccm.preprocess.Preprocessor`) and targets of its device with ``out_channels`` planes."""
+    from ccm.devices import CannulaDevice
+
+    device = preprocessor.device
+    in_shape = tuple(preprocessor.output_shape)
+    out_shape = tuple(device.target.shape)
+    h, w = out_shape
+    if isinstance(device, CannulaDevice):
+        target_circle = (h / 2, w / 2, device.cannula.field_of_view_um / 2 / device.target.pixel_size_um)
+    else:
+        target_circle = (h / 2, w / 2, float(max(h, w)))
+    basis = fit.basis if fit.basis != "auto" else ("polar" if isinstance(device, CannulaDevice) else "pixels")
+    input_circle = preprocessor.aperture_circle()
+    if basis == "pixels":
+        if not isinstance(device, CannulaDevice):
+            input_circle = (in_shape[0] / 2, in_shape[1] / 2, float(max(in_shape)))
+        return LinearSpec(basis="pixels", in_shape=in_shape, out_shape=out_shape, out_channels=out_channels,
+                          input_circle=input_circle, target_circle=target_circle, clip=clip)
+    if not isinstance(device, CannulaDevice):
+        raise ValueError("the polar basis needs a rotation-symmetric device (a cannula); use basis: pixels")
+    n_in = fit.n_rings_input or max(2, int(round(input_circle[2])))
+    n_out = fit.n_rings_target or max(2, int(round(target_circle[2])))
+    n_angles = 4 * n_out
+    m_max = min(fit.max_frequency if fit.max_frequency is not None else n_angles // 2, n_angles // 2)
+    return LinearSpec(basis="polar", in_shape=in_shape, out_shape=out_shape, out_channels=out_channels,
+                      input_circle=input_circle, target_circle=target_circle, n_rings_input=n_in,
+                      n_rings_target=n_out, n_angles=n_angles, max_frequency=m_max, clip=clip)
+
+
+class _Moments:
+    """Running sums over (features a, targets b) for every frequency block, in double precision."""
+
+    def __init__(self):
+        self.n = 0
+        self.sa = self.sb = self.gram = self.cross = None
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.to(torch.complex128 if a.is_complex() else torch.float64), b.to(torch.complex128 if b.is_complex() else torch.float64)
+        terms = (a.sum(0), b.sum(0), torch.einsum("nmf,nmk->mfk", a.conj(), a), torch.einsum("nmf,nmg->mfg", a.conj(), b))
+        if self.sa is None:
+            self.sa, self.sb, self.gram, self.cross = terms
+        else:
+            self.sa, self.sb, self.gram, self.cross = (x + t for x, t in zip((self.sa, self.sb, self.gram, self.cross), terms))
+        self.n += len(a)
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to float16 precision (bundles store these weights at half precision)."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       val: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[LinearInverse, dict]:
+    """Fit a :class:`LinearInverse` by ridge regression.
+
+    ``train`` and ``val`` yield (x, y) batches: x (n, 1, H, W) float32 preprocessed frames, y
+    (n, D, h, w) float32 targets. The frames' covariance is eigendecomposed per frequency block;
+    each block's regularisation (``fit.alphas`` × its mean eigenvalue) is chosen on ``val``.
+    Returns the module and a report (chosen alphas, validation error per alpha).
+    """
+    model = LinearInverse(spec)
+    basis = model.basis
+    moments = _Moments()
+    with torch.no_grad():
+        for x, y in train:
+            moments.add(basis.features(x.float()), basis.target_features(y.float()))
+            if moments.n >= fit.max_frames:
+                break
+        if moments.n < 2:
+            raise ValueError("the linear inverse needs at least 2 training pairs")
+        n = moments.n
+        mean_a, mean_b = moments.sa / n, moments.sb / n
+        cov = moments.gram / n - torch.einsum("mf,mk->mfk", mean_a.conj(), mean_a)
+        cross = moments.cross / n - torch.einsum("mf,mg->mfg", mean_a.conj(), mean_b)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        eigval = eigval.clamp(min=0)
+        projected = eigvec.conj().transpose(-1, -2) @ cross  # (M, F, G): V^H C
+        scale = eigval.mean(dim=-1, keepdim=True).clamp(min=1e-30)
+        alphas = torch.tensor(fit.alphas, dtype=torch.float64)
+
+        def filters(alpha):  # (M, F) spectral filter for one relative strength
+            lam = alpha * scale
+            if fit.method == "tikhonov":
+                return 1 / (eigval + lam)
+            return torch.where(eigval > lam, 1 / eigval.clamp(min=1e-300), torch.zeros_like(eigval))
+
+        errors = torch.zeros(len(alphas), eigval.shape[0], dtype=torch.float64)
+        n_val = 0
+        for x, y in val:
+            a = torch.einsum("nmf,mfk->nmk", basis.features(x.float()).to(projected.dtype) - mean_a, eigvec)  # eigenbasis
+            b = basis.target_features(y.float()).to(projected.dtype) - mean_b
+            for k, alpha in enumerate(alphas):
+                pred = torch.einsum("nmf,mfg->nmg", a * filters(alpha), projected)
+                errors[k] += ((pred - b).abs() ** 2 * basis.error_weight).sum(dim=(0, 2))
+            n_val += len(x)
+        if n_val == 0:
+            raise ValueError("the linear inverse needs validation pairs to choose its regularisation")
+        best = errors.argmin(dim=0)  # per block
+        chosen = torch.stack([filters(alphas[k])[i] for i, k in enumerate(best.tolist())])
+        weight = eigvec @ (chosen[..., None] * projected)
+        as_stored = (lambda t: torch.view_as_real(t.to(torch.complex64))) if spec.basis == "polar" else (lambda t: t.float())
+        model.mean_in.copy_(_fp16(as_stored(mean_a)))
+        model.mean_out.copy_(_fp16(as_stored(mean_b)))
+        model.weight.copy_(_fp16(as_stored(weight)))
+    total = errors.sum(dim=1)
+    report = {"pairs": n, "validation_pairs": n_val, "method": fit.method, "basis": spec.basis,
+              "alphas": list(fit.alphas), "validation_error_per_alpha": (total / n_val).tolist(),
+              "chosen_alpha_per_block": [fit.alphas[k] for k in best.tolist()]}
+    return model, report

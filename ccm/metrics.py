@@ -1,0 +1,92 @@
+"""Image-quality metrics on reconstructed volumes — one implementation for training and evaluation.
+
+Targets are fluorescence volumes normalised to [0, 1] (the stack format's convention), so every
+metric uses ``DATA_RANGE = 1.0``: the targets' nominal range, never the range of one image or of
+the prediction (a common way to inflate PSNR and SSIM). SSIM is Wang et al.'s (2004): an 11×11
+Gaussian window of σ = 1.5 px, K1 = 0.01, K2 = 0.03, averaged over the valid region (no padding),
+computed with separable convolutions so it is cheap enough to be a training loss. All functions
+take (N, D, h, w) float tensors and score every (image, plane) separately.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DATA_RANGE = 1.0
+METRICS = ("ssim", "psnr", "mae", "pearson")
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
+def _gaussian_window(device: torch.device) -> torch.Tensor:
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float32, device=device) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
+    return g / g.sum()
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D) SSIM per image and plane (differentiable); images need h, w ≥ 11."""
+    n, d, h, w = pred.shape
+    x = pred.reshape(n * d, 1, h, w).float()
+    y = target.reshape(n * d, 1, h, w).float()
+    g = _gaussian_window(x.device)
+    maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    maps = F.conv2d(maps, g.view(1, 1, -1, 1).expand(5, 1, -1, 1).contiguous(), groups=5)
+    mu_x, mu_y, xx, yy, xy = F.conv2d(maps, g.view(1, 1, 1, -1).expand(5, 1, 1, -1).contiguous(), groups=5).unbind(1)
+    c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+    var_x, var_y, cov = xx - mu_x ** 2, yy - mu_y ** 2, xy - mu_x * mu_y
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return value.mean(dim=(-2, -1)).reshape(n, d)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D) PSNR in dB per image and plane (data range 1; capped at 100 dB)."""
+    mse = ((pred.float() - target.float()) ** 2).mean(dim=(-2, -1))
+    return 10 * torch.log10(DATA_RANGE ** 2 / mse.clamp(min=1e-10))
+
+
+def mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D) mean absolute error."""
+    return (pred.float() - target.float()).abs().mean(dim=(-2, -1))
+
+
+def pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D) Pearson correlation; 0 where either image is constant."""
+    p = pred.float().flatten(2)
+    t = target.float().flatten(2)
+    p = p - p.mean(-1, keepdim=True)
+    t = t - t.mean(-1, keepdim=True)
+    denom = (p.norm(dim=-1) * t.norm(dim=-1))
+    return torch.where(denom > 0, (p * t).sum(-1) / denom.clamp(min=1e-12), torch.zeros_like(denom))
+
+
+def all_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every metric of :data:`METRICS`, each (N, D)."""
+    return {"ssim": ssim(pred, target), "psnr": psnr(pred, target), "mae": mae(pred, target), "pearson": pearson(pred, target)}
+
+
+class MetricAccumulator:
+    """Running means of every metric, per plane and overall, over batches of (N, D, h, w)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, values in all_metrics(pred, target).items():
+                total = values.double().sum(0)
+                self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.count += len(pred)
+
+    def result(self, depths_um=None) -> dict:
+        """{"overall": {metric: value}, "per_plane": [{"depth_um", metric: value}, ...], "images": N, "data_range": 1.0}."""
+        if not self.count:
+            raise ValueError("no images were scored")
+        per_plane = {name: (s / self.count).tolist() for name, s in self.sums.items()}
+        planes = len(next(iter(per_plane.values())))
+        depths = list(depths_um) if depths_um is not None else [None] * planes
+        return {"images": self.count, "data_range": DATA_RANGE,
+                "overall": {name: round(sum(v) / planes, 5) for name, v in per_plane.items()},
+                "per_plane": [{"depth_um": None if depths[k] is None else float(depths[k]),
+                               **{name: round(v[k], 5) for name, v in per_plane.items()}} for k in range(planes)]}

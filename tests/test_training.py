@@ -1,0 +1,175 @@
+"""Training, bundles, the linear baseline and evaluation, on the tiny cannula (seconds, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ccm.bundle import BundleError, load_bundle
+from ccm.cli import main
+from ccm.data import SplitConfig, split_indices
+from ccm.linear import LinearFit, PolarBasis, resolve_spec
+from ccm.preprocess import FrameError, PreprocessConfig, Preprocessor
+from ccm.recipe import load_recipe
+from ccm.reconstruct import Reconstructor
+from ccm.simulate import simulate_stack
+from ccm.stack import StackError
+
+TINY_NET = {"name": "tiny-net", "model": {"widths": [8, 16]}, "loss": {"mse": 1.0, "l1": 0.0, "ssim": 0.1},
+            "optim": {"max_epochs": 2, "batch_size": 8, "lr": 3e-3}, "trainer": {"num_workers": 0, "precision": "32-true"}}
+TINY_LINEAR = {"name": "tiny-linear", "model": {"kind": "linear"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_stacks(tmp_path_factory):
+    """A 240-pair training stack and a 60-pair held-out stack (another seed) of the tiny cannula."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_cannula_dict
+
+    from ccm.devices import device_from_dict
+
+    device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")
+    folder = tmp_path_factory.mktemp("stacks")
+    train = simulate_stack(device, folder / "train.h5", 240, seed=1, progress=False)
+    test = simulate_stack(device, folder / "test.h5", 60, seed=2, progress=False)
+    return device, train, test
+
+
+def _recipe(tmp_path, data: dict, name: str = "recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_split_is_deterministic_and_disjoint():
+    a = split_indices(1000, SplitConfig(val_fraction=0.1, test_fraction=0.1, seed=3))
+    b = split_indices(1000, SplitConfig(val_fraction=0.1, test_fraction=0.1, seed=3))
+    for part in ("train", "val", "test"):
+        assert np.array_equal(a[part], b[part])
+    together = np.concatenate([a["train"], a["val"], a["test"]])
+    assert sorted(together.tolist()) == list(range(1000))
+    assert len(a["test"]) == 100 and len(a["val"]) == 100
+    other = split_indices(1000, SplitConfig(val_fraction=0.1, test_fraction=0.1, seed=4))
+    assert not np.array_equal(a["test"], other["test"])
+
+
+def test_polar_basis_round_trip_keeps_smooth_images(tiny_cannula):
+    preprocessor = Preprocessor(PreprocessConfig(subtract_dark=False), tiny_cannula)
+    spec = resolve_spec(LinearFit(), preprocessor, 1)
+    basis = PolarBasis(spec)
+    h, w = tiny_cannula.target.shape
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    blob = np.exp(-((yy - 9) ** 2 + (xx - 14) ** 2) / (2 * 2.5 ** 2)).astype(np.float32)
+    inside = basis.inside.numpy() > 0
+    back = basis.image(basis.target_features(torch.from_numpy(blob)[None, None]))[0, 0].numpy()
+    assert np.abs(back - blob)[inside].max() < 0.1 * blob.max()
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    path = _recipe(tmp_path, TINY_NET)
+    recipe = load_recipe(path, ["optim.lr=0.01", "model.widths=[4,8,16]"])
+    assert recipe.optim.lr == 0.01 and recipe.model.widths == (4, 8, 16)
+    with pytest.raises(ValueError, match=r"optim.lrate"):
+        load_recipe(path, ["optim.lrate=1"])
+    with pytest.raises(ValueError, match=r"recipe.yaml.*loss"):
+        load_recipe(path, ["loss.l1=0", "loss.mse=0", "loss.ssim=0"])
+    with pytest.raises(ValueError, match="no such recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_linear_baseline_bundle_beats_zero_and_self_tests(tiny_stacks, tmp_path):
+    device, train, test = tiny_stacks
+    out = tmp_path / "linear.safetensors"
+    assert main(["train", "--data", str(train), "--recipe", str(_recipe(tmp_path, TINY_LINEAR)), "-o", str(out)]) == 0
+    bundle = load_bundle(out)
+    assert bundle.kind == "linear"
+    assert bundle.training["linear_fit"]["basis"] == "polar"
+    reconstructor = Reconstructor(bundle)
+    import h5py
+
+    with h5py.File(test) as f:
+        raw, target = f["raw"][:40], f["target"][:40]
+    volumes = reconstructor(raw)
+    assert volumes.shape == (40, 1, 24, 24) and volumes.dtype == np.float32
+    assert np.mean((volumes - target) ** 2) < 0.8 * np.mean(target ** 2)  # better than predicting nothing
+
+
+def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
+    device, train, test = tiny_stacks
+    recipe = _recipe(tmp_path, TINY_NET)
+    out = tmp_path / "net.safetensors"
+    args = ["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--no-progress"]
+    assert main(args) == 0
+    bundle = load_bundle(out)
+    assert bundle.kind == "unet" and bundle.architecture.input_stage == "linear"
+    assert bundle.training["data"]["sha256"] and bundle.training["steps"] > 0
+    assert len(bundle.split["test"]) == 12 and bundle.metrics["test_split"]["data_range"] == 1.0
+    assert (tmp_path / "net.training" / "logs" / "version_0" / "metrics.csv").exists()
+    # the same command again resumes from the last checkpoint (already finished: no more steps)
+    assert main(args) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert load_bundle(out).training["steps"] == bundle.training["steps"]
+    # a different recipe in the same work folder is refused unless --restart
+    assert main([*args[:-1], "--set", "optim.lr=0.002"]) == 2
+    assert "different recipe" in capsys.readouterr().err
+
+    linear = tmp_path / "linear.safetensors"
+    assert main(["train", "--data", str(train), "--recipe", str(_recipe(tmp_path, TINY_LINEAR, "lin.yaml")), "-o", str(linear)]) == 0
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--bundle", str(out), "--compare", str(linear), "--data", str(test), "-o", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert [b["name"] for b in report["bundles"]] == ["tiny-net", "tiny-linear"]
+    for entry in report["bundles"]:
+        assert entry["metrics"]["images"] == 60
+        assert set(entry["metrics"]["overall"]) >= {"ssim", "psnr", "mae", "pearson"}
+        assert len(entry["resolution"]["resolution_um"]) == 1
+        assert entry["sectioning"]["emitter_depths_um"][0] == 10.0
+    assert report_path.with_suffix(".png").stat().st_size > 10_000
+    # scoring on the training stack uses only the stored test split
+    assert main(["evaluate", "--bundle", str(out), "--data", str(train), "-o", str(tmp_path / "self.json"), "--no-probes"]) == 0
+    assert json.loads((tmp_path / "self.json").read_text())["bundles"][0]["metrics"]["images"] == 12
+
+
+def test_bundle_refusals(tiny_stacks, tmp_path, tiny_window):
+    device, train, _ = tiny_stacks
+    out = tmp_path / "linear.safetensors"
+    assert main(["train", "--data", str(train), "--recipe", str(_recipe(tmp_path, TINY_LINEAR)), "-o", str(out)]) == 0
+    bundle = load_bundle(out)
+
+    pickled = tmp_path / "model.pt"
+    torch.save(bundle.state, pickled)
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(pickled)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a bundle at all")
+    with pytest.raises(BundleError, match="not a ccm model bundle"):
+        load_bundle(tmp_path / "junk.safetensors")
+
+    tampered = tmp_path / "tampered.safetensors"
+    bundle.state = {k: v * 1.5 if k == "weight" else v for k, v in bundle.state.items()}
+    bundle.save(tampered)
+    with pytest.raises(BundleError, match="self-test failed"):
+        load_bundle(tampered)
+
+    reconstructor = Reconstructor(load_bundle(out))
+    with pytest.raises(FrameError, match=r"expected frames of shape \(N, 48, 48\)"):
+        reconstructor(np.zeros((2, 64, 64), np.uint16))
+    with pytest.raises(FrameError, match="NaN"):
+        reconstructor(np.full((1, 48, 48), np.nan, np.float32))
+    with pytest.raises(BundleError, match="trained for"):
+        reconstructor.bundle.check_device(tiny_window, "stack x.h5")
+
+
+def test_stack_that_does_not_fit_the_recipe(tiny_stacks, tmp_path):
+    _, train, _ = tiny_stacks
+    recipe = _recipe(tmp_path, {**TINY_NET, "preprocess": {"crop": [0, 0, 64, 64]}})
+    with pytest.raises(StackError, match=r"crops \(0, 0, 64, 64\).*48×48"):
+        from ccm.training import train as train_fn
+
+        train_fn(load_recipe(recipe), train, tmp_path / "x.safetensors")
