@@ -85,19 +85,29 @@ def _cmd_export_tiff(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from ccm.devices import load_device
+    from ccm.evaluate import evaluate, load_for_evaluation
     from ccm.figures import examples_figure, psf_figure
+    from ccm.recipe import load_recipe
+    from ccm.resources import shipped_path
     from ccm.simulate import simulate_stack
+    from ccm.training import train
 
     out = Path(args.output)
     cannula, window = load_device("cannula-220um"), load_device("window-see-through")
     steps = [
-        ("cannula 2D calibration set", lambda: simulate_stack(cannula, out / "cannula-2d.h5", args.n, "2d", ["neurons", "beads"], seed=1)),
-        ("cannula 3D calibration set", lambda: simulate_stack(cannula, out / "cannula-3d.h5", args.n // 2, "3d", ["neurons", "beads"], seed=2)),
-        ("see-through window set", lambda: simulate_stack(window, out / "window-2d.h5", args.n // 2, "2d", ["digits"], seed=3)),
+        ("cannula 2D calibration set", lambda: simulate_stack(cannula, out / "cannula-2d.h5", args.n, "2d", ["neurons", "beads"], seed=101)),
+        ("cannula 3D calibration set", lambda: simulate_stack(cannula, out / "cannula-3d.h5", args.n // 2, "3d", ["neurons", "beads"], seed=102)),
+        ("see-through window set", lambda: simulate_stack(window, out / "window-2d.h5", args.n // 2, "2d", ["digits"], seed=103)),
         ("cannula PSF figure", lambda: psf_figure(cannula, out / "cannula-psf.png")),
         ("window PSF figure", lambda: psf_figure(window, out / "window-psf.png")),
         ("example pairs", lambda: [examples_figure(out / f"{name}.h5", out / f"{name}-examples.png")
                                    for name in ("cannula-2d", "cannula-3d", "window-2d")]),
+        ("linear baseline fitted on the cannula 2D set", lambda: train(
+            load_recipe("linear-baseline"), out / "cannula-2d.h5", out / "cannula-2d-baseline.safetensors", log=lambda *_: None)),
+        ("held-out cannula 2D neurons", lambda: simulate_stack(cannula, out / "cannula-2d-test.h5", 300, "2d", ["neurons"], seed=104)),
+        ("shipped 2D bundle vs the baseline on the held-out pairs", lambda: evaluate(
+            load_for_evaluation([shipped_path("models", "cannula-220um-2d.safetensors"), out / "cannula-2d-baseline.safetensors"]),
+            out / "cannula-2d-test.h5", out / "cannula-2d-evaluation.json")),
     ]
     for i, (label, step) in enumerate(steps, 1):
         print(f"[{i}/{len(steps)}] {label}", flush=True)

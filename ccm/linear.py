@@ -47,6 +47,10 @@ class LinearFit(BaseModel):
     """Highest angular frequency kept (default: all that 4 angles per ring allow)."""
     max_frames: int = Field(default=20000, ge=1)
     """At most this many training pairs are used for the fit."""
+    alpha_factor: float = Field(default=1.0, gt=0)
+    """Multiplies the regularisation chosen on the validation split. Below 1 for a network's first
+    stage: weaker regularisation passes more of the weak (high angular frequency) signal, noise and
+    all, and the network that follows removes the noise better than the filter can."""
 
 
 class LinearSpec(BaseModel):
@@ -296,7 +300,7 @@ def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[t
         if n_val == 0:
             raise ValueError("the linear inverse needs validation pairs to choose its regularisation")
         best = errors.argmin(dim=0)  # per block
-        chosen = torch.stack([filters(alphas[k])[i] for i, k in enumerate(best.tolist())])
+        chosen = torch.stack([filters(alphas[k] * fit.alpha_factor)[i] for i, k in enumerate(best.tolist())])
         weight = eigvec @ (chosen[..., None] * projected)
         as_stored = (lambda t: torch.view_as_real(t.to(torch.complex64))) if spec.basis == "polar" else (lambda t: t.float())
         model.mean_in.copy_(_fp16(as_stored(mean_a)))
@@ -305,5 +309,5 @@ def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[t
     total = errors.sum(dim=1)
     report = {"pairs": n, "validation_pairs": n_val, "method": fit.method, "basis": spec.basis,
               "alphas": list(fit.alphas), "validation_error_per_alpha": (total / n_val).tolist(),
-              "chosen_alpha_per_block": [fit.alphas[k] for k in best.tolist()]}
+              "chosen_alpha_per_block": [fit.alphas[k] for k in best.tolist()], "alpha_factor": fit.alpha_factor}
     return model, report

@@ -27,16 +27,18 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(N, D, h, w) → (N, D) SSIM per image and plane (differentiable); images need h, w ≥ 11."""
     n, d, h, w = pred.shape
-    x = pred.reshape(n * d, 1, h, w).float()
-    y = target.reshape(n * d, 1, h, w).float()
-    g = _gaussian_window(x.device)
-    maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    maps = F.conv2d(maps, g.view(1, 1, -1, 1).expand(5, 1, -1, 1).contiguous(), groups=5)
-    mu_x, mu_y, xx, yy, xy = F.conv2d(maps, g.view(1, 1, 1, -1).expand(5, 1, 1, -1).contiguous(), groups=5).unbind(1)
-    c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
-    var_x, var_y, cov = xx - mu_x ** 2, yy - mu_y ** 2, xy - mu_x * mu_y
-    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return value.mean(dim=(-2, -1)).reshape(n, d)
+    # float32 throughout, also under mixed precision: variances are differences of similar numbers
+    with torch.autocast(pred.device.type, enabled=False):
+        x = pred.reshape(n * d, 1, h, w).float()
+        y = target.reshape(n * d, 1, h, w).float()
+        g = _gaussian_window(x.device)
+        maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+        maps = F.conv2d(maps, g.view(1, 1, -1, 1).expand(5, 1, -1, 1).contiguous(), groups=5)
+        mu_x, mu_y, xx, yy, xy = F.conv2d(maps, g.view(1, 1, 1, -1).expand(5, 1, 1, -1).contiguous(), groups=5).unbind(1)
+        c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+        var_x, var_y, cov = xx - mu_x ** 2, yy - mu_y ** 2, xy - mu_x * mu_y
+        value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+        return value.mean(dim=(-2, -1)).reshape(n, d)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -60,33 +62,67 @@ def pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, (p * t).sum(-1) / denom.clamp(min=1e-12), torch.zeros_like(denom))
 
 
+OCCUPIED = 0.05
+"""A target plane counts as occupied when its brightest pixel exceeds this (of the data range)."""
+
+
+def occupied(target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D) bool: planes with something in them. In 3D most scenes fill a few of
+    the planes; an empty plane's PSNR is unbounded and its SSIM trivially high, so image metrics
+    are averaged over occupied planes only and empty planes are scored by their false signal."""
+    return target.flatten(2).amax(-1) > OCCUPIED
+
+
 def all_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every metric of :data:`METRICS`, each (N, D)."""
     return {"ssim": ssim(pred, target), "psnr": psnr(pred, target), "mae": mae(pred, target), "pearson": pearson(pred, target)}
 
 
+def mean_over_occupied(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of (N, D) per-plane values over the occupied planes (0-d tensor; NaN if none)."""
+    mask = occupied(target)
+    return (values * mask).sum() / mask.sum() if mask.any() else values.new_tensor(float("nan"))
+
+
 class MetricAccumulator:
-    """Running means of every metric, per plane and overall, over batches of (N, D, h, w)."""
+    """Running means over batches of (N, D, h, w): image metrics per plane and overall over occupied
+    planes (see :func:`occupied`), and the mean false signal on empty planes."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: torch.Tensor | None = None
+        self.empty_signal: torch.Tensor | None = None
+        self.empty_counts: torch.Tensor | None = None
         self.count = 0
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         with torch.no_grad():
-            for name, values in all_metrics(pred, target).items():
-                total = values.double().sum(0)
-                self.sums[name] = self.sums[name] + total if name in self.sums else total
+            mask = occupied(target).double()
+            false_signal = pred.float().flatten(2).mean(-1).double() * (1 - mask)
+            terms = {name: (values.double() * mask).sum(0) for name, values in all_metrics(pred, target).items()}
+            if self.counts is None:
+                self.sums, self.counts = terms, mask.sum(0)
+                self.empty_signal, self.empty_counts = false_signal.sum(0), (1 - mask).sum(0)
+            else:
+                self.sums = {name: self.sums[name] + t for name, t in terms.items()}
+                self.counts = self.counts + mask.sum(0)
+                self.empty_signal = self.empty_signal + false_signal.sum(0)
+                self.empty_counts = self.empty_counts + (1 - mask).sum(0)
         self.count += len(pred)
 
     def result(self, depths_um=None) -> dict:
-        """{"overall": {metric: value}, "per_plane": [{"depth_um", metric: value}, ...], "images": N, "data_range": 1.0}."""
+        """{"overall": {metric: mean}, "per_plane": [{"depth_um", "occupied", metric..., "empty_plane_signal"}],
+        "images", "data_range", "occupied_threshold"}."""
         if not self.count:
             raise ValueError("no images were scored")
-        per_plane = {name: (s / self.count).tolist() for name, s in self.sums.items()}
-        planes = len(next(iter(per_plane.values())))
+        counts = self.counts.clamp(min=1)
+        planes = len(counts)
         depths = list(depths_um) if depths_um is not None else [None] * planes
-        return {"images": self.count, "data_range": DATA_RANGE,
-                "overall": {name: round(sum(v) / planes, 5) for name, v in per_plane.items()},
-                "per_plane": [{"depth_um": None if depths[k] is None else float(depths[k]),
-                               **{name: round(v[k], 5) for name, v in per_plane.items()}} for k in range(planes)]}
+        total = float(self.counts.sum())
+        empty = (self.empty_signal / self.empty_counts.clamp(min=1)).tolist()
+        per_plane = [{"depth_um": None if depths[k] is None else float(depths[k]), "occupied": int(self.counts[k]),
+                      **{name: round(float(s[k] / counts[k]), 5) if self.counts[k] else None for name, s in self.sums.items()},
+                      "empty_plane_signal": round(empty[k], 5) if self.empty_counts[k] else None} for k in range(planes)]
+        return {"images": self.count, "data_range": DATA_RANGE, "occupied_threshold": OCCUPIED,
+                "overall": {name: round(float(s.sum()) / max(total, 1), 5) for name, s in self.sums.items()},
+                "per_plane": per_plane}

@@ -28,7 +28,7 @@ from ccm import __version__
 from ccm.bundle import Bundle, build_model
 from ccm.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
 from ccm.linear import LinearInverse, fit_linear_inverse, resolve_spec
-from ccm.metrics import MetricAccumulator, psnr, ssim
+from ccm.metrics import MetricAccumulator, mean_over_occupied, psnr, ssim
 from ccm.nets import UNetConfig
 from ccm.preprocess import Preprocessor
 from ccm.recipe import LossConfig, OptimConfig, Recipe
@@ -52,7 +52,10 @@ class ReconstructionModule(pl.LightningModule):
         return self.net(x)
 
     def _loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        pred = pred.float()
+        with torch.autocast(pred.device.type, enabled=False):
+            return self._loss_fp32(pred.float(), y.float())
+
+    def _loss_fp32(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = self.loss_config
         loss = pred.new_zeros(())
         if c.l1:
@@ -73,8 +76,8 @@ class ReconstructionModule(pl.LightningModule):
         x, y = batch
         pred = self.net(x.contiguous(memory_format=torch.channels_last)).float()
         self.log(f"{stage}_loss", self._loss(pred, y), prog_bar=stage == "val", sync_dist=True)
-        self.log(f"{stage}_ssim", ssim(pred, y).mean(), prog_bar=stage == "val", sync_dist=True)
-        self.log(f"{stage}_psnr", psnr(pred, y).mean(), sync_dist=True)
+        self.log(f"{stage}_ssim", mean_over_occupied(ssim(pred, y), y), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}_psnr", mean_over_occupied(psnr(pred, y), y), sync_dist=True)
 
     def validation_step(self, batch, batch_idx):
         self._score(batch, "val")

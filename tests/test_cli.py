@@ -79,7 +79,8 @@ def test_demo_end_to_end_on_the_standard_devices(tmp_path):
     """The main job as `make demo` runs it, smaller: ray-traces the shipped devices from scratch."""
     assert main(["demo", "-o", str(tmp_path), "--n", "64"]) == 0
     for name in ("cannula-2d.h5", "cannula-3d.h5", "window-2d.h5", "cannula-psf.png", "window-psf.png",
-                 "cannula-2d-examples.png", "cannula-3d-examples.png", "window-2d-examples.png"):
+                 "cannula-2d-examples.png", "cannula-3d-examples.png", "window-2d-examples.png",
+                 "cannula-2d-baseline.safetensors", "cannula-2d-evaluation.json", "cannula-2d-evaluation.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     from ccm.stack import summarize
 

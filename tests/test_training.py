@@ -173,3 +173,16 @@ def test_stack_that_does_not_fit_the_recipe(tiny_stacks, tmp_path):
         from ccm.training import train as train_fn
 
         train_fn(load_recipe(recipe), train, tmp_path / "x.safetensors")
+
+
+@pytest.mark.slow
+def test_training_with_lightning_ddp_on_two_cpu_processes(tiny_stacks, tmp_path):
+    """Several devices go through Lightning's own strategies: DDP (spawned) with two CPU processes."""
+    device, train, _ = tiny_stacks
+    recipe = _recipe(tmp_path, {**TINY_NET, "optim": {"max_steps": 6, "batch_size": 8},
+                                "trainer": {"num_workers": 0, "precision": "32-true", "accelerator": "cpu",
+                                            "devices": 2, "strategy": "ddp_spawn", "threads": 1}})
+    out = tmp_path / "ddp.safetensors"
+    assert main(["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    bundle = load_bundle(out)
+    assert bundle.training["recipe"]["trainer"]["strategy"] == "ddp_spawn"
