@@ -39,10 +39,11 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             raise ValueError(f"{path}: no part {args.part!r}; it defines {sorted(recipe.parts)}")
         part = recipe.parts[args.part]
         args.device, args.planes, args.n, args.seed = recipe.device, recipe.planes, part.n, part.seed
-        args.scenes = list(part.scenes or recipe.scenes)
+        args.scenes, args.brightness = list(part.scenes or recipe.scenes), part.brightness
     device = load_device(args.device)
     out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
-                         seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv))
+                         seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv),
+                         brightness=args.brightness)
     print(f"wrote {out}")
 
 
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of pairs (default: 1000)")
     p.add_argument("--planes", choices=["2d", "3d"], default="2d", help="one plane, or the device's depth planes (default: 2d)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: 0)")
+    p.add_argument("--brightness", type=float, default=1.0,
+                   help="fluorophore density of the scenes, in (0, 1]: dense scenes (digits) saturate the "
+                        "cannula's camera at 1 (default: 1)")
     p.add_argument("--recipe", help="a dataset recipe (YAML, or the name of one in datasets/): sets device, planes, "
                                     "scenes, n and seed from its --part")
     p.add_argument("--part", default="train", help="which part of the dataset recipe (default: train)")

@@ -138,11 +138,12 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
         half = top / 2
         left = next((j for j in range(i, 0, -1) if ck[j - 1] < half), None)
         right = next((j for j in range(i, len(ck) - 1) if ck[j + 1] < half), None)
-        if right is None or (left is None and zk[0] > 0):
+        at_face = left is None and i == 0 and zk[0] - step_um < 0  # the sweep cannot go above the face
+        if right is None or (left is None and not at_face):
             fwhm.append(None)
             continue
         z_right = zk[right] + (ck[right] - half) / (ck[right] - ck[right + 1]) * (zk[right + 1] - zk[right])
-        if left is None:  # the face cuts the sweep (no emitter above depth 0): take the deeper half-width twice
+        if left is None:  # the face cuts the sweep (no emitter above the face): take the deeper half-width twice
             fwhm.append(round(float(2 * (z_right - zk[i])), 1))
             continue
         z_left = zk[left - 1] + (half - ck[left - 1]) / (ck[left] - ck[left - 1]) * (zk[left] - zk[left - 1])

@@ -137,6 +137,8 @@ class DatasetPart(_Strict):
     seed: int
     scenes: tuple[str, ...] | None = None
     """Scene classes of this part, if not the recipe's (e.g. a test set of another class)."""
+    brightness: float = Field(default=1.0, gt=0, le=1)
+    """Fluorophore density of the scenes (1 = as drawn); dense scenes need less to stay below saturation."""
 
 
 class DatasetRecipe(_Strict):

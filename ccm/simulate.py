@@ -105,17 +105,31 @@ class Simulator:
         return dark_frame(self.device.sensor, np.random.default_rng([self.device.seed, 51]))
 
 
-def scene_sources(kinds: Sequence[str], files: Sequence[Path] = ()) -> list[SceneSource]:
-    """Scene generators for named classes (``beads``, ``neurons``, ``digits``) and user files."""
+class ScaledScenes:
+    """A scene source whose fluorophore density is multiplied by ``factor`` (a dimmer sample: the
+    ground truth and the light it sends scale together)."""
+
+    def __init__(self, source: SceneSource, factor: float):
+        self.source, self.factor = source, float(factor)
+
+    def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+        return self.source(device, n_planes, rng) * np.float32(self.factor)
+
+
+def scene_sources(kinds: Sequence[str], files: Sequence[Path] = (), brightness: float = 1.0) -> list[SceneSource]:
+    """Scene generators for named classes (``beads``, ``neurons``, ``digits``) and user files,
+    scaled by ``brightness`` (1 = as drawn: the brightest structures reach 1)."""
     unknown = [k for k in kinds if k not in GENERATORS]
     if unknown:
         raise ValueError(f"unknown scene class {unknown}; choose from {sorted(GENERATORS)}")
+    if not 0 < brightness <= 1:
+        raise ValueError(f"brightness must be in (0, 1], got {brightness}")
     sources: list[SceneSource] = [GENERATORS[k] for k in kinds]
     if files:
         sources.append(ImageScenes(list(files)))
     if not sources:
         raise ValueError("no scenes: name at least one scene class or give scene files")
-    return sources
+    return sources if brightness == 1 else [ScaledScenes(source, brightness) for source in sources]
 
 
 def chunk_noise_rng(seed: int, chunk_index: int) -> np.random.Generator:
@@ -137,7 +151,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
                    scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
                    chunk_size: int = 32, progress: bool = True, command: str = "",
-                   simulator: Simulator | None = None) -> Path:
+                   simulator: Simulator | None = None, brightness: float = 1.0) -> Path:
     """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
 
     Scenes are drawn (and passed through the forward model's scene-side half) in a worker
@@ -148,8 +162,9 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    sources = scene_sources(scenes, scene_files)
+    sources = scene_sources(scenes, scene_files, brightness)
     for source in sources:  # bad scene files stop the run before any output exists
+        source = getattr(source, "source", source)
         if isinstance(source, ImageScenes):
             source.check(len(device.target.planes(mode)))
     if simulator is None:
@@ -157,7 +172,7 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     elif simulator.device != device or simulator.mode != mode:
         raise ValueError(f"the simulator given is for {simulator.device.name} ({simulator.mode}), not {device.name} ({mode})")
     provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
-                  "seed": seed, "chunk_size": chunk_size, "photons_per_unit": simulator.photons_per_unit, "command": command}
+                  "seed": seed, "brightness": brightness, "chunk_size": chunk_size, "photons_per_unit": simulator.photons_per_unit, "command": command}
     with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True) as writer:
         first = writer.written // chunk_size
         chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, -(-n // chunk_size))]

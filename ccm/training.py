@@ -243,7 +243,7 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps)
     datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
-    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience)]
+    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False)]
     if progress:
         from pytorch_lightning.callbacks import TQDMProgressBar
 
