@@ -96,7 +96,8 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
     """FWHM (µm) of each reconstructed plane's response to a thin emitter swept in depth; None for windows.
 
     Returns {"emitter_depths_um", "response": [[per emitter depth] per plane] (each normalised to its
-    maximum), "fwhm_um": [per plane, None if the response does not fall to half within the sweep],
+    maximum), "fwhm_um": [per plane; None if the response does not fall to half within the sweep or
+    peaks more than one step away from the plane],
     "peak_depth_um": [per plane]}.
     """
     bundle = reconstructor.bundle
@@ -139,7 +140,8 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
         left = next((j for j in range(i, 0, -1) if ck[j - 1] < half), None)
         right = next((j for j in range(i, len(ck) - 1) if ck[j + 1] < half), None)
         at_face = left is None and i == 0 and zk[0] - step_um < 0  # the sweep cannot go above the face
-        if right is None or (left is None and not at_face):
+        off_plane = abs(zk[i] - depths[k]) > step_um  # the plane responds most to emitters elsewhere: no sectioning
+        if right is None or off_plane or (left is None and not at_face):
             fwhm.append(None)
             continue
         z_right = zk[right] + (ck[right] - half) / (ck[right] - ck[right + 1]) * (zk[right + 1] - zk[right])
