@@ -56,7 +56,8 @@ class OptimConfig(_Strict):
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimiser steps (the schedule spans them); default: max_epochs' worth."""
     max_minutes: float | None = Field(default=None, gt=0)
-    """Stop after this much training time, whatever the steps (a safety limit)."""
+    """Stop after this much training time, whatever the steps (a safety limit). It counts every
+    sitting of a resumed run; raise it with ``--set optim.max_minutes=...`` to extend a run that hit it."""
     patience: int = Field(default=4, ge=1)
     """Early stopping: validation epochs without improvement of the validation loss."""
     val_every_steps: int | None = Field(default=None, ge=1)

@@ -230,7 +230,8 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     stamp = work / "recipe.json"
     ckpt_dir = work / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    recipe_json = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    # the time limit may change between sittings (it counts all of them): extend a run that hit it
+    recipe_json = json.dumps(recipe.model_dump(mode="json", exclude={"optim": {"max_minutes"}}), sort_keys=True)
     if restart and work.exists():
         import shutil
 
@@ -260,9 +261,13 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     best = checkpoint.best_model_path or str(last)
-    # our own checkpoint from this run's work folder (not an untrusted file)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     weights = {k[len("net."):]: v.contiguous() for k, v in state.items() if k.startswith("net.")}
+    # the last steps may come after the last validation: score the final weights too, keep the better
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_loss"]
+    if checkpoint.best_model_score is None or final < float(checkpoint.best_model_score):
+        weights = {k: v.detach().clone().contiguous() for k, v in module.net.state_dict().items()}
+        log(f"final weights (val_loss {final:.4f}) beat the best checkpoint; keeping them")
     info = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
             "fit_seconds": round(time.perf_counter() - t0, 1), "best_val_loss": float(checkpoint.best_model_score or float("nan")),
             "work_folder": str(work), "stopped_early": bool(trainer.should_stop and trainer.global_step < total_steps)}

@@ -119,6 +119,8 @@ def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
     # a different recipe in the same work folder is refused unless --restart
     assert main([*args[:-1], "--set", "optim.lr=0.002"]) == 2
     assert "different recipe" in capsys.readouterr().err
+    # ... but the time limit may be raised to extend a run that hit it
+    assert main([*args, "--set", "optim.max_minutes=5"]) == 0
 
     linear = tmp_path / "linear.safetensors"
     assert main(["train", "--data", str(train), "--recipe", str(_recipe(tmp_path, TINY_LINEAR, "lin.yaml")), "-o", str(linear)]) == 0
