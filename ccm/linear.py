@@ -167,9 +167,7 @@ def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
     """(M, F, G): frequency blocks, input features and output features per block."""
     if spec.basis == "polar":
         return spec.max_frequency + 1, spec.n_rings_input, spec.out_channels * spec.n_rings_target
-    h, w = spec.in_shape
-    basis = PixelBasis(spec)
-    return 1, len(basis.index), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
+    return 1, len(PixelBasis(spec).index), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
 
 
 class LinearInverse(nn.Module):

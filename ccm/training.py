@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ccm import __version__
 from ccm.bundle import Bundle, build_model
 from ccm.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
-from ccm.linear import LinearInverse, fit_linear_inverse, resolve_spec
+from ccm.linear import fit_linear_inverse, resolve_spec
 from ccm.metrics import MetricAccumulator, mean_over_occupied, psnr, ssim
 from ccm.nets import UNetConfig
 from ccm.preprocess import Preprocessor
