@@ -198,8 +198,6 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
                     sample_target=sample_target, dark=dark, split={**recipe.split.model_dump(), **split},
                     description=recipe.description)
     bundle.split.pop("train")
-    bundle.state = {k: v.to(torch.float16).float() if k.startswith("linear.") or recipe.model.kind == "linear" else v
-                    for k, v in bundle.state.items()}
     reconstructor = Reconstructor(bundle)
     bundle.sample_output = reconstructor(sample_raw)[0]
     test_part = "test" if len(split["test"]) else "val"
