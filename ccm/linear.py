@@ -24,7 +24,6 @@ from typing import Iterable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -74,68 +73,108 @@ class LinearSpec(BaseModel):
     """Clip the output to the targets' range [0, 1] (off when feeding a network)."""
 
 
-def _sampling_grid(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """Continuous pixel coordinates → grid_sample coordinates (align_corners=False), (1, *rows.shape, 2)."""
+def bilinear_taps(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], wrap_cols: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear interpolation as a gather: sample points → the flat indices and weights of their
+    four neighbours in an image of ``shape``.
+
+    ``rows``, ``cols``: (S,) float64 positions in index space (pixel i spans [i − 0.5, i + 0.5]).
+    Returns (S, 4) int64 indices and (S, 4) float32 weights. Neighbours outside the image get
+    weight 0 (zero padding), except that with ``wrap_cols`` columns wrap around (angles). The same
+    arithmetic as ``torch.nn.functional.grid_sample``, done once: sampling is then a Gather and a
+    weighted sum, which costs a fraction of a GridSample in ONNX Runtime.
+    """
     h, w = shape
-    grid = np.stack([cols / w * 2 - 1, rows / h * 2 - 1], axis=-1)
-    return torch.from_numpy(grid[None].astype(np.float32))
+    r0, c0 = np.floor(rows), np.floor(cols)
+    fr, fc = rows - r0, cols - c0
+    index, weight = [], []
+    for dr, dc, wt in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+        r, c = (r0 + dr).astype(np.int64), (c0 + dc).astype(np.int64)
+        if wrap_cols:
+            c = np.mod(c, w)
+        valid = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        index.append(np.where(valid, r * w + c, 0))
+        weight.append(np.where(valid, wt, 0.0))
+    return torch.from_numpy(np.stack(index, -1)), torch.from_numpy(np.stack(weight, -1).astype(np.float32))
+
+
+def gather_sample(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images, (S, 4) taps from :func:`bilinear_taps` → (N, C, S) samples."""
+    return (x.flatten(2)[..., index] * weight).sum(-1)
 
 
 class PolarBasis(nn.Module):
     """Images ↔ angular-frequency coefficients of rings.
 
-    ``features``: (N, 1, H, W) → (N, M, R_in) complex; ``target_features``: (N, D, h, w) →
-    (N, M, D·R_out) complex; ``image``: (N, M, D·R_out) → (N, D, h, w) real. M = max_frequency + 1.
+    ``features``: (N, 1, H, W) → (N, M, R_in, 2); ``target_features``: (N, D, h, w) →
+    (N, M, D·R_out, 2); ``image``: (N, M, D·R_out, 2) → (N, D, h, w). M = max_frequency + 1; the
+    trailing 2 holds real and imaginary parts (complex tensors neither export to ONNX nor autocast).
+    ``spectrum`` and ``synthesise`` are the same transforms in the layout the forward pass uses,
+    (N, C·R, 2, M) with real parts before imaginary ones.
     """
 
     def __init__(self, spec: LinearSpec):
         super().__init__()
         self.spec = spec
-        angles = 2 * np.pi * np.arange(spec.n_angles) / spec.n_angles
+        a = spec.n_angles
+        angles = 2 * np.pi * np.arange(a) / a
 
-        def rings(circle, n):
+        def ring_taps(circle, n, shape):  # n rings × A angles, centre-of-pixel coordinates → taps
             row, col, radius = circle
             r = (np.arange(n) + 0.5) / n * radius
-            return row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
+            rows, cols = row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
+            return bilinear_taps(rows.ravel() - 0.5, cols.ravel() - 0.5, shape)
 
-        self.register_buffer("input_grid", _sampling_grid(*rings(spec.input_circle, spec.n_rings_input), spec.in_shape), persistent=False)
-        self.register_buffer("target_grid", _sampling_grid(*rings(spec.target_circle, spec.n_rings_target), spec.out_shape), persistent=False)
-        # target pixel centres → (angle index, ring index) in the polar image padded by one angle on each side
+        for name, taps in (("input", ring_taps(spec.input_circle, spec.n_rings_input, spec.in_shape)),
+                           ("target", ring_taps(spec.target_circle, spec.n_rings_target, spec.out_shape))):
+            self.register_buffer(f"{name}_index", taps[0], persistent=False)
+            self.register_buffer(f"{name}_weight", taps[1], persistent=False)
+        # target pixel centres → (ring, angle) of the polar image; angles wrap, outside the field of view is 0
         h, w = spec.out_shape
         row, col, radius = spec.target_circle
         yy, xx = np.mgrid[0:h, 0:w] + 0.5
         rr = np.hypot(yy - row, xx - col)
-        phi = np.mod(np.arctan2(yy - row, xx - col), 2 * np.pi)
-        u = phi / (2 * np.pi) * spec.n_angles + 1
+        u = np.mod(np.arctan2(yy - row, xx - col), 2 * np.pi) / (2 * np.pi) * a
         v = np.clip(rr / radius * spec.n_rings_target - 0.5, 0, spec.n_rings_target - 1)
-        grid = np.stack([u / (spec.n_angles + 1) * 2 - 1, v / max(spec.n_rings_target - 1, 1) * 2 - 1], axis=-1)
-        self.register_buffer("output_grid", torch.from_numpy(grid[None].astype(np.float32)), persistent=False)
-        self.register_buffer("inside", torch.from_numpy((rr <= radius).astype(np.float32)), persistent=False)
-        # error weights: Parseval (m = 0 and the Nyquist bin once, others twice) × ring area
+        index, weight = bilinear_taps(v.ravel(), u.ravel(), (spec.n_rings_target, a), wrap_cols=True)
+        self.register_buffer("output_index", index, persistent=False)
+        self.register_buffer("output_weight", weight * torch.from_numpy((rr <= radius).ravel()[:, None]), persistent=False)
+        # real DFT matrices, real parts then imaginary parts: the angular transform is a plain matrix
+        # product, so the stage exports to ONNX and costs little at these sizes (A ≤ a few hundred)
         m = np.arange(spec.max_frequency + 1)
-        freq_weight = np.where((m == 0) | (2 * m == spec.n_angles), 1.0, 2.0)
+        phase = 2 * np.pi * np.outer(np.arange(a), m) / a  # (A, M)
+        weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0) / a
+        self.register_buffer("dft", torch.from_numpy(np.concatenate([np.cos(phase), -np.sin(phase)], 1).astype(np.float32)),
+                             persistent=False)  # (A, 2M): rfft
+        self.register_buffer("idft", torch.from_numpy(np.concatenate([np.cos(phase) * weight, -np.sin(phase) * weight], 1).T
+                                                      .astype(np.float32)), persistent=False)  # (2M, A): irfft
+        # error weights: Parseval (m = 0 and the Nyquist bin once, others twice) × ring area
+        freq_weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0)
         ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
         self.register_buffer("error_weight", torch.from_numpy(np.outer(freq_weight, ring_weight)), persistent=False)
 
-    def _rings_to_freq(self, polar: torch.Tensor) -> torch.Tensor:
-        n, c, r, _ = polar.shape
-        spectrum = torch.fft.rfft(polar, dim=-1)[..., :self.spec.max_frequency + 1]
-        return spectrum.permute(0, 3, 1, 2).reshape(n, -1, c * r)
+    def spectrum(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """(N, C, H, W) images → (N, C·R, 2, M) angular spectra of their rings."""
+        index, weight = (self.target_index, self.target_weight) if target else (self.input_index, self.input_weight)
+        polar = gather_sample(x, index, weight)  # (N, C, R·A)
+        n, c = polar.shape[:2]
+        return (polar.reshape(n, -1, self.spec.n_angles) @ self.dft).reshape(n, -1, 2, self.spec.max_frequency + 1)
+
+    def synthesise(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """(N, D, R_out, 2M) spectra → (N, D, h, w) images."""
+        n, d = spectrum.shape[:2]
+        polar = spectrum @ self.idft  # (N, D, R_out, A)
+        return gather_sample(polar, self.output_index, self.output_weight).reshape(n, d, *self.spec.out_shape)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._rings_to_freq(F.grid_sample(x, self.input_grid.expand(len(x), -1, -1, -1), align_corners=False))
+        return self.spectrum(x).permute(0, 3, 1, 2)
 
     def target_features(self, y: torch.Tensor) -> torch.Tensor:
-        return self._rings_to_freq(F.grid_sample(y, self.target_grid.expand(len(y), -1, -1, -1), align_corners=False))
+        return self.spectrum(y, target=True).permute(0, 3, 1, 2)
 
     def image(self, coefficients: torch.Tensor) -> torch.Tensor:
-        n, m, _ = coefficients.shape
+        n, m = coefficients.shape[:2]
         d, r = self.spec.out_channels, self.spec.n_rings_target
-        spectrum = coefficients.reshape(n, m, d, r).permute(0, 2, 3, 1)
-        polar = torch.fft.irfft(spectrum, n=self.spec.n_angles, dim=-1)
-        polar = torch.cat([polar[..., -1:], polar, polar[..., :1]], dim=-1)
-        out = F.grid_sample(polar, self.output_grid.expand(n, -1, -1, -1), align_corners=True, padding_mode="border")
-        return out * self.inside
+        return self.synthesise(coefficients.reshape(n, m, d, r, 2).permute(0, 2, 3, 4, 1).reshape(n, d, r, 2 * m))
 
 
 class PixelBasis(nn.Module):
@@ -160,7 +199,7 @@ class PixelBasis(nn.Module):
         return y.flatten(1)[:, None]
 
     def image(self, coefficients: torch.Tensor) -> torch.Tensor:
-        return coefficients.reshape(len(coefficients), self.spec.out_channels, *self.spec.out_shape)
+        return coefficients.reshape(coefficients.shape[0], self.spec.out_channels, *self.spec.out_shape)
 
 
 def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
@@ -186,16 +225,39 @@ class LinearInverse(nn.Module):
         self.register_buffer("mean_in", torch.zeros(m, f, *pair))
         self.register_buffer("mean_out", torch.zeros(m, g, *pair))
         self.register_buffer("weight", torch.zeros(m, f, g, *pair))
+        self.register_buffer("block", torch.zeros(m, 2 * f, 2 * g) if pair else torch.zeros(0), persistent=False)
+        self.register_buffer("bias", torch.zeros(m, 2 * g) if pair else torch.zeros(0), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_loading)
 
-    def _complex(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.view_as_complex(t.contiguous()) if self.spec.basis == "polar" else t  # channels_last may restride
+    def refresh(self) -> None:
+        """Derive what the forward pass multiplies by, after loading and after fitting. Polar basis:
+        the complex weights as one real block matrix (M, 2F, 2G) = [[Wr, Wi], [−Wi, Wr]] and the
+        means folded into a bias, ``b = a·W + (mean_out − mean_in·W)``, (M, 2G); one batched
+        product per forward pass."""
+        if self.spec.basis == "polar":
+            wr, wi = self.weight.unbind(-1)
+            self.block = torch.cat([torch.cat([wr, wi], -1), torch.cat([-wi, wr], -1)], 1).contiguous()
+            mean_in = self.mean_in.transpose(1, 2).reshape(len(self.block), 1, -1)  # (M, 1, 2F)
+            self.bias = (self.mean_out.transpose(1, 2).reshape(len(self.block), -1) - (mean_in @ self.block)[:, 0]).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # complex arithmetic stays in float32
-            a = self.basis.features(x.float()) - self._complex(self.mean_in)
-            b = torch.einsum("nmf,mfg->nmg", a, self._complex(self.weight)) + self._complex(self.mean_out)
-            y = self.basis.image(b)
+        with torch.autocast(x.device.type, enabled=False):  # the linear stage stays in float32
+            x = x.float()
+            if self.spec.basis == "polar":
+                s = self.basis.spectrum(x)  # (N, F, 2, M)
+                n, m = s.shape[0], s.shape[-1]
+                a = s.permute(3, 0, 2, 1).reshape(m, n, -1)  # (M, N, 2F): [real | imaginary]
+                b = torch.baddbmm(self.bias[:, None], a, self.block)  # (M, N, 2G)
+                d, r = self.spec.out_channels, self.spec.n_rings_target
+                y = self.basis.synthesise(b.reshape(m, n, 2, d, r).permute(1, 3, 4, 2, 0).reshape(n, d, r, 2 * m))
+            else:
+                b = torch.einsum("nmf,mfg->nmg", self.basis.features(x) - self.mean_in, self.weight) + self.mean_out
+                y = self.basis.image(b)
         return y.clamp(0, 1) if self.spec.clip else y
+
+
+def _refresh_after_loading(module: LinearInverse, _incompatible_keys) -> None:
+    module.refresh()  # a named function, not a lambda: modules are pickled for spawned DDP processes
 
 
 def resolve_spec(fit: LinearFit, preprocessor, out_channels: int, clip: bool = True) -> LinearSpec:
@@ -246,6 +308,11 @@ class _Moments:
         self.n += len(a)
 
 
+def _complex(t: torch.Tensor) -> torch.Tensor:
+    """Polar features (…, 2) real/imaginary pairs → complex; pixel features pass through."""
+    return t if t.ndim == 3 else torch.view_as_complex(t.contiguous())
+
+
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     """Round to float16 precision (bundles store these weights at half precision)."""
     return t.to(torch.float16).to(torch.float32)
@@ -265,7 +332,7 @@ def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[t
     moments = _Moments()
     with torch.no_grad():
         for x, y in train:
-            moments.add(basis.features(x.float()), basis.target_features(y.float()))
+            moments.add(_complex(basis.features(x.float())), _complex(basis.target_features(y.float())))
             if moments.n >= fit.max_frames:
                 break
         if moments.n < 2:
@@ -289,8 +356,8 @@ def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[t
         errors = torch.zeros(len(alphas), eigval.shape[0], dtype=torch.float64)
         n_val = 0
         for x, y in val:
-            a = torch.einsum("nmf,mfk->nmk", basis.features(x.float()).to(projected.dtype) - mean_a, eigvec)  # eigenbasis
-            b = basis.target_features(y.float()).to(projected.dtype) - mean_b
+            a = torch.einsum("nmf,mfk->nmk", _complex(basis.features(x.float())).to(projected.dtype) - mean_a, eigvec)  # eigenbasis
+            b = _complex(basis.target_features(y.float())).to(projected.dtype) - mean_b
             for k, alpha in enumerate(alphas):
                 pred = torch.einsum("nmf,mfg->nmg", a * filters(alpha), projected)
                 errors[k] += ((pred - b).abs() ** 2 * basis.error_weight).sum(dim=(0, 2))
@@ -304,6 +371,7 @@ def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[t
         model.mean_in.copy_(_fp16(as_stored(mean_a)))
         model.mean_out.copy_(_fp16(as_stored(mean_b)))
         model.weight.copy_(_fp16(as_stored(weight)))
+        model.refresh()
     total = errors.sum(dim=1)
     report = {"pairs": n, "validation_pairs": n_val, "method": fit.method, "basis": spec.basis,
               "alphas": list(fit.alphas), "validation_error_per_alpha": (total / n_val).tolist(),

@@ -30,6 +30,8 @@ class ModelRecipe(_Strict):
     residual: bool = True
     input_stage: Literal["unshuffle", "stride", "resize", "linear"] = "linear"
     output: Literal["sigmoid", "none"] = "sigmoid"
+    downscale: int = Field(default=1, ge=1, le=4)
+    """Run the U-Net at 1/downscale of the target grid (see :class:`ccm.nets.UNetConfig`)."""
 
 
 class LossConfig(_Strict):

@@ -118,7 +118,7 @@ def check_stack_fits(recipe: Recipe, stack: CalibrationStack) -> None:
         preprocessor = Preprocessor(recipe.preprocess, stack.device, dark=stack.dark)
         try:
             UNetConfig(in_shape=preprocessor.output_shape, out_shape=stack.device.target.shape, widths=model.widths,
-                       input_stage=model.input_stage)
+                       input_stage=model.input_stage, downscale=model.downscale)
         except ValueError as err:
             raise StackError(f"{stack.path}: recipe {recipe.name!r} does not fit this stack's shapes "
                              f"(network input {preprocessor.output_shape}, targets {stack.device.target.shape}): {err}") from None
@@ -183,7 +183,7 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
         m = recipe.model
         architecture = UNetConfig(in_shape=preprocessor.output_shape, out_shape=device.target.shape, out_channels=len(depths),
                                   widths=m.widths, norm=m.norm, residual=m.residual, input_stage=m.input_stage,
-                                  output=m.output, linear=spec if linear_needed else None)
+                                  output=m.output, downscale=m.downscale, linear=spec if linear_needed else None)
         net = build_model(architecture)
         if linear_needed:
             net.linear.load_state_dict(linear.state_dict())
@@ -203,8 +203,7 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     test_part = "test" if len(split["test"]) else "val"
     scores = MetricAccumulator()
     for x, y in iterate_pairs(data, split[test_part], preprocessor):
-        with torch.inference_mode():
-            scores.update(reconstructor.model(x), y)
+        scores.update(torch.from_numpy(reconstructor.run_preprocessed(x.numpy())), y)
     bundle.metrics = {f"{test_part}_split": scores.result(depths)}
     bundle.training = {"recipe": recipe.model_dump(mode="json"), "data": {"file": data.name, "sha256": file_sha256(data),
                        "pairs": n, "provenance": provenance}, "seconds": round(time.perf_counter() - started, 1),
