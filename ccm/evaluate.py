@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ccm.backends import InferenceOptions
 from ccm.bundle import Bundle, BundleError
 from ccm.data import iterate_pairs
 from ccm.metrics import MetricAccumulator
@@ -35,9 +36,11 @@ def _check(bundle: Bundle, stack: CalibrationStack) -> None:
                          f"reconstructs planes {list(bundle.depths_um)} µm")
 
 
-def score_bundle(bundle: Bundle, data: Path, data_sha256: str, max_pairs: int | None = None) -> tuple[dict, np.ndarray]:
-    """Metrics of one bundle on a stack; returns (result, indices scored)."""
-    reconstructor = Reconstructor(bundle)
+def score_bundle(bundle: Bundle, data: Path, data_sha256: str, max_pairs: int | None = None,
+                 options: InferenceOptions | None = None) -> tuple[dict, np.ndarray]:
+    """Metrics of one bundle on a stack, reconstructed with ``options`` (default: torch fp32 on the
+    CPU); returns (result, indices scored)."""
+    reconstructor = Reconstructor(bundle, options)
     with CalibrationStack(data) as stack:
         _check(bundle, stack)
         n = len(stack)
@@ -50,8 +53,7 @@ def score_bundle(bundle: Bundle, data: Path, data_sha256: str, max_pairs: int | 
     scores = MetricAccumulator()
     t = time.perf_counter()
     for x, y in iterate_pairs(data, indices, reconstructor.preprocessor, batch=64):
-        with torch.inference_mode():
-            scores.update(reconstructor.model(x), y)
+        scores.update(torch.from_numpy(reconstructor.run_preprocessed(x.numpy())), y)
     result = scores.result(bundle.depths_um)
     result["seconds"] = round(time.perf_counter() - t, 2)
     result["subset"] = "the bundle's stored test split (this is its training stack)" if trained_on_it else "all pairs"

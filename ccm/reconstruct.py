@@ -1,31 +1,39 @@
 """Frames → volumes: the one inference path for bundles (networks and the linear baseline).
 
-Evaluation, the self-test, batch reconstruction and the live view all call :class:`Reconstructor`.
+Evaluation, the self-test, batch reconstruction (:mod:`ccm.batch`), benchmarks and the live view
+all call :class:`Reconstructor`. It checks and preprocesses frames (:class:`ccm.preprocess.Preprocessor`,
+the one implementation shared with training) and hands them, in batches, to a backend
+(:mod:`ccm.backends`: PyTorch on CPU/GPU, ONNX Runtime fp32/int8).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import os
 
+import numpy as np
+
+from ccm.backends import InferenceOptions, make_backend
 from ccm.bundle import Bundle
 
 
 class Reconstructor:
-    """A bundle on a torch device: ``__call__(frames)`` → volumes.
+    """A bundle on a backend: ``__call__(frames)`` → volumes.
 
     Parameters
     ----------
     bundle : the model bundle (or linear baseline).
-    device : torch device, ``"cpu"`` by default.
-    batch_size : frames per forward pass.
+    options : backend, device, precision, threads, compilation (:class:`ccm.backends.InferenceOptions`);
+        default PyTorch fp32 on the CPU.
+    batch_size : frames per forward pass (1 is the low-latency live path; larger batches give throughput).
+    onnx_path : an ONNX file written by ``ccm export`` for the ``onnx`` backend (default: exported and cached).
     """
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, bundle: Bundle, options: InferenceOptions | None = None, batch_size: int = 32,
+                 onnx_path: str | os.PathLike | None = None):
         self.bundle = bundle
+        self.options = options or InferenceOptions()
         self.preprocessor = bundle.preprocessor()
-        self.device = torch.device(device)
-        self.model = bundle.model().to(self.device)
+        self.backend = make_backend(bundle, self.options, onnx_path)
         self.batch_size = batch_size
 
     @property
@@ -39,10 +47,11 @@ class Reconstructor:
         Frames of another shape, NaN frames, or non-numeric data raise :class:`ccm.preprocess.FrameError`
         naming ``source``.
         """
-        x = self.preprocessor(frames, source)
+        return self.run_preprocessed(self.preprocessor(frames, source))
+
+    def run_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """(N, 1, H', W') float32 frames already through :attr:`preprocessor` → (N, D, h, w) float32."""
         out = np.empty((len(x), *self.output_shape), np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(x), self.batch_size):
-                batch = torch.from_numpy(x[start:start + self.batch_size]).to(self.device)
-                out[start:start + len(batch)] = self.model(batch).float().cpu().numpy()
+        for start in range(0, len(x), self.batch_size):
+            out[start:start + self.batch_size] = self.backend.run(x[start:start + self.batch_size])
         return out
