@@ -147,11 +147,81 @@ def _cmd_models(args: argparse.Namespace) -> None:
               f"{path.stat().st_size / 1e6:.1f} MB  ({path})")
 
 
-def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from ccm.benchmark import run_benchmarks
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference engine (default: torch)")
+    p.add_argument("--device-type", dest="compute", default="cpu", metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="fp32; bf16 (torch), fp16 (torch on GPUs), int8 (onnx on CPUs) (default: fp32)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: the engine's choice)")
+    p.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+                   help="torch.compile mode (torch backend; reduce-overhead uses CUDA graphs on GPUs)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory for the convolutions (torch backend)")
 
-    path = run_benchmarks(args.output, quick=args.quick, repeats=args.repeats)
-    print(f"wrote {path}")
+
+def _options(args: argparse.Namespace):
+    from ccm.backends import InferenceOptions
+
+    return InferenceOptions(backend=args.backend, device=args.compute, precision=args.precision, threads=args.threads,
+                            compile=args.compile, channels_last=args.channels_last).validate()
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> None:
+    from ccm.batch import reconstruct_recording
+    from ccm.bundle import load_bundle
+    from ccm.recorded import Selection
+
+    bundle = load_bundle(args.bundle)
+    options = _options(args)
+    selection = Selection.parse(args.select)
+    outputs = [args.output]
+    if len(args.inputs) > 1 or args.output.is_dir() or str(args.output).endswith("/"):
+        suffix = ".h5" if args.format == "hdf5" else ".ome.tif"
+        outputs = [args.output / (Path(str(i).rstrip("/")).name.split(".")[0].replace("*", "") + "-recon" + suffix) for i in args.inputs]
+    summaries = []
+    for source, output in zip(args.inputs, outputs):
+        summary = reconstruct_recording(source, bundle, output, options, selection, dtype=args.dtype, batch_size=args.batch_size,
+                                        num_workers=args.workers, devices=int(args.devices) if args.devices.isdigit() else args.devices, num_nodes=args.num_nodes,
+                                        strategy=args.strategy, restart=args.restart, overwrite=args.overwrite,
+                                        progress=not args.no_progress and not args.json, series=args.series)
+        summaries.append(summary)
+        if not args.json and "seconds" in summary:
+            rate = f", {summary['frames_per_s']} frames/s" if summary["frames_per_s"] else ""
+            print(f"wrote {summary['output']} ({summary['axes']} {summary['shape']}; {summary['frames_done']} frames in "
+                  f"{summary['seconds']} s{rate})")
+    if args.json:
+        print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from ccm.bundle import load_bundle
+    from ccm.export import export_onnx
+
+    bundle = load_bundle(args.bundle)
+    calibration = None
+    if args.calibration is not None:
+        from ccm.recorded import open_recording
+
+        recording = open_recording(args.calibration)
+        calibration = recording.read(0, min(recording.n, 64))
+    report = export_onnx(bundle, args.output, args.precision, calibration)
+    print(json.dumps(report, indent=1) if args.json else
+          f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, {args.precision}); largest difference from PyTorch on "
+          f"{report['check_frames']} frames: {report['max_abs_error']:.2e} (mean {report['mean_abs_error']:.2e})")
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    suites = args.suites or ["simulation", "inference", "batch"]
+    if "simulation" in suites:
+        from ccm.benchmark import run_benchmarks
+
+        print(f"wrote {run_benchmarks(args.output, quick=args.quick, repeats=args.repeats)}")
+    if "inference" in suites or "batch" in suites:
+        from ccm import inference_benchmark
+
+        path = inference_benchmark.run(args.output if "simulation" not in suites else None, bundles=tuple(args.bundles),
+                                       suites=tuple(s for s in suites if s != "simulation"), repeats=args.repeats, quick=args.quick)
+        print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,11 +305,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probes", action="store_true", help="skip the resolution and sectioning probes")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("reconstruct", help="reconstruct recorded stacks (TIFF, OME, ImageJ, NDTiff, MM, HDF5) → OME-TIFF/HDF5",
+                       description="Reconstruct recorded raw frames with a bundle: multi-page TIFF/BigTIFF, OME-TIFF, ImageJ "
+                                   "hyperstacks, a folder or glob of single-frame TIFFs, NDTiff (pycromanager) and Micro-Manager "
+                                   "OME-TIFF datasets, HDF5 (file.h5 or file.h5:/dataset). Streams (memory does not grow with "
+                                   "length), writes under a temporary name and renames when complete; re-running the same "
+                                   "command resumes an interrupted run. Several GPUs or nodes through Lightning's strategies.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="recordings; quote globs ('frames/*.tif')")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output .ome.tif or .h5 — or a folder (several inputs: one output each)")
+    p.add_argument("--format", choices=["ome-tiff", "hdf5"], default="ome-tiff", help="format when OUTPUT is a folder")
+    p.add_argument("--select", nargs="*", default=[], metavar="AXIS=SEL",
+                   help="frames to reconstruct per axis: T=0:100 keeps a range, C=1 picks one (the axis is dropped)")
+    p.add_argument("--series", type=int, default=0, help="TIFF series (default: 0)")
+    p.add_argument("--dtype", choices=["float32", "uint16"], default="float32",
+                   help="output pixels: float32 in [0, 1] or uint16 scaled by 65535 (default: float32)")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: 32)")
+    p.add_argument("--workers", type=int, default=1, help="reader processes (default: 1)")
+    p.add_argument("--devices", default="1", help="processes/GPUs for Lightning (default: 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (default: 1)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp or ddp_spawn (default: auto)")
+    p.add_argument("--restart", action="store_true", help="discard a partial output of another job instead of refusing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (no progress bar)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _backend_args(p)
+    p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch")
+    p.add_argument("bundle", help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="fp32 or static int8 (default: fp32)")
+    p.add_argument("--calibration", help="raw frames for int8 calibration (any INPUT of reconstruct; default: simulated)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("models", help="list the shipped model bundles")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("benchmark", help="measure simulation throughput and memory; writes JSON")
-    p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<machine>.json)")
+    p = sub.add_parser("benchmark", help="measure simulation, inference and batch reconstruction speed and memory; writes JSON",
+                       description="Benchmarks, written as JSON with the machine, the versions and the run count. Suites: "
+                                   "simulation (ccm simulate throughput and memory), inference (per bundle and backend: "
+                                   "batch-1 latency, throughput, peak RSS, SSIM — with the reference architecture in the same "
+                                   "run), batch (ccm reconstruct of 2,000- and 20,000-frame TIFFs vs model-only throughput).")
+    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", []], metavar="SUITE",
+                   help="simulation, inference, batch (default: all three)")
+    p.add_argument("--bundles", nargs="+", default=["cannula-220um-2d", "cannula-220um-3d"],
+                   help="bundles for the inference suite; the first also runs the batch suite (default: the shipped 2D and 3D)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<suite>-<machine>.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--repeats", type=int, default=3, help="runs per case (default: 3)")
     p.set_defaults(func=_cmd_benchmark)
@@ -250,16 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     from ccm.bundle import BundleError
     from ccm.devices import DeviceError
     from ccm.preprocess import FrameError
+    from ccm.recorded import RecordingError
     from ccm.stack import StackError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DeviceError, StackError, BundleError, FrameError, FileNotFoundError, ValueError, OSError) as err:
+    except (DeviceError, StackError, BundleError, FrameError, RecordingError, FileNotFoundError, ValueError, OSError) as err:
         print(f"ccm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ccm {args.command}: interrupted; run the same command again to resume an interrupted stack", file=sys.stderr)
+        print(f"ccm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
 
