@@ -60,6 +60,9 @@ class InferenceOptions:
     threads: int | None = None
     compile: CompileMode = "none"
     channels_last: bool = False
+    spin: bool = True
+    """onnx: worker threads spin-wait between calls — the lowest batch-1 latency, but they take CPU
+    from readers and writers on small machines; ``ccm reconstruct`` turns it off."""
 
     @property
     def device_type(self) -> str:
@@ -144,6 +147,8 @@ class OnnxBackend:
         if options.threads:
             session_options.intra_op_num_threads = options.threads
         session_options.inter_op_num_threads = 1
+        if not options.spin:
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), session_options, providers=providers)
         self._input = self.session.get_inputs()[0].name
 

@@ -76,7 +76,7 @@ class PredictModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device
-        options = replace(self.options, device=str(device) if device.type == "cuda" else "cpu")
+        options = replace(self.options, device=str(device) if device.type == "cuda" else "cpu", spin=False)
         self.reconstructor = Reconstructor(self.bundle, options, self.batch_size)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

@@ -46,6 +46,8 @@ GPU_BACKENDS = [
 CPU_BATCHES = [1, 8, 32]
 GPU_BATCHES = [1, 64, 512, 2048]
 QUALITY_PAIRS = 300
+THROUGHPUT_FRAMES = 96
+"""Frames timed per batch size and repeat (at least 3 calls)."""
 REFERENCE_NAME = "reference-architecture"
 
 
@@ -71,7 +73,7 @@ def reference_bundle(like):
 
 
 def _timed(call, repeats: int) -> list[float]:
-    for _ in range(10):
+    for _ in range(min(10, repeats)):
         call()
     times = []
     for _ in range(repeats):
@@ -112,7 +114,7 @@ def run_inference_case(case: dict) -> dict:
     for batch in case["batches"]:
         reconstructor = Reconstructor(bundle, options, batch_size=batch)
         x = reconstructor.preprocessor(np.resize(frames, (batch, *frames.shape[1:])))
-        times = _timed(lambda: reconstructor.backend.run(x), max(3, case["repeats"] * (20 if batch <= 32 else 5)))
+        times = _timed(lambda: reconstructor.backend.run(x), max(3, THROUGHPUT_FRAMES * case["repeats"] // batch))
         throughput[str(batch)] = batch / statistics.median(times)
     best = max(throughput, key=throughput.get)
     result["throughput_frames_per_s"] = throughput

@@ -78,7 +78,7 @@ def bilinear_taps(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], wr
     four neighbours in an image of ``shape``.
 
     ``rows``, ``cols``: (S,) float64 positions in index space (pixel i spans [i − 0.5, i + 0.5]).
-    Returns (S, 4) int64 indices and (S, 4) float32 weights. Neighbours outside the image get
+    Returns (S, 4) int32 indices and (S, 4) float32 weights. Neighbours outside the image get
     weight 0 (zero padding), except that with ``wrap_cols`` columns wrap around (angles). The same
     arithmetic as ``torch.nn.functional.grid_sample``, done once: sampling is then a Gather and a
     weighted sum, which costs a fraction of a GridSample in ONNX Runtime.
@@ -94,12 +94,14 @@ def bilinear_taps(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], wr
         valid = (r >= 0) & (r < h) & (c >= 0) & (c < w)
         index.append(np.where(valid, r * w + c, 0))
         weight.append(np.where(valid, wt, 0.0))
-    return torch.from_numpy(np.stack(index, -1)), torch.from_numpy(np.stack(weight, -1).astype(np.float32))
+    return torch.from_numpy(np.stack(index, -1).astype(np.int32)), torch.from_numpy(np.stack(weight, -1).astype(np.float32))
 
 
 def gather_sample(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) images, (S, 4) taps from :func:`bilinear_taps` → (N, C, S) samples."""
-    return (x.flatten(2)[..., index] * weight).sum(-1)
+    n, c = x.shape[:2]
+    taps = x.flatten(2).index_select(2, index.flatten()).reshape(n, c, *index.shape)  # a plain Gather in ONNX
+    return (taps * weight).sum(-1)
 
 
 class PolarBasis(nn.Module):
@@ -225,20 +227,21 @@ class LinearInverse(nn.Module):
         self.register_buffer("mean_in", torch.zeros(m, f, *pair))
         self.register_buffer("mean_out", torch.zeros(m, g, *pair))
         self.register_buffer("weight", torch.zeros(m, f, g, *pair))
-        self.register_buffer("block", torch.zeros(m, 2 * f, 2 * g) if pair else torch.zeros(0), persistent=False)
-        self.register_buffer("bias", torch.zeros(m, 2 * g) if pair else torch.zeros(0), persistent=False)
+        for name, shape in (("wr", (m, f, g)), ("wi", (m, f, g)), ("bias", (m, 2, g))):
+            self.register_buffer(name, torch.zeros(shape) if pair else torch.zeros(0), persistent=False)
         self.register_load_state_dict_post_hook(_refresh_after_loading)
 
     def refresh(self) -> None:
-        """Derive what the forward pass multiplies by, after loading and after fitting. Polar basis:
-        the complex weights as one real block matrix (M, 2F, 2G) = [[Wr, Wi], [−Wi, Wr]] and the
-        means folded into a bias, ``b = a·W + (mean_out − mean_in·W)``, (M, 2G); one batched
-        product per forward pass."""
+        """Derive what the forward pass multiplies by, after loading and after fitting (polar basis):
+        the real and imaginary weights as contiguous (M, F, G) matrices, and the means folded into a
+        bias, ``b = (a − mean_in)·W + mean_out``, (M, 2, G) real/imaginary."""
         if self.spec.basis == "polar":
-            wr, wi = self.weight.unbind(-1)
-            self.block = torch.cat([torch.cat([wr, wi], -1), torch.cat([-wi, wr], -1)], 1).contiguous()
-            mean_in = self.mean_in.transpose(1, 2).reshape(len(self.block), 1, -1)  # (M, 1, 2F)
-            self.bias = (self.mean_out.transpose(1, 2).reshape(len(self.block), -1) - (mean_in @ self.block)[:, 0]).contiguous()
+            self.wr, self.wi = (w.contiguous() for w in self.weight.unbind(-1))
+            (mr, mi), (orr, oi) = self.mean_in.unbind(-1), self.mean_out.unbind(-1)
+            product = lambda a, w: (a[:, None] @ w)[:, 0]  # noqa: E731  (M, F) · (M, F, G) → (M, G)
+            real = orr - product(mr, self.wr) + product(mi, self.wi)
+            imag = oi - product(mr, self.wi) - product(mi, self.wr)
+            self.bias = torch.stack([real, imag], 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # the linear stage stays in float32
@@ -246,10 +249,11 @@ class LinearInverse(nn.Module):
             if self.spec.basis == "polar":
                 s = self.basis.spectrum(x)  # (N, F, 2, M)
                 n, m = s.shape[0], s.shape[-1]
-                a = s.permute(3, 0, 2, 1).reshape(m, n, -1)  # (M, N, 2F): [real | imaginary]
-                b = torch.baddbmm(self.bias[:, None], a, self.block)  # (M, N, 2G)
+                a = s.permute(3, 2, 0, 1).reshape(m, 2 * n, -1)  # (M, 2N, F): real rows, then imaginary rows
+                p, q = a @ self.wr, a @ self.wi  # each weight matrix is read once per batch (memory-bound at batch 1)
+                b = torch.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1) + self.bias[:, :, None]  # (M, 2, N, G)
                 d, r = self.spec.out_channels, self.spec.n_rings_target
-                y = self.basis.synthesise(b.reshape(m, n, 2, d, r).permute(1, 3, 4, 2, 0).reshape(n, d, r, 2 * m))
+                y = self.basis.synthesise(b.reshape(m, 2, n, d, r).permute(2, 3, 4, 1, 0).reshape(n, d, r, 2 * m))
             else:
                 b = torch.einsum("nmf,mfg->nmg", self.basis.features(x) - self.mean_in, self.weight) + self.mean_out
                 y = self.basis.image(b)
