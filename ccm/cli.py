@@ -147,8 +147,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
               f"{path.stat().st_size / 1e6:.1f} MB  ({path})")
 
 
-def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference engine (default: torch)")
+def _backend_args(p: argparse.ArgumentParser, backend: str = "torch") -> None:
+    p.add_argument("--backend", choices=["torch", "onnx"], default=backend, help=f"inference engine (default: {backend})")
     p.add_argument("--device-type", dest="compute", default="cpu", metavar="DEVICE",
                    help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
@@ -191,6 +191,56 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
                   f"{summary['seconds']} s{rate})")
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
+
+
+def _open_source(args: argparse.Namespace):
+    """(source, cleanup) for ``--source``."""
+    if args.source == "sim":
+        from ccm.acquire.source import SimulatedSource
+        from ccm.devices import load_device
+
+        return SimulatedSource(load_device(args.device), fps=args.fps, exposure_ms=args.exposure_ms, seed=args.seed), lambda: None
+    if args.source == "mmcore":
+        from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+
+        core = load_core(args.config)
+        if args.exposure_ms is not None:
+            core.setExposure(args.exposure_ms)
+        return MMCoreSource(core), lambda: release_core(core)
+    from ccm.acquire.pycromanager_source import PycromanagerSource
+
+    return PycromanagerSource(port=args.port), lambda: None
+
+
+def _cmd_live(args: argparse.Namespace) -> None:
+    from ccm.acquire.pipeline import LivePipeline, recording_path
+    from ccm.bundle import load_bundle
+    from ccm.reconstruct import Reconstructor
+
+    bundle = load_bundle(args.bundle)
+    reconstructor = Reconstructor(bundle, _options(args), batch_size=args.max_batch)
+    source, cleanup = _open_source(args)
+    try:
+        pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch)
+        pipeline.start()
+        if args.record is not None:
+            recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record)
+            print(f"recording raw frames and reconstructions to {recorder.path}", file=sys.stderr)
+        report = None if args.json else (lambda stats: print(stats.line(), file=sys.stderr, flush=True))
+        try:
+            finished = pipeline.wait(args.seconds, every_s=args.status_every, report=report)
+        except KeyboardInterrupt:
+            finished = True
+        stats = pipeline.stop()
+    finally:
+        cleanup()
+    summary = {"source": source.name, "bundle": bundle.name, "backend": args.backend, "precision": args.precision, **vars(stats)}
+    if pipeline.error is not None:
+        summary["error"] = str(pipeline.error)
+    print(json.dumps(summary, indent=1) if args.json else f"final: {stats.line()}")
+    if not finished or pipeline.error is not None:
+        raise OSError(f"live stopped: {pipeline.error}; the frames captured so far are on disk" if args.record else
+                      f"live stopped: {pipeline.error}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -332,6 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _backend_args(p)
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("live", help="acquire and reconstruct live (simulated camera or Micro-Manager), headless",
+                       description="Run the live pipeline without a display: camera → ring buffer → reconstruction, with a "
+                                   "status line (frames/s, dropped frames, frame-to-result latency) and, with --record, raw "
+                                   "frames and reconstructions saved to HDF5 (flushed every second and on stop or error).")
+    p.add_argument("--source", choices=["sim", "mmcore", "pycromanager"], default="sim",
+                   help="sim: the built-in simulated device; mmcore: a Micro-Manager configuration through pymmcore-plus; "
+                        "pycromanager: a running Micro-Manager (default: sim)")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default: 10; Ctrl-C stops early)")
+    p.add_argument("--record", type=Path, help="record to this .h5 file, or to a new live-DATE-TIME.h5 in this folder")
+    _device_arg(p)
+    p.add_argument("--fps", type=float, default=100.0, help="sim: frames per second (default: 100)")
+    p.add_argument("--exposure-ms", type=float, default=None, help="exposure (sim default: 10 ms; mmcore: the configuration's)")
+    p.add_argument("--seed", type=int, default=0, help="sim: scene seed (default: 0)")
+    p.add_argument("--config", type=Path, help="mmcore: Micro-Manager .cfg (default: calibration/ccm-simulated-cannula.cfg)")
+    p.add_argument("--port", type=int, default=4827, help="pycromanager: the Micro-Manager server port (default: 4827)")
+    p.add_argument("--ring-frames", type=int, default=256, help="ring buffer size in frames (default: 256)")
+    p.add_argument("--max-batch", type=int, default=16, help="largest batch when reconstruction falls behind (default: 16)")
+    p.add_argument("--status-every", type=float, default=1.0, help="seconds between status lines (default: 1)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of status lines")
+    _backend_args(p, backend="onnx")
+    p.set_defaults(func=_cmd_live)
 
     p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch")
     p.add_argument("bundle", help="bundle (.safetensors) or the name of a shipped one")

@@ -58,3 +58,28 @@ def tiny_window():
     data["target"].update(shape=[8, 8], pixel_size_um=12000)
     data["imperfection"].update(scattering_sites=150)
     return device_from_dict(data, source="tiny window")
+
+
+TINY_NET = {"name": "tiny-net", "model": {"widths": [8, 16]}, "loss": {"mse": 1.0, "l1": 0.0},
+            "optim": {"max_epochs": 1, "batch_size": 8, "lr": 3e-3}, "trainer": {"num_workers": 0, "precision": "32-true"}}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, _isolated_cache):
+    """(bundle, raw frames (40, 48, 48) uint16, folder): a U-Net bundle for the tiny cannula, trained in seconds."""
+    import h5py
+
+    from ccm.bundle import load_bundle
+    from ccm.cli import main
+    from ccm.simulate import simulate_stack
+
+    folder = tmp_path_factory.mktemp("tiny-bundle")
+    device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")
+    train = simulate_stack(device, folder / "train.h5", 160, seed=1, progress=False)
+    recipe = folder / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_NET))
+    out = folder / "tiny.safetensors"
+    assert main(["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    with h5py.File(train) as f:
+        raw = f["raw"][:40]
+    return load_bundle(out), raw, folder

@@ -15,7 +15,7 @@ import torch
 
 from ccm.backends import BackendError, InferenceOptions
 from ccm.batch import PredictModule, reconstruct_recording
-from ccm.bundle import BundleError, load_bundle
+from ccm.bundle import BundleError
 from ccm.cli import main
 from ccm.preprocess import FrameError
 from ccm.recorded import RecordingError, Selection, open_recording
@@ -23,33 +23,9 @@ from ccm.reconstruct import Reconstructor
 from ccm.simulate import simulate_stack
 from ccm.volume_writer import OutputError
 
-TINY_NET = {"name": "tiny-net", "model": {"widths": [8, 16]}, "loss": {"mse": 1.0, "l1": 0.0},
-            "optim": {"max_epochs": 1, "batch_size": 8, "lr": 3e-3}, "trainer": {"num_workers": 0, "precision": "32-true"}}
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(bundle, raw frames (40, 48, 48) uint16 of the tiny cannula, folder)."""
-    import sys
-    from pathlib import Path
-
-    import yaml
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_cannula_dict
-
-    from ccm.devices import device_from_dict
-
-    folder = tmp_path_factory.mktemp("recon")
-    device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")
-    train = simulate_stack(device, folder / "train.h5", 160, seed=1, progress=False)
-    recipe = folder / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY_NET))
-    out = folder / "tiny.safetensors"
-    assert main(["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 0
-    with h5py.File(train) as f:
-        raw = f["raw"][:40]
-    return load_bundle(out), raw, folder
+def tiny(tiny_bundle):
+    return tiny_bundle
 
 
 def _reference(bundle, frames):

@@ -1,0 +1,131 @@
+"""Micro-Manager cameras through pymmcore-plus: any configuration, live by continuous sequence acquisition.
+
+:class:`MMCoreSource` wraps a ``CMMCorePlus`` (or ``UniMMCore``, which also runs pure-Python
+devices such as :class:`ccm.acquire.mm_camera.SimulatedCCMCamera`). ``start`` begins a continuous
+sequence acquisition and a thread moves images from the core's circular buffer to the pipeline
+as they arrive; a camera that stops delivering (the sequence ends on its own, an error, or no
+frame for ``timeout_s``) is reported as a :class:`ccm.acquire.source.SourceError`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from ccm.acquire.source import Frame, SourceError
+from ccm.devices import CannulaDevice, WindowDevice
+
+POLL_S = 0.0005
+"""How often the circular buffer is checked while it is empty (Micro-Manager has no per-image event for sequences)."""
+
+
+def shipped_config() -> Path:
+    """``calibration/ccm-simulated-cannula.cfg``: the simulated cannula as a Python Micro-Manager camera."""
+    from ccm.resources import shipped_path
+
+    return shipped_path("calibration", "ccm-simulated-cannula.cfg")
+
+
+def load_core(config: str | Path | None = None):
+    """A ``UniMMCore`` with ``config`` loaded (default: :func:`shipped_config`). Auto-shutter is turned
+    off when the configuration has no shutter (pymmcore-plus's MDA runner needs one otherwise)."""
+    from pymmcore_plus.experimental.unicore import UniMMCore
+
+    core = UniMMCore()
+    path = Path(config) if config is not None else shipped_config()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such Micro-Manager configuration")
+    try:
+        core.loadSystemConfiguration(str(path))
+    except Exception as err:  # pymmcore raises its own error types
+        raise SourceError(f"{path}: Micro-Manager could not load this configuration: {err}") from err
+    if not core.getShutterDevice():
+        core.setAutoShutter(False)
+    return core
+
+
+def release_core(core) -> None:
+    """Unload a core's devices (before interpreter exit: avoids an intermittent abort there)."""
+    try:
+        if core.isSequenceRunning():
+            core.stopSequenceAcquisition()
+        core.unloadAllDevices()
+    except Exception:  # noqa: BLE001  (best effort at shutdown)
+        pass
+
+
+class MMCoreSource:
+    """A Micro-Manager camera as a :class:`ccm.acquire.source.FrameSource`.
+
+    device : the ccm device the frames come from, when known (bundles check its fingerprint); for
+        the simulated Python camera it is read from its ``CCMDevice`` property.
+    """
+
+    def __init__(self, core, device: CannulaDevice | WindowDevice | None = None, timeout_s: float = 2.0):
+        self.core = core
+        camera = core.getCameraDevice()
+        if not camera:
+            raise SourceError("the Micro-Manager configuration has no camera (Core-Camera is empty)")
+        self.name = f"Micro-Manager camera {camera!r}"
+        if device is None and core.hasProperty(camera, "CCMDevice"):
+            from ccm.devices import load_device
+
+            device = load_device(core.getProperty(camera, "CCMDevice"))
+        self.device = device
+        self.frame_shape = (core.getImageHeight(), core.getImageWidth())
+        self.exposure_ms = core.getExposure()
+        self.timeout_s = max(timeout_s, 5 * self.exposure_ms / 1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def snap(self) -> Frame:
+        try:
+            self.core.snapImage()
+            return Frame(self.core.getImage(), 0, time.monotonic(), self.core.getExposure(), {"source": self.name})
+        except Exception as err:
+            raise SourceError(f"{self.name}: snap failed: {err}") from err
+
+    def start(self, on_frame: Callable[[Frame], None], on_error: Callable[[BaseException], None]) -> None:
+        if self._thread is not None:
+            raise SourceError(f"{self.name}: already started")
+        self._stop.clear()
+        try:
+            self.core.startContinuousSequenceAcquisition(0)
+        except Exception as err:
+            raise SourceError(f"{self.name}: could not start a sequence acquisition: {err}") from err
+        self._thread = threading.Thread(target=self._run, args=(on_frame, on_error), name="ccm-mm-camera", daemon=True)
+        self._thread.start()
+
+    def _run(self, on_frame, on_error) -> None:
+        core, index, last = self.core, 0, time.monotonic()
+        exposure = core.getExposure()
+        try:
+            while not self._stop.is_set():
+                if core.getRemainingImageCount() > 0:
+                    image, metadata = core.popNextImageAndMD()
+                    now = time.monotonic()
+                    on_frame(Frame(image, index, now, exposure, {"source": self.name, "mm": dict(metadata)}))
+                    index, last = index + 1, now
+                    continue
+                now = time.monotonic()
+                if not core.isSequenceRunning() and core.getRemainingImageCount() == 0:
+                    raise SourceError(f"{self.name}: the sequence acquisition stopped after {index} frames (camera error "
+                                      "or disconnected)")
+                if now - last > self.timeout_s:
+                    raise SourceError(f"{self.name}: no frame for {now - last:.1f} s after {index} frames (camera disconnected?)")
+                self._stop.wait(POLL_S)
+        except BaseException as err:
+            on_error(err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if self.core.isSequenceRunning():
+                self.core.stopSequenceAcquisition()
+        except Exception:  # noqa: BLE001  (a vanished camera cannot be stopped; nothing left to do)
+            pass

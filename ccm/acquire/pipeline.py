@@ -1,0 +1,320 @@
+"""The live pipeline: camera thread → bounded ring → Reconstructor → consumers.
+
+- The source delivers frames from its own thread into :class:`FrameRing` and never waits: when
+  the ring is full the oldest frame is dropped and counted.
+- A reconstruction thread takes every frame waiting in the ring (up to ``max_batch``: it
+  batches when it falls behind, and returns to batch 1 when it has caught up), reconstructs
+  them, and hands (frame, volume) pairs to the consumers: :meth:`LivePipeline.latest` (a cheap
+  "newest result" for displays that redraw on a timer), callbacks, and the recorder.
+- :class:`LiveRecorder` writes raw frames and reconstructions to HDF5 from its own thread,
+  flushing every second, on stop and on error — what was captured is on disk and readable.
+- A camera error (disconnect, time-out) stops the pipeline; :attr:`LivePipeline.error` says why.
+
+Statistics: frames received, reconstructed and dropped, frames/s, and frame-to-result latency
+(from the frame's read-out timestamp to its volume being ready), median and p95.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ccm.acquire.source import Frame, FrameSource, SourceError
+from ccm.reconstruct import Reconstructor
+
+LATENCY_WINDOW = 20000
+"""Latencies kept for the statistics (the most recent ones)."""
+
+
+class FrameRing:
+    """Bounded FIFO of frames; ``push`` never blocks (drops the oldest when full), ``take`` waits."""
+
+    def __init__(self, capacity: int):
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._capacity = capacity
+        self._ready = threading.Condition()
+        self.dropped = 0
+        self.closed = False
+
+    def push(self, frame: Frame) -> None:
+        with self._ready:
+            if len(self._frames) >= self._capacity:
+                self._frames.popleft()
+                self.dropped += 1
+            self._frames.append(frame)
+            self._ready.notify()
+
+    def take(self, max_n: int, timeout_s: float) -> list[Frame]:
+        """Up to ``max_n`` frames, oldest first; waits up to ``timeout_s`` for the first; [] when closed and empty."""
+        with self._ready:
+            if not self._frames and not self.closed:
+                self._ready.wait(timeout_s)
+            n = min(max_n, len(self._frames))
+            return [self._frames.popleft() for _ in range(n)]
+
+    def close(self) -> None:
+        with self._ready:
+            self.closed = True
+            self._ready.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+class LiveRecorder:
+    """Raw frames and reconstructions → one HDF5 file, appended from a writer thread.
+
+    Datasets: ``raw`` (N, H, W) uint16 (a stack ``ccm reconstruct`` reads), ``volumes`` (N, D, h, w)
+    float32, ``frame_index``, ``timestamp_s`` (since the first frame), ``exposure_ms``; attributes:
+    the device description and fingerprint (when known), the bundle, ``frames_written``. Flushed
+    every second and on close, so a crash loses at most the last second.
+    """
+
+    FLUSH_SECONDS = 1.0
+
+    def __init__(self, path: Path, frame_shape: tuple[int, int], volume_shape: tuple[int, ...], attrs: dict):
+        import h5py
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = h5py.File(path, "w")
+        f = self._file
+        self._raw = f.create_dataset("raw", (0, *frame_shape), np.uint16, maxshape=(None, *frame_shape), chunks=(1, *frame_shape))
+        self._volumes = f.create_dataset("volumes", (0, *volume_shape), np.float32, maxshape=(None, *volume_shape),
+                                         chunks=(1, *volume_shape))
+        self._index = f.create_dataset("frame_index", (0,), np.int64, maxshape=(None,), chunks=(1024,))
+        self._time = f.create_dataset("timestamp_s", (0,), np.float64, maxshape=(None,), chunks=(1024,))
+        self._exposure = f.create_dataset("exposure_ms", (0,), np.float32, maxshape=(None,), chunks=(1024,))
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        f.attrs["frames_written"] = 0
+        f.attrs["complete"] = False
+        self._queue: queue.Queue = queue.Queue(maxsize=1024)
+        self._t0: float | None = None
+        self.error: BaseException | None = None
+        self.written = 0
+        self._thread = threading.Thread(target=self._drain, name="ccm-live-recorder", daemon=True)
+        self._thread.start()
+
+    def add(self, frames: list[Frame], volumes: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put((frames, volumes))
+
+    def _drain(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            try:
+                self._write(*item)
+                if time.monotonic() - last_flush > self.FLUSH_SECONDS:
+                    self._flush()
+                    last_flush = time.monotonic()
+            except BaseException as err:
+                self.error = err
+
+    def _write(self, frames: list[Frame], volumes: np.ndarray) -> None:
+        if self._t0 is None:
+            self._t0 = frames[0].timestamp_s
+        n0, n = self.written, len(frames)
+        for dataset in (self._raw, self._volumes, self._index, self._time, self._exposure):
+            dataset.resize(n0 + n, axis=0)
+        self._raw[n0:] = np.stack([f.image for f in frames])
+        self._volumes[n0:] = volumes
+        self._index[n0:] = [f.index for f in frames]
+        self._time[n0:] = [f.timestamp_s - self._t0 for f in frames]
+        self._exposure[n0:] = [f.exposure_ms for f in frames]
+        self.written = n0 + n
+
+    def _flush(self) -> None:
+        self._file.attrs["frames_written"] = self.written
+        self._file.flush()
+
+    def close(self, stop_reason: str = "stopped") -> None:
+        """Write what is queued, record why the recording ended (``stop_reason``) and close the file."""
+        self._queue.put(None)
+        self._thread.join()
+        self._file.attrs["stop_reason"] = stop_reason if self.error is None else f"recorder error: {self.error}"
+        self._file.attrs["complete"] = self.error is None
+        self._flush()
+        self._file.close()
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass
+class LiveStats:
+    """A snapshot of the pipeline's counters."""
+
+    seconds: float
+    received: int
+    reconstructed: int
+    dropped: int
+    waiting: int
+    frames_per_s: float
+    latency_ms_median: float | None
+    latency_ms_p95: float | None
+    recorded: int
+
+    def line(self) -> str:
+        latency = f"latency {self.latency_ms_median:.1f} ms (p95 {self.latency_ms_p95:.1f})" if self.latency_ms_median is not None else ""
+        return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
+                f"waiting {self.waiting}  {latency}  recorded {self.recorded}")
+
+
+class LivePipeline:
+    """Source → ring → Reconstructor → consumers; see the module docstring.
+
+    Parameters
+    ----------
+    source : the camera (:class:`ccm.acquire.source.FrameSource`).
+    reconstructor : the bundle on its backend (batch 1 for the lowest latency; batches form when behind).
+    ring_frames : capacity of the ring (default 256 frames: 2.5 s at 100 frames/s).
+    max_batch : at most this many frames per reconstruction.
+    on_result : called with (frames, volumes (n, D, h, w)) after each reconstruction, on the
+        pipeline's thread — keep it quick (a display should read :meth:`latest` on its own timer).
+    """
+
+    def __init__(self, source: FrameSource, reconstructor: Reconstructor, ring_frames: int = 256, max_batch: int = 16,
+                 on_result: Callable[[list[Frame], np.ndarray], None] | None = None):
+        bundle = reconstructor.bundle
+        if tuple(source.frame_shape) != tuple(bundle.device.sensor.shape):
+            raise SourceError(f"{source.name} gives {source.frame_shape[0]}×{source.frame_shape[1]} frames, but bundle "
+                              f"{bundle.label} expects {tuple(bundle.device.sensor.shape)} from {bundle.device.name}'s sensor")
+        if source.device is not None:
+            bundle.check_device(source.device, source.name)
+        self.source, self.reconstructor, self.max_batch, self.on_result = source, reconstructor, max_batch, on_result
+        self.ring = FrameRing(ring_frames)
+        self.error: BaseException | None = None
+        self.recorder: LiveRecorder | None = None
+        self._latest: tuple[Frame, np.ndarray] | None = None
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._received = self._reconstructed = 0
+        self._recorded_before = 0
+        self._started: float | None = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def start(self) -> "LivePipeline":
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._reconstruct_loop, name="ccm-live-reconstruct", daemon=True)
+        self._thread.start()
+        self.source.start(self._on_frame, self._on_error)
+        return self
+
+    def stop(self) -> LiveStats:
+        """Stop the camera, reconstruct what is waiting, close the recording; returns the final stats."""
+        self.source.stop()
+        self.ring.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.stop_recording("stopped" if self.error is None else f"error: {self.error}")
+        self._stopped.set()
+        return self.stats()
+
+    def wait(self, seconds: float, every_s: float | None = None, report: Callable[[LiveStats], None] | None = None) -> bool:
+        """Run for ``seconds`` (calling ``report`` every ``every_s``); False if the pipeline stopped on an error."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._stopped.wait(min(remaining, every_s or remaining)):
+                return False
+            if report is not None:
+                report(self.stats())
+        return True
+
+    def record(self, path: Path) -> LiveRecorder:
+        """Start recording raw frames and reconstructions to ``path`` (HDF5)."""
+        from ccm.devices import device_to_json, fingerprint
+
+        bundle = self.reconstructor.bundle
+        attrs = {"source": self.source.name, "bundle": bundle.name, "depths_um": list(bundle.depths_um),
+                 "pixel_size_um": bundle.device.target.pixel_size_um, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if self.source.device is not None:
+            attrs.update(device_json=device_to_json(self.source.device), device_fingerprint=fingerprint(self.source.device))
+        recorder = LiveRecorder(path, self.source.frame_shape, self.reconstructor.output_shape, attrs)
+        with self._lock:
+            self.recorder = recorder
+        return recorder
+
+    def stop_recording(self, reason: str = "stopped") -> None:
+        with self._lock:
+            recorder, self.recorder = self.recorder, None
+        if recorder is not None:
+            recorder.close(reason)
+            self._recorded_before += recorder.written
+
+    # --- consumers -------------------------------------------------------------------------------
+
+    def latest(self) -> tuple[Frame, np.ndarray] | None:
+        """The newest (frame, volume (D, h, w)) — cheap; for displays that redraw on a timer."""
+        return self._latest
+
+    def stats(self) -> LiveStats:
+        latencies = np.array(self._latencies) * 1e3 if self._latencies else None
+        seconds = time.monotonic() - self._started if self._started is not None else 0.0
+        recording = self.recorder.written if self.recorder is not None else 0
+        return LiveStats(seconds=seconds, received=self._received, reconstructed=self._reconstructed, dropped=self.ring.dropped,
+                         waiting=len(self.ring), frames_per_s=self._reconstructed / seconds if seconds > 0 else 0.0,
+                         latency_ms_median=float(np.median(latencies)) if latencies is not None else None,
+                         latency_ms_p95=float(np.percentile(latencies, 95)) if latencies is not None else None,
+                         recorded=self._recorded_before + recording)
+
+    # --- threads ---------------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:  # the camera's thread: never blocks
+        self._received += 1
+        self.ring.push(frame)
+
+    def _on_error(self, error: BaseException) -> None:  # the camera's thread
+        self.error = error if isinstance(error, SourceError) else SourceError(f"{self.source.name}: {error}")
+        self.ring.close()
+        threading.Thread(target=self.stop, name="ccm-live-stop", daemon=True).start()
+
+    def _reconstruct_loop(self) -> None:
+        try:
+            while True:
+                frames = self.ring.take(self.max_batch, timeout_s=0.5)
+                if not frames:
+                    if self.ring.closed:
+                        return
+                    continue
+                images = np.stack([f.image for f in frames])
+                volumes = self.reconstructor(images, source=f"{self.source.name} frames {frames[0].index}–{frames[-1].index}")
+                done = time.monotonic()
+                self._latencies.extend(done - f.timestamp_s for f in frames)
+                self._reconstructed += len(frames)
+                self._latest = (frames[-1], volumes[-1])
+                with self._lock:
+                    if self.recorder is not None:
+                        self.recorder.add(frames, volumes)
+                if self.on_result is not None:
+                    self.on_result(frames, volumes)
+        except BaseException as err:  # e.g. frames the bundle refuses: stop everything, keep what was recorded
+            self.error = err
+            self.ring.close()
+            threading.Thread(target=self.stop, name="ccm-live-stop", daemon=True).start()
+
+
+def recording_path(folder: Path) -> Path:
+    """A new file name in ``folder`` for a live recording: live-YYYYmmdd-HHMMSS.h5."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, k = folder / f"live-{stamp}.h5", 1
+    while path.exists():
+        path, k = folder / f"live-{stamp}-{k}.h5", k + 1
+    return path

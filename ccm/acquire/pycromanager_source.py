@@ -1,0 +1,210 @@
+"""Micro-Manager through pycromanager: live frames and acquisitions reconstructed on the fly.
+
+- :class:`PycromanagerSource` — a :class:`ccm.acquire.source.FrameSource` on pycromanager's core
+  API (snake_case: ``start_continuous_sequence_acquisition``, ``pop_next_tagged_image``, …): the
+  running Micro-Manager's Java core (``pycromanager.Core()``, GUI with the ZMQ server on, or
+  headless) or any object with that API.
+- :func:`acquire_reconstructed` — a recorded acquisition through pycromanager's ``Acquisition``
+  with an ``image_process_fn`` that reconstructs each frame as it arrives and saves raw and
+  reconstruction together in the NDTiff dataset (reconstructions as channel ``ccm-z<k>``).
+- :func:`use_pymmcore_plus` — registers a pymmcore-plus core (e.g. ``UniMMCore`` with the
+  simulated Python camera) as pycromanager's active Python-backend core through
+  :class:`SnakeCaseCore`, so all of the above runs with no native Micro-Manager and no Java —
+  which is how the tests exercise it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ccm.acquire.source import Frame, SourceError
+from ccm.reconstruct import Reconstructor
+
+POLL_S = 0.0005
+
+
+def _snake(name: str) -> str:
+    """camelCase → snake_case the way pycromanager names core methods (getXYStageDevice → get_xy_stage_device)."""
+    s1 = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z0-9])([A-Z])", r"\1_\2", s1).lower()
+
+
+class TaggedImage:
+    """pycromanager's image + tags pair: ``pix`` (flat or 2D array), ``tags`` (dict)."""
+
+    def __init__(self, tags: dict, pix: np.ndarray):
+        self.tags, self.pix = tags, pix
+
+
+class SnakeCaseCore:
+    """A pymmcore-plus core seen through pycromanager's (MMCoreJ-style, snake_case) core API.
+
+    ``core.get_camera_device()`` calls ``getCameraDevice()``, and so on; the two tagged-image
+    calls pycromanager's acquisition engine needs, and its ``TaggedImage`` class, are provided explicitly.
+    """
+
+    TaggedImage = TaggedImage
+
+    def __init__(self, core):
+        self._core = core
+        self._names = {_snake(n): n for n in dir(core) if not n.startswith("_")}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._core, self._names.get(name, name))
+
+    def pop_next_tagged_image(self) -> TaggedImage:
+        image, metadata = self._core.popNextImageAndMD()
+        tags = {str(k): v for k, v in dict(metadata).items()}
+        tags.setdefault("Camera", self._core.getCameraDevice())
+        tags.update(Height=image.shape[0], Width=image.shape[1])
+        return TaggedImage(tags, image)
+
+    def get_tagged_image(self, cam_index, camera, height, width, binning=None, pixel_type=None, roi_x_start=None,
+                         roi_y_start=None) -> TaggedImage:
+        return TaggedImage({"Camera": camera, "Height": height, "Width": width, "PixelType": pixel_type,
+                            "CameraChannelIndex": cam_index}, self._core.getImage())
+
+
+def use_pymmcore_plus(core) -> SnakeCaseCore:
+    """Make ``core`` (pymmcore-plus) pycromanager's active Python-backend core; returns the proxy."""
+    from mmpycorex.launcher import _PYMMCORES
+    from pycromanager.acquisition.acq_eng_py.internal.engine import Engine
+
+    proxy = SnakeCaseCore(core)
+    _PYMMCORES.clear()
+    _PYMMCORES.append(proxy)
+    if hasattr(Engine, "singleton"):
+        Engine.singleton.core = proxy
+    else:
+        Engine(proxy)
+    return proxy
+
+
+def release_pymmcore_plus() -> None:
+    """Undo :func:`use_pymmcore_plus` (pycromanager falls back to the Java core)."""
+    from mmpycorex.launcher import _PYMMCORES
+
+    _PYMMCORES.clear()
+
+
+class PycromanagerSource:
+    """Live frames from a pycromanager core (see the module docstring); ``core`` defaults to
+    ``pycromanager.Core(port=port)``, the running Micro-Manager."""
+
+    def __init__(self, core=None, port: int = 4827, device=None, timeout_s: float = 2.0):
+        if core is None:
+            try:
+                from pycromanager import Core
+
+                core = Core(port=port)
+            except Exception as err:
+                raise SourceError(f"no Micro-Manager reachable on port {port} (is it running with the ZMQ server on, "
+                                  f"Tools > Options > Run server on port {port}?): {err}") from err
+        self.core = core
+        camera = core.get_camera_device()
+        self.name = f"pycromanager camera {camera!r}"
+        self.device = device
+        self.frame_shape = (int(core.get_image_height()), int(core.get_image_width()))
+        self.exposure_ms = float(core.get_exposure())
+        self.timeout_s = max(timeout_s, 5 * self.exposure_ms / 1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _image(self, tagged) -> np.ndarray:
+        return np.asarray(tagged.pix).reshape(self.frame_shape)
+
+    def snap(self) -> Frame:
+        self.core.snap_image()
+        return Frame(self._image(self.core.get_tagged_image(0, self.core.get_camera_device(), *self.frame_shape)), 0,
+                     time.monotonic(), self.exposure_ms, {"source": self.name})
+
+    def start(self, on_frame: Callable[[Frame], None], on_error: Callable[[BaseException], None]) -> None:
+        self._stop.clear()
+        self.core.start_continuous_sequence_acquisition(0)
+        self._thread = threading.Thread(target=self._run, args=(on_frame, on_error), name="ccm-pycromanager", daemon=True)
+        self._thread.start()
+
+    def _run(self, on_frame, on_error) -> None:
+        core, index, last = self.core, 0, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if core.get_remaining_image_count() > 0:
+                    tagged = core.pop_next_tagged_image()
+                    now = time.monotonic()
+                    on_frame(Frame(self._image(tagged), index, now, self.exposure_ms, {"source": self.name}))
+                    index, last = index + 1, now
+                    continue
+                now = time.monotonic()
+                if not core.is_sequence_running() and core.get_remaining_image_count() == 0:
+                    raise SourceError(f"{self.name}: the sequence acquisition stopped after {index} frames")
+                if now - last > self.timeout_s:
+                    raise SourceError(f"{self.name}: no frame for {now - last:.1f} s after {index} frames (camera disconnected?)")
+                self._stop.wait(POLL_S)
+        except BaseException as err:
+            on_error(err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if self.core.is_sequence_running():
+                self.core.stop_sequence_acquisition()
+        except Exception:  # noqa: BLE001  (a vanished camera cannot be stopped)
+            pass
+
+
+def reconstructing_process_fn(reconstructor: Reconstructor, store: Callable[[dict, np.ndarray, dict], None] | None = None) -> Callable:
+    """An ``image_process_fn`` for pycromanager's ``Acquisition``: the raw frame is kept (channel
+    ``raw``) and each reconstructed depth plane is added as channel ``ccm-z<k>`` (float32 in [0, 1]
+    scaled to uint16, so NDTiff stores it with the raw frames). pycromanager's Java backend takes a
+    list of images from the function; its Python backend takes one, so there the planes go through
+    ``store(axes, image, metadata)`` (the acquisition's own dataset) and the raw frame is returned."""
+
+    def process(image: np.ndarray, metadata: dict):
+        volume = reconstructor(np.asarray(image)[None], source="pycromanager frame")[0]
+        axes = {**dict(metadata.get("Axes", {})), "channel": "raw"}
+        raw = (image, {**metadata, "Axes": axes})
+        planes = []
+        for k, plane in enumerate(volume):
+            plane_axes = {**axes, "channel": f"ccm-z{k}"}
+            md = {**metadata, "Axes": plane_axes, "ccm_depth_um": float(reconstructor.bundle.depths_um[k])}
+            planes.append((np.rint(np.clip(plane, 0, 1) * 65535).astype(np.uint16), md))
+        if store is None:
+            return [raw, *planes]
+        for plane, md in planes:
+            store(md["Axes"], plane, md)
+        return raw
+
+    return process
+
+
+def acquire_reconstructed(events: list[dict], reconstructor: Reconstructor, directory: str | None = None,
+                          name: str = "ccm-acquisition"):
+    """Run pycromanager acquisition ``events`` (e.g. ``pycromanager.multi_d_acquisition_events(num_time_points=100)``),
+    reconstructing each frame on the fly; raw frames (channel ``raw``) and reconstructions (channels
+    ``ccm-z<k>``) are saved together (NDTiff in ``directory``, or in memory). Returns the dataset
+    (``ndtiff`` API: ``read_image(time=…, channel=…)``)."""
+    from mmpycorex import is_pymmcore_active
+    from pycromanager import Acquisition
+
+    store_box: list = []
+
+    def store(axes, image, metadata):
+        store_box[0].put_image(axes, image, metadata)
+
+    python_backend = is_pymmcore_active()
+    process = reconstructing_process_fn(reconstructor, store if python_backend else None)
+    with Acquisition(directory=directory, name=name, image_process_fn=process) as acq:
+        if python_backend:
+            store_box.append(acq._dataset)  # the backend's own NDTiff/NDRAM dataset (no public accessor)
+        acq.acquire(events)
+    return acq.get_dataset()
