@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ccm import __version__
 
 
@@ -243,6 +245,64 @@ def _cmd_live(args: argparse.Namespace) -> None:
                       f"live stopped: {pipeline.error}")
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from ccm.acquire import calibrate as cal
+    from ccm.devices import load_device
+
+    device = load_device(args.device)
+    if args.method == "display":
+        if args.source == "sim":
+            display = cal.SimulatedDisplay(device.target.shape) if args.display == "sim" else _qt_display(args)
+            if args.display != "sim":
+                raise ValueError("--source sim sees only a simulated display; use --display sim")
+            source = cal.DisplayCamera(device, display, exposure_ms=args.exposure_ms or 10.0, seed=args.seed)
+            cleanup = display.close
+        else:
+            from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+
+            if args.display == "sim":
+                raise ValueError("a real camera needs a real display: --display qt (full screen on --screen)")
+            core = load_core(args.config)
+            if args.exposure_ms is not None:
+                core.setExposure(args.exposure_ms)
+            source, display = MMCoreSource(core, device=device), _qt_display(args)
+            cleanup = lambda: (display.close(), release_core(core))  # noqa: E731
+        try:
+            out = cal.capture_display_targets(source, display, device, args.output, args.n, kinds=args.targets, seed=args.seed,
+                                              frames_per_target=args.frames_per_target, dark_frames=args.dark_frames,
+                                              settle_s=args.settle_s, progress=not args.no_progress)
+        finally:
+            cleanup()
+    else:
+        if args.source != "sim":
+            raise ValueError("reference-camera capture from the command line is simulated (--source sim); with two real "
+                             "cameras use ccm.acquire.calibrate.register_reference and capture_reference_camera with two FrameSources")
+        import cv2
+
+        display = cal.SimulatedDisplay(device.target.shape)
+        source = cal.DisplayCamera(device, display, seed=args.seed)
+        h, w = device.target.shape
+        true = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.4)
+        true[:, 2] += (15.0, 11.0)
+        sample = cal.SimulatedSample(device, args.targets, seed=args.seed)
+        reference = cal.SimulatedReferenceCamera(sample, true, (int(h * 1.6), int(w * 1.7)), seed=args.seed)
+        pattern = cal.display_targets(device, ["neurons"], args.seed + 1)(0)
+        sample.volume = pattern
+        registration = cal.register_reference(reference.snap().image, pattern[0], device)
+        print(f"reference camera registered: ECC correlation {registration.ecc:.3f}", file=sys.stderr)
+        sample.volume = np.zeros_like(pattern)
+        out = cal.capture_reference_camera(source, reference, lambda i: display.show(sample.next(i)[0]), registration, device,
+                                           args.output, args.n, frames_per_target=args.frames_per_target,
+                                           dark_frames=args.dark_frames, progress=not args.no_progress)
+    print(f"wrote {out}")
+
+
+def _qt_display(args: argparse.Namespace):
+    from ccm.acquire.qt_display import QtDisplay
+
+    return QtDisplay(screen=args.screen)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from ccm.bundle import load_bundle
     from ccm.export import export_onnx
@@ -261,7 +321,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    suites = args.suites or ["simulation", "inference", "batch"]
+    suites = args.suites or ["simulation", "inference", "batch", "live"]
     if "simulation" in suites:
         from ccm.benchmark import run_benchmarks
 
@@ -270,8 +330,13 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         from ccm import inference_benchmark
 
         path = inference_benchmark.run(args.output if "simulation" not in suites else None, bundles=tuple(args.bundles),
-                                       suites=tuple(s for s in suites if s != "simulation"), repeats=args.repeats, quick=args.quick)
+                                       suites=tuple(s for s in suites if s in ("inference", "batch")), repeats=args.repeats,
+                                       quick=args.quick)
         print(f"wrote {path}")
+    if "live" in suites:
+        from ccm import inference_benchmark
+
+        print(f"wrote {inference_benchmark.run_live(seconds=10 if args.quick else 60)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,6 +471,27 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(p, backend="onnx")
     p.set_defaults(func=_cmd_live)
 
+    p = sub.add_parser("calibrate", help="capture a calibration stack from a live device (display targets or a reference camera)",
+                       description="Build a calibration stack (raw frame, known target) from a live device: known images "
+                                   "shown on a display (--method display) or a registered reference camera (--method reference). "
+                                   "Dark frames first, N frames averaged per target; re-running the same command resumes.")
+    p.add_argument("--method", choices=["display", "reference"], default="display")
+    p.add_argument("--source", choices=["sim", "mmcore"], default="sim", help="the device's camera (default: sim)")
+    p.add_argument("--display", choices=["sim", "qt"], default="sim", help="where targets are shown (default: sim)")
+    p.add_argument("--screen", type=int, default=1, help="qt: the screen (monitor/SLM) to fill (default: 1)")
+    p.add_argument("--config", type=Path, help="mmcore: Micro-Manager .cfg")
+    _device_arg(p, default="window-see-through")
+    p.add_argument("--targets", nargs="+", default=["digits"], metavar="CLASS", help="target classes: digits, neurons, beads")
+    p.add_argument("--n", type=int, default=500, help="pairs (default: 500)")
+    p.add_argument("--frames-per-target", type=int, default=1, help="frames averaged per target (default: 1)")
+    p.add_argument("--dark-frames", type=int, default=16, help="frames averaged for the dark frame (default: 16)")
+    p.add_argument("--exposure-ms", type=float, help="exposure (default: the camera's)")
+    p.add_argument("--settle-s", type=float, default=0.0, help="wait after showing a target (a display's response time)")
+    p.add_argument("--seed", type=int, default=0, help="which targets (default: 0)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="calibration stack to write (.h5)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
+
     p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch")
     p.add_argument("bundle", help="bundle (.safetensors) or the name of a shipped one")
     p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
@@ -421,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmarks, written as JSON with the machine, the versions and the run count. Suites: "
                                    "simulation (ccm simulate throughput and memory), inference (per bundle and backend: "
                                    "batch-1 latency, throughput, peak RSS, SSIM — with the reference architecture in the same "
-                                   "run), batch (ccm reconstruct of 2,000- and 20,000-frame TIFFs vs model-only throughput).")
-    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", []], metavar="SUITE",
-                   help="simulation, inference, batch (default: all three)")
+                                   "run), batch (ccm reconstruct of 2,000- and 20,000-frame TIFFs vs model-only throughput), live (ccm live "
+                                   "at 100 frames/s for 60 s, simulated camera directly and through pymmcore-plus).")
+    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", []], metavar="SUITE",
+                   help="simulation, inference, batch, live (default: all four)")
     p.add_argument("--bundles", nargs="+", default=["cannula-220um-2d", "cannula-220um-3d"],
                    help="bundles for the inference suite; the first also runs the batch suite (default: the shipped 2D and 3D)")
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<suite>-<machine>.json)")

@@ -271,6 +271,28 @@ def _log_inference(result: dict, log) -> None:
         f"RSS {result['peak_rss_mb']:.0f} MB" + (f", SSIM {quality['ssim']:.3f} PSNR {quality['psnr']:.2f}" if quality else ""))
 
 
+def run_live(output: Path | None = None, bundle: str = "cannula-220um-2d", seconds: float = 60.0, fps: float = 100.0,
+             log=print) -> Path:
+    """``ccm live`` for ``seconds`` at ``fps`` with recording, directly on the simulated camera and
+    through pymmcore-plus (the simulated camera as a Python Micro-Manager device); writes JSON."""
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(), "versions": _versions(),
+              "runs": 1, "bundle": bundle, "seconds": seconds, "fps": fps, "live": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in ("sim", "mmcore"):
+            command = [sys.executable, "-m", "ccm.cli", "live", "--source", source, "--bundle", bundle, "--seconds", str(seconds),
+                       "--record", tmp, "--json"] + (["--fps", str(fps)] if source == "sim" else ["--exposure-ms", str(1000 / fps)])
+            result = subprocess.run(command, capture_output=True, text=True)
+            entry = json.loads(result.stdout) if result.returncode == 0 else {"source": source, "error": result.stderr.strip()[-500:]}
+            entry["command"] = "ccm " + " ".join(command[3:])
+            report["live"].append(entry)
+            log(f"live {source}: {entry.get('frames_per_s', 0):.1f} frames/s, dropped {entry.get('dropped')}, latency median "
+                f"{entry.get('latency_ms_median') or 0:.1f} ms (p95 {entry.get('latency_ms_p95') or 0:.1f}) {entry.get('error', '')}")
+    output = output or Path("benchmarks/results") / f"live-{platform.machine()}-{report['machine']['cores']}cpu.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    return output
+
+
 if __name__ == "__main__":
     kind, case = sys.argv[1], json.loads(sys.argv[2])
     print(json.dumps(run_inference_case(case) if kind == "inference" else run_batch_case(case)))

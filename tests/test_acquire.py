@@ -203,3 +203,102 @@ def test_pycromanager_acquisition_reconstructs_on_the_fly(mm_core, tiny_bundle, 
         assert pipeline.stop().dropped == 0
     finally:
         release_pymmcore_plus()
+
+
+# --- calibration capture -------------------------------------------------------------------------
+
+def test_display_calibration_capture_trains_a_bundle_that_reconstructs(tmp_path, monkeypatch):
+    import copy
+
+    import yaml
+    from conftest import shipped_dict
+
+    from ccm.acquire.calibrate import DisplayCamera, SimulatedDisplay, capture_display_targets
+    from ccm.bundle import load_bundle
+    from ccm.devices import device_from_dict
+    from ccm.stack import CalibrationStack
+
+    data = copy.deepcopy(shipped_dict("window-see-through"))  # small, with a target grid the SSIM window fits
+    data["sensor"].update(shape=[12, 16], pixel_size_um=240)
+    data["target"].update(shape=[16, 16], pixel_size_um=6000)
+    data["imperfection"].update(scattering_sites=150)
+    tiny_window = device_from_dict(data, source="small window")
+
+    display = SimulatedDisplay(tiny_window.target.shape)
+    camera = DisplayCamera(tiny_window, display)
+    out = tmp_path / "captured.h5"
+    calls = {"n": 0}
+    snap = camera.snap
+
+    def interrupted_snap():  # the capture is interrupted once, then resumed by re-running it
+        calls["n"] += 1
+        if calls["n"] == 8 + 2 * 30:  # after the dark frames and 30 targets
+            raise KeyboardInterrupt
+        return snap()
+
+    monkeypatch.setattr(camera, "snap", interrupted_snap)
+    with pytest.raises(KeyboardInterrupt):
+        capture_display_targets(camera, display, tiny_window, out, 120, kinds=["digits", "beads"], frames_per_target=2,
+                                dark_frames=8, progress=False)
+    assert not out.exists()
+    capture_display_targets(camera, display, tiny_window, out, 120, kinds=["digits", "beads"], frames_per_target=2,
+                            dark_frames=8, progress=False)
+    with CalibrationStack(out) as stack:
+        assert len(stack) == 120 and stack.provenance["method"] == "display targets"
+        assert stack.raw.shape == (120, 12, 16) and stack.target.shape == (120, 1, 16, 16)
+        assert np.abs(stack.dark[...]).max() > 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "captured", "model": {"kind": "linear"}}))
+    bundle_path = tmp_path / "captured.safetensors"
+    assert main(["train", "--data", str(out), "--recipe", str(recipe), "-o", str(bundle_path), "--no-progress"]) == 0
+    bundle = load_bundle(bundle_path)
+    with CalibrationStack(out) as stack:
+        raw, target = stack.raw[-20:], stack.target[-20:]
+    volumes = Reconstructor(bundle)(raw)
+    assert np.mean((volumes - target) ** 2) < 0.7 * np.mean((target - target.mean()) ** 2)
+
+
+def test_reference_camera_registration_and_capture(tiny_cannula, tmp_path):
+    import cv2
+
+    from ccm.acquire.calibrate import (DisplayCamera, Registration, SimulatedDisplay, SimulatedReferenceCamera, SimulatedSample,
+                                       capture_reference_camera, display_targets, register_reference)
+    from ccm.stack import CalibrationStack
+
+    from ccm.devices import load_device
+
+    def reference_setup(device, shape):
+        h, w = device.target.shape
+        true = cv2.getRotationMatrix2D((w / 2, h / 2), 4.0, 1.3)  # target grid → reference pixels: rotated, scaled ...
+        true[:, 2] += (23.0, 17.0)  # ... and off centre
+        sample = SimulatedSample(device, ["beads"], seed=5)
+        return true, sample, SimulatedReferenceCamera(sample, true, shape)
+
+    standard = load_device("cannula-220um")  # 128×128 target grid (geometry only: nothing is ray-traced here)
+    true, sample, reference = reference_setup(standard, (200, 220))
+    pattern = display_targets(standard, ["neurons"], 99)(0)
+    sample.volume = pattern
+    registration = register_reference(reference.snap().image, pattern[0], standard)
+    assert registration.ecc > 0.8
+    composed = registration.matrix @ np.vstack([true, [0, 0, 1]])  # ≈ identity: grid → reference → grid
+    np.testing.assert_allclose(composed[:, :2], np.eye(2), atol=0.02)  # scale and rotation
+    np.testing.assert_allclose(composed[:, 2], 0, atol=1.0)  # offset within a target pixel
+    with pytest.raises(SourceError, match="too poor|could not be registered"):
+        register_reference(np.random.default_rng(0).poisson(50, (200, 220)).astype(np.uint16), pattern[0], standard)
+
+    # capture on the tiny cannula (fast to simulate; its 24×24 grid is too coarse for ECC, so the
+    # registration is the known one — registering was checked above)
+    h, w = tiny_cannula.target.shape
+    true, sample, reference = reference_setup(tiny_cannula, (40, 44))
+    registration = Registration(cv2.invertAffineTransform(true).astype(np.float32), 1.0, (0.0, 0.0, 0.0))
+    display = SimulatedDisplay((h, w))
+    camera = DisplayCamera(tiny_cannula, display)
+    out = capture_reference_camera(camera, reference, lambda i: display.show(sample.next(i)[0]), registration,
+                                   tiny_cannula, tmp_path / "ref.h5", 12, dark_frames=4, progress=False)
+    with CalibrationStack(out) as stack:
+        assert len(stack) == 12 and stack.provenance["registration"]["ecc"] == pytest.approx(registration.ecc)
+        truth = np.stack([display_targets(tiny_cannula, ["beads"], 5)(i) for i in range(12)])
+        target = stack.target[...]
+    inside = truth.max(axis=(0, 1)) > 0
+    corr = np.corrcoef(target[:, 0][:, inside].ravel(), truth[:, 0][:, inside].ravel())[0, 1]
+    assert corr > 0.8

@@ -8,11 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from ccm.devices import device_from_dict, fingerprint
+from ccm.devices import fingerprint
 from ccm.simulate import simulate_stack
 from ccm.stack import CalibrationStack, StackError, StackWriter, partial_path, summarize
 
-from conftest import tiny_cannula_dict
 
 
 @pytest.fixture
