@@ -202,6 +202,9 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     started = time.perf_counter()
     recording = open_recording(source, series)
     spec, frame_indices = output_spec(recording, selection or Selection(), bundle, Path(output), dtype)
+    if spec.format == "hdf5" and (num_nodes > 1 or devices not in (1, "1")):
+        raise OutputError(f"{spec.path}: several processes cannot write one HDF5 file; write OME-TIFF (.ome.tif) with "
+                          "--devices/--num-nodes, or HDF5 from one process")
     check_recording(recording, bundle, frame_indices)
     done = prepare(spec, restart=restart, overwrite=overwrite)
     todo = np.flatnonzero(~done)

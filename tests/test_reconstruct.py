@@ -267,6 +267,8 @@ def test_ome_output_refuses_axes_it_cannot_hold(tiny, tmp_path):
         f.create_dataset("frames", data=raw[:8].reshape(2, 4, 48, 48)).attrs["axes"] = "PT"
     with pytest.raises(OutputError, match="P=0"):
         reconstruct_recording(tmp_path / "p.h5", bundle, tmp_path / "o.ome.tif", num_workers=0, progress=False)
+    with pytest.raises(OutputError, match="several processes"):
+        reconstruct_recording(tmp_path / "p.h5", bundle, tmp_path / "o.h5", devices=2, num_workers=0, progress=False)
     summary = reconstruct_recording(tmp_path / "p.h5", bundle, tmp_path / "o.ome.tif", selection=Selection.parse(["P=1"]),
                                     num_workers=0, progress=False)
     assert summary["axes"] == "TZYX" and summary["frames"] == 4
