@@ -302,3 +302,22 @@ def test_reference_camera_registration_and_capture(tiny_cannula, tmp_path):
     inside = truth.max(axis=(0, 1)) > 0
     corr = np.corrcoef(target[:, 0][:, inside].ravel(), truth[:, 0][:, inside].ravel())[0, 1]
     assert corr > 0.8
+
+
+def test_qt_display_shows_targets_full_screen(monkeypatch):
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    pytest.importorskip("qtpy")
+    from ccm.acquire.qt_display import QtDisplay
+
+    display = QtDisplay(screen=0)
+    try:
+        target = np.zeros((8, 8), np.float32)
+        target[2:6, 3:5] = 1.0  # a 4 × 2 bar: 1/8 of the square image
+        display.show(target)
+        shown = display.grab()
+        square = shown[:, (shown.shape[1] - shown.shape[0]) // 2:][:, :shown.shape[0]]
+        assert abs((square > 128).mean() - 1 / 8) < 0.01
+        rows, cols = np.nonzero(square > 128)
+        assert rows.min() / square.shape[0] == pytest.approx(2 / 8, abs=0.01) and cols.min() / square.shape[1] == pytest.approx(3 / 8, abs=0.01)
+    finally:
+        display.close()
