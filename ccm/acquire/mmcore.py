@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ccm.acquire.source import Frame, SourceError
 from ccm.devices import CannulaDevice, WindowDevice
 
@@ -56,8 +58,72 @@ def release_core(core) -> None:
         pass
 
 
-class MMCoreSource:
-    """A Micro-Manager camera as a :class:`ccm.acquire.source.FrameSource`.
+class CircularBufferSource:
+    """A camera read from a Micro-Manager core's circular buffer during a continuous sequence
+    acquisition: the polling thread, start and stop, and the disconnect and time-out checks.
+    Subclasses say how to talk to their core (pymmcore-plus, pycromanager) in five small methods
+    and set ``name``, ``frame_shape``, ``exposure_ms``, ``device``."""
+
+    name: str
+    frame_shape: tuple[int, int]
+    exposure_ms: float
+    timeout_s: float
+
+    def _start_sequence(self) -> None: ...
+
+    def _stop_sequence(self) -> None: ...
+
+    def _remaining(self) -> int: ...
+
+    def _running(self) -> bool: ...
+
+    def _pop(self) -> tuple[np.ndarray, dict]: ...
+
+    def start(self, on_frame: Callable[[Frame], None], on_error: Callable[[BaseException], None]) -> None:
+        if getattr(self, "_thread", None) is not None:
+            raise SourceError(f"{self.name}: already started")
+        self._stop = threading.Event()
+        try:
+            self._start_sequence()
+        except Exception as err:
+            raise SourceError(f"{self.name}: could not start a sequence acquisition: {err}") from err
+        self._thread = threading.Thread(target=self._run, args=(on_frame, on_error), name="ccm-mm-camera", daemon=True)
+        self._thread.start()
+
+    def _run(self, on_frame, on_error) -> None:
+        index, last = 0, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if self._remaining() > 0:
+                    image, metadata = self._pop()
+                    now = time.monotonic()
+                    on_frame(Frame(image, index, now, self.exposure_ms, {"source": self.name, "mm": metadata}))
+                    index, last = index + 1, now
+                    continue
+                now = time.monotonic()
+                if not self._running() and self._remaining() == 0:
+                    raise SourceError(f"{self.name}: the sequence acquisition stopped after {index} frames (camera error "
+                                      "or disconnected)")
+                if now - last > self.timeout_s:
+                    raise SourceError(f"{self.name}: no frame for {now - last:.1f} s after {index} frames (camera disconnected?)")
+                self._stop.wait(POLL_S)
+        except BaseException as err:
+            on_error(err)
+
+    def stop(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        try:
+            if self._running():
+                self._stop_sequence()
+        except Exception:  # noqa: BLE001  (a vanished camera cannot be stopped; nothing left to do)
+            pass
+
+
+class MMCoreSource(CircularBufferSource):
+    """A Micro-Manager camera through pymmcore-plus, as a :class:`ccm.acquire.source.FrameSource`.
 
     device : the ccm device the frames come from, when known (bundles check its fingerprint); for
         the simulated Python camera it is read from its ``CCMDevice`` property.
@@ -77,8 +143,6 @@ class MMCoreSource:
         self.frame_shape = (core.getImageHeight(), core.getImageWidth())
         self.exposure_ms = core.getExposure()
         self.timeout_s = max(timeout_s, 5 * self.exposure_ms / 1000)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def snap(self) -> Frame:
         try:
@@ -87,45 +151,18 @@ class MMCoreSource:
         except Exception as err:
             raise SourceError(f"{self.name}: snap failed: {err}") from err
 
-    def start(self, on_frame: Callable[[Frame], None], on_error: Callable[[BaseException], None]) -> None:
-        if self._thread is not None:
-            raise SourceError(f"{self.name}: already started")
-        self._stop.clear()
-        try:
-            self.core.startContinuousSequenceAcquisition(0)
-        except Exception as err:
-            raise SourceError(f"{self.name}: could not start a sequence acquisition: {err}") from err
-        self._thread = threading.Thread(target=self._run, args=(on_frame, on_error), name="ccm-mm-camera", daemon=True)
-        self._thread.start()
+    def _start_sequence(self) -> None:
+        self.core.startContinuousSequenceAcquisition(0)
 
-    def _run(self, on_frame, on_error) -> None:
-        core, index, last = self.core, 0, time.monotonic()
-        exposure = core.getExposure()
-        try:
-            while not self._stop.is_set():
-                if core.getRemainingImageCount() > 0:
-                    image, metadata = core.popNextImageAndMD()
-                    now = time.monotonic()
-                    on_frame(Frame(image, index, now, exposure, {"source": self.name, "mm": dict(metadata)}))
-                    index, last = index + 1, now
-                    continue
-                now = time.monotonic()
-                if not core.isSequenceRunning() and core.getRemainingImageCount() == 0:
-                    raise SourceError(f"{self.name}: the sequence acquisition stopped after {index} frames (camera error "
-                                      "or disconnected)")
-                if now - last > self.timeout_s:
-                    raise SourceError(f"{self.name}: no frame for {now - last:.1f} s after {index} frames (camera disconnected?)")
-                self._stop.wait(POLL_S)
-        except BaseException as err:
-            on_error(err)
+    def _stop_sequence(self) -> None:
+        self.core.stopSequenceAcquisition()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        try:
-            if self.core.isSequenceRunning():
-                self.core.stopSequenceAcquisition()
-        except Exception:  # noqa: BLE001  (a vanished camera cannot be stopped; nothing left to do)
-            pass
+    def _remaining(self) -> int:
+        return self.core.getRemainingImageCount()
+
+    def _running(self) -> bool:
+        return self.core.isSequenceRunning()
+
+    def _pop(self) -> tuple[np.ndarray, dict]:
+        image, metadata = self.core.popNextImageAndMD()
+        return image, dict(metadata)

@@ -16,16 +16,14 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from ccm.acquire.mmcore import CircularBufferSource
 from ccm.acquire.source import Frame, SourceError
 from ccm.reconstruct import Reconstructor
-
-POLL_S = 0.0005
 
 
 def _snake(name: str) -> str:
@@ -94,7 +92,7 @@ def release_pymmcore_plus() -> None:
     _PYMMCORES.clear()
 
 
-class PycromanagerSource:
+class PycromanagerSource(CircularBufferSource):
     """Live frames from a pycromanager core (see the module docstring); ``core`` defaults to
     ``pycromanager.Core(port=port)``, the running Micro-Manager."""
 
@@ -108,58 +106,32 @@ class PycromanagerSource:
                 raise SourceError(f"no Micro-Manager reachable on port {port} (is it running with the ZMQ server on, "
                                   f"Tools > Options > Run server on port {port}?): {err}") from err
         self.core = core
-        camera = core.get_camera_device()
-        self.name = f"pycromanager camera {camera!r}"
+        self.name = f"pycromanager camera {core.get_camera_device()!r}"
         self.device = device
         self.frame_shape = (int(core.get_image_height()), int(core.get_image_width()))
         self.exposure_ms = float(core.get_exposure())
         self.timeout_s = max(timeout_s, 5 * self.exposure_ms / 1000)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _image(self, tagged) -> np.ndarray:
-        return np.asarray(tagged.pix).reshape(self.frame_shape)
 
     def snap(self) -> Frame:
         self.core.snap_image()
-        return Frame(self._image(self.core.get_tagged_image(0, self.core.get_camera_device(), *self.frame_shape)), 0,
-                     time.monotonic(), self.exposure_ms, {"source": self.name})
+        tagged = self.core.get_tagged_image(0, self.core.get_camera_device(), *self.frame_shape)
+        return Frame(np.asarray(tagged.pix).reshape(self.frame_shape), 0, time.monotonic(), self.exposure_ms, {"source": self.name})
 
-    def start(self, on_frame: Callable[[Frame], None], on_error: Callable[[BaseException], None]) -> None:
-        self._stop.clear()
+    def _start_sequence(self) -> None:
         self.core.start_continuous_sequence_acquisition(0)
-        self._thread = threading.Thread(target=self._run, args=(on_frame, on_error), name="ccm-pycromanager", daemon=True)
-        self._thread.start()
 
-    def _run(self, on_frame, on_error) -> None:
-        core, index, last = self.core, 0, time.monotonic()
-        try:
-            while not self._stop.is_set():
-                if core.get_remaining_image_count() > 0:
-                    tagged = core.pop_next_tagged_image()
-                    now = time.monotonic()
-                    on_frame(Frame(self._image(tagged), index, now, self.exposure_ms, {"source": self.name}))
-                    index, last = index + 1, now
-                    continue
-                now = time.monotonic()
-                if not core.is_sequence_running() and core.get_remaining_image_count() == 0:
-                    raise SourceError(f"{self.name}: the sequence acquisition stopped after {index} frames")
-                if now - last > self.timeout_s:
-                    raise SourceError(f"{self.name}: no frame for {now - last:.1f} s after {index} frames (camera disconnected?)")
-                self._stop.wait(POLL_S)
-        except BaseException as err:
-            on_error(err)
+    def _stop_sequence(self) -> None:
+        self.core.stop_sequence_acquisition()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        try:
-            if self.core.is_sequence_running():
-                self.core.stop_sequence_acquisition()
-        except Exception:  # noqa: BLE001  (a vanished camera cannot be stopped)
-            pass
+    def _remaining(self) -> int:
+        return self.core.get_remaining_image_count()
+
+    def _running(self) -> bool:
+        return self.core.is_sequence_running()
+
+    def _pop(self) -> tuple[np.ndarray, dict]:
+        tagged = self.core.pop_next_tagged_image()
+        return np.asarray(tagged.pix).reshape(self.frame_shape), dict(tagged.tags)
 
 
 def reconstructing_process_fn(reconstructor: Reconstructor, store: Callable[[dict, np.ndarray, dict], None] | None = None) -> Callable:
