@@ -76,6 +76,15 @@ def test_export_cli_reports_the_error_against_torch(tiny, tmp_path, capsys):
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
+def test_int8_that_changes_the_output_too_much_is_refused(tiny, tmp_path, monkeypatch):
+    import ccm.export
+
+    monkeypatch.setattr(ccm.export, "INT8_MAX_MEAN_ERROR", 0.0)  # any quantisation error is too much
+    with pytest.raises(ccm.export.QuantisationError, match="use fp32"):
+        ccm.export.export_onnx(tiny[0], tmp_path / "m.onnx", "int8")
+    assert not list(tmp_path.iterdir())
+
+
 # --- input formats -------------------------------------------------------------------------------
 
 def _write_inputs(raw: np.ndarray, folder) -> dict:
