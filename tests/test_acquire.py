@@ -195,6 +195,17 @@ def test_pycromanager_acquisition_reconstructs_on_the_fly(mm_core, tiny_bundle, 
         assert raw.shape == (48, 48) and recon.shape == (24, 24)
         expected = Reconstructor(bundle)(raw[None])[0, 0]
         assert np.abs(recon / 65535 - expected).max() < 1e-3
+        # a plain pycromanager acquisition saved as NDTiff, then reconstructed by `ccm reconstruct`
+        from pycromanager import Acquisition
+
+        with Acquisition(directory=str(tmp_path), name="plain") as acq:
+            acq.acquire(multi_d_acquisition_events(num_time_points=5))
+        saved = acq.get_dataset().path
+        assert main(["reconstruct", saved, "--bundle", str(bundle.path), "-o", str(tmp_path / "plain.ome.tif"), "--workers", "0",
+                     "--no-progress"]) == 0
+        import tifffile
+
+        assert tifffile.imread(tmp_path / "plain.ome.tif").shape == (5, 24, 24)
         # live through pycromanager's core API
         until = _Until(20)
         pipeline = LivePipeline(PycromanagerSource(proxy, device=bundle.device), Reconstructor(bundle), on_result=until)
