@@ -157,6 +157,14 @@ class WriterCallback(BasePredictionWriter):
         self.writer.close()  # what was written is made durable and recorded: a re-run resumes
 
 
+def _quiet_lightning() -> None:
+    """Lightning's start-up banner (GPU/TPU availability, tips) says nothing to someone reconstructing a file."""
+    import logging
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def check_recording(recording: Recording, bundle: Bundle, frame_indices: np.ndarray) -> None:
     """Refuse a recording that does not fit ``bundle`` before anything is written."""
     expected = tuple(bundle.device.sensor.shape)
@@ -217,11 +225,13 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
                                            num_workers=num_workers, persistent_workers=False,
                                            prefetch_factor=4 if num_workers else None)
         writer = WriterCallback(spec, spec.n, int(done.sum()), progress)
+        _quiet_lightning()
         trainer = pl.Trainer(accelerator="gpu" if options.device_type == "cuda" else "cpu", devices=devices, num_nodes=num_nodes,
                              strategy=strategy, callbacks=[writer], logger=False, enable_progress_bar=False,
                              enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
         with warnings.catch_warnings():  # chunks are formed by the dataset, not by a batch sampler: nothing to infer
             warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a deprecation inside Lightning itself
             try:
                 trainer.predict(PredictModule(bundle, options, batch_size), data, return_predictions=False)
             except SystemExit:  # Lightning turns Ctrl-C into SystemExit after its callbacks ran

@@ -524,13 +524,15 @@ def main(argv: list[str] | None = None) -> int:
     from ccm.bundle import BundleError
     from ccm.devices import DeviceError
     from ccm.preprocess import FrameError
+    from ccm.acquire.source import SourceError
     from ccm.recorded import RecordingError
     from ccm.stack import StackError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DeviceError, StackError, BundleError, FrameError, RecordingError, FileNotFoundError, ValueError, OSError) as err:
+    except (DeviceError, StackError, BundleError, FrameError, RecordingError, SourceError, FileNotFoundError, ValueError,
+            OSError) as err:
         print(f"ccm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,8 +13,10 @@ stage (gathers and matrix products on a wide dynamic range) stays float32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -55,6 +57,21 @@ def simulated_frames(bundle: Bundle, n: int, seed: int = 0) -> np.ndarray:
     generate = GENERATORS[reference_scene_kind(bundle.device)]
     volumes = np.stack([generate(bundle.device, len(bundle.depths_um), rng) for _ in range(n)]).astype(np.float32)
     return simulator.frames(volumes, rng)
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """The exporter's and the quantiser's chatter (missing torchvision ops, integer tensors left
+    unquantised) is not for users: logs below ERROR are held back while they run."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx"), logging.getLogger("torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _network_nodes(model) -> list[str]:
@@ -114,7 +131,7 @@ def export_onnx(bundle: Bundle, path: str | os.PathLike, precision: str = "fp32"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         fp32 = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logs():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(fp32), dynamo=True, verbose=False, opset_version=18,
                               input_names=["frames"], output_names=["volumes"],
@@ -123,7 +140,8 @@ def export_onnx(bundle: Bundle, path: str | os.PathLike, precision: str = "fp32"
         if precision == "int8":
             raw = calibration if calibration is not None else simulated_frames(bundle, CALIBRATION_FRAMES, seed=2)
             result = Path(tmp) / "model-int8.onnx"
-            _quantise(fp32, result, preprocessor(raw, "the int8 calibration frames"))
+            with _quiet_logs():
+                _quantise(fp32, result, preprocessor(raw, "the int8 calibration frames"))
         session = ort.InferenceSession(str(result), providers=["CPUExecutionProvider"])
         got = session.run(None, {"frames": check})[0]
         with torch.inference_mode():

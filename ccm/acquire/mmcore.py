@@ -33,16 +33,25 @@ def shipped_config() -> Path:
 def load_core(config: str | Path | None = None):
     """A ``UniMMCore`` with ``config`` loaded (default: :func:`shipped_config`). Auto-shutter is turned
     off when the configuration has no shutter (pymmcore-plus's MDA runner needs one otherwise)."""
+    import logging
+
     from pymmcore_plus.experimental.unicore import UniMMCore
 
-    core = UniMMCore()
+    log = logging.getLogger("pymmcore-plus")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # "no Micro-Manager installation found" is noise for Python-only configs;
+    try:                            # a config that needs native adapters fails to load below, with its own message
+        core = UniMMCore()
+    finally:
+        log.setLevel(level)
     path = Path(config) if config is not None else shipped_config()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such Micro-Manager configuration")
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as err:  # pymmcore raises its own error types
-        raise SourceError(f"{path}: Micro-Manager could not load this configuration: {err}") from err
+        raise SourceError(f"{path}: Micro-Manager could not load this configuration: {err} (native device adapters need a "
+                          "Micro-Manager installation: `mmcore install`, or MICROMANAGER_PATH set to one)") from err
     if not core.getShutterDevice():
         core.setAutoShutter(False)
     return core
