@@ -108,6 +108,40 @@ class Recording:
                 self._handle.close()
             self._handle = None
 
+    def timestamps_s(self, frames: np.ndarray) -> np.ndarray | None:
+        """Acquisition times of ``frames`` (flat indices), seconds after the first of them, when the
+        recording has them: ``timestamp_s`` of a ccm live recording (HDF5), ``ElapsedTime-ms`` of
+        Micro-Manager frames (NDTiff metadata, or the per-frame tag of Micro-Manager TIFFs); else None."""
+        try:
+            times = self._timestamps(np.asarray(frames))
+        except (OSError, KeyError, ValueError, TypeError, AttributeError):
+            return None  # timestamps are a courtesy: a recording without readable ones is still reconstructed
+        return None if times is None else np.asarray(times, np.float64) - float(times[0])
+
+    def _timestamps(self, frames: np.ndarray):
+        if self.kind == "hdf5":
+            import h5py
+
+            with h5py.File(self.paths[0], "r") as f:
+                if "timestamp_s" in f and len(f["timestamp_s"]) == self.n:
+                    return f["timestamp_s"][()][frames]
+            return None
+        if self.kind == "ndtiff":
+            dataset, times = self._open(), []
+            for index in frames:
+                coords = {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(int(index), self.shape))}
+                times.append(float(dataset.read_metadata(**coords)["ElapsedTime-ms"]) / 1000)
+            return times
+        if self.kind == "tiff":
+            import tifffile
+
+            with tifffile.TiffFile(self.paths[0]) as tif:
+                if 51123 not in tif.pages.first.tags:  # MicroManagerMetadata, one JSON per frame
+                    return None
+                series = tif.series[self.series]
+                return [float(json.loads(series.pages[int(i)].tags[51123].value)["ElapsedTime-ms"]) / 1000 for i in frames]
+        return None
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Frames ``start`` … ``stop − 1`` (flat indices) → (n, H, W) in the recording's dtype."""
         if not 0 <= start <= stop <= self.n:

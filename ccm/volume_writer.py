@@ -56,6 +56,8 @@ class OutputSpec:
     depths_um: tuple[float, ...] = (0.0,)
     metadata: dict[str, Any] = field(default_factory=dict)
     job: dict[str, Any] = field(default_factory=dict)
+    timestamps_s: np.ndarray | None = None
+    """(n,) acquisition time of each position's frame, s (OME Plane DeltaT; HDF5 ``timestamps_s``), if known."""
 
     @property
     def format(self) -> str:
@@ -138,11 +140,16 @@ def _create(spec: OutputSpec) -> None:
             ds.attrs.update(axes=spec.axes + "ZYX", pixel_size_um=spec.pixel_size_um, depths_um=list(spec.depths_um),
                             unit="µm", value_range="[0, 1]" if spec.dtype == "float32" else "[0, 65535] for [0, 1]")
             f.attrs["metadata_json"] = description
+            if spec.timestamps_s is not None:
+                f.create_dataset("timestamps_s", data=np.asarray(spec.timestamps_s, np.float64).reshape(spec.shape))
         return
     import tifffile
 
     metadata = {"axes": spec.axes + "ZYX", "PhysicalSizeX": spec.pixel_size_um, "PhysicalSizeXUnit": "µm",
                 "PhysicalSizeY": spec.pixel_size_um, "PhysicalSizeYUnit": "µm", "Name": spec.path.name, "Description": description}
+    if spec.timestamps_s is not None:  # one OME Plane per (frame, depth), in page order
+        times = np.repeat(np.asarray(spec.timestamps_s, np.float64), d).tolist()
+        metadata["Plane"] = {"DeltaT": times, "DeltaTUnit": ["s"] * len(times)}
     steps = np.diff(spec.depths_um)
     if len(steps) and np.allclose(steps, steps[0]) and steps[0] > 0:
         metadata.update(PhysicalSizeZ=float(steps[0]), PhysicalSizeZUnit="µm")

@@ -70,6 +70,9 @@ def test_pipeline_reconstructs_every_frame_and_records_them(tiny_bundle, tiny_ca
     # the recording is a stack `ccm reconstruct` reads (device checked through its fingerprint)
     assert main(["reconstruct", str(recorder.path), "--bundle", str(bundle.path), "-o", str(tmp_path / "again.h5"),
                  "--workers", "0", "--no-progress"]) == 0
+    with h5py.File(tmp_path / "again.h5") as f:  # frame times travel with the reconstructions
+        times = f["timestamps_s"][()]
+    assert len(times) == len(raw) and times[0] == 0 and np.all(np.diff(times) > 0)
 
 
 def test_a_slow_consumer_drops_frames_and_counts_them(tiny_bundle, tiny_cannula):

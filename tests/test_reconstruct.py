@@ -161,6 +161,19 @@ def test_axes_are_kept_and_hdf5_output(tiny, inputs, tmp_path):
     assert meta["source"]["format"] == "imagej" and meta["bundle"]["name"] == "tiny-net"
 
 
+def test_frame_times_are_carried_over(tiny, inputs, tmp_path):
+    bundle = tiny[0]
+    out = tmp_path / "nd.h5"
+    reconstruct_recording(inputs["ndtiff"][0], bundle, out, selection=Selection.parse(["C=0"]), num_workers=0, progress=False)
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["timestamps_s"][()], [0.0, 0.01, 0.02, 0.03, 0.04, 0.05])  # ElapsedTime-ms of NDTiff frames
+    out = tmp_path / "nd.ome.tif"
+    reconstruct_recording(inputs["ndtiff"][0], bundle, out, selection=Selection.parse(["C=1"]), num_workers=0, progress=False)
+    with tifffile.TiffFile(out) as tif:
+        assert 'DeltaT="0.05"' in tif.ome_metadata and 'DeltaTUnit="s"' in tif.ome_metadata
+    assert open_recording(inputs["multipage"][0]).timestamps_s(np.arange(3)) is None  # none recorded: none written
+
+
 def test_several_inputs_into_a_folder(tiny, inputs, tmp_path, capsys):
     bundle = tiny[0]
     sources = [inputs["multipage"][0], inputs["ndtiff"][0]]
