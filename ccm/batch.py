@@ -93,8 +93,6 @@ class WriterCallback(BasePredictionWriter):
     def __init__(self, spec: OutputSpec, total: int, done_before: int, progress: bool):
         super().__init__(write_interval="batch")
         self.spec, self.total, self.done_before, self.show_progress = spec, total, done_before, progress
-        self.frames = 0
-        self.completed = False
         self.interrupted = False
 
     def setup(self, trainer, pl_module, stage):
@@ -131,7 +129,6 @@ class WriterCallback(BasePredictionWriter):
             raise self.error
         positions, volumes = prediction
         self.queue.put((positions, volumes))
-        self.frames += len(positions)
         if self.bar is not None:
             self.bar.update(len(positions) * trainer.world_size)
 
@@ -148,7 +145,7 @@ class WriterCallback(BasePredictionWriter):
             raise self.error
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            self.completed = finish(self.spec)
+            finish(self.spec)  # renames the output when every position is written (checked again by the caller)
 
     def on_exception(self, trainer, pl_module, exception):
         self.interrupted = isinstance(exception, KeyboardInterrupt)
