@@ -32,7 +32,7 @@ benchmark: $(STAMP)
 # About 75 minutes on 2 CPU cores; data and reports go to out/models/.
 MODELS_OUT := out/models
 models: $(STAMP)
-	$(VENV)/bin/python -m ccm.reproduce $(MODELS_OUT)
+	$(VENV)/bin/python -m ccm.cli.reproduce $(MODELS_OUT)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

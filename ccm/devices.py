@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccm.errors import DeviceError
 from ccm.resources import resolve_device_path
 
 
@@ -114,8 +117,23 @@ class CannulaImperfection(_Strict):
     """Relative standard deviation of a smooth transmission map over the exit face (chips, dirt)."""
 
 
+@lru_cache(maxsize=16)
+def disk_mask(shape: tuple[int, int], pixel_size_um: float, diameter_um: float) -> np.ndarray:
+    """(H, W) float32, read-only: 1 for pixels whose centre lies within ``diameter_um`` of the axis, else 0."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    r_um = np.hypot(xx - w / 2 + 0.5, yy - h / 2 + 0.5) * pixel_size_um
+    mask = (r_um <= diameter_um / 2).astype(np.float32)
+    mask.setflags(write=False)
+    return mask
+
+
 class _DeviceBase(_Strict):
-    """Fields every device has; ``seed`` draws its own imperfections."""
+    """Fields every device has; ``seed`` draws its own imperfections.
+
+    What differs between kinds of device is asked of the device (these members), never with
+    ``isinstance`` ladders in the code that uses it.
+    """
 
     name: str = Field(min_length=1)
     description: str = ""
@@ -123,12 +141,46 @@ class _DeviceBase(_Strict):
     sensor: Sensor
     target: TargetGrid
 
+    rotation_symmetric: ClassVar[bool] = False
+    """Whether the light path is (nearly) symmetric under rotation about the optical axis: the linear
+    inverse then works in a polar-Fourier basis."""
+    typical_scene: ClassVar[str] = "neurons"
+    """The scene class that "a typical scene" means for this kind of device (checks, calibration)."""
+
+    def sensor_aperture_mask(self) -> np.ndarray:
+        """(H, W) float32, read-only: 1 where the sensor sees light through the device, 0 elsewhere."""
+        return disk_mask(self.sensor.shape, 1.0, np.inf)
+
+    def field_of_view_mask(self) -> np.ndarray:
+        """(h, w) float32, read-only: 1 for the target pixels the device can see, 0 elsewhere."""
+        return disk_mask(self.target.shape, 1.0, np.inf)
+
+    @property
+    def field_radius_px(self) -> float:
+        """Radius of the circular field of view in target pixels (for a rectangular field: the inscribed circle)."""
+        return min(self.target.shape) / 2
+
 
 class CannulaDevice(_DeviceBase):
     kind: Literal["cannula"]
     cannula: CannulaGeometry
     tissue: Tissue
     imperfection: CannulaImperfection
+
+    rotation_symmetric: ClassVar[bool] = True
+    typical_scene: ClassVar[str] = "neurons"
+
+    def sensor_aperture_mask(self) -> np.ndarray:
+        """(H, W) float32, read-only: the cannula's exit face on the sensor."""
+        return disk_mask(self.sensor.shape, self.sensor.pixel_size_um, self.cannula.diameter_um)
+
+    def field_of_view_mask(self) -> np.ndarray:
+        """(h, w) float32, read-only: the disk of ``cannula.field_of_view_um`` on the target grid."""
+        return disk_mask(self.target.shape, self.target.pixel_size_um, self.cannula.field_of_view_um)
+
+    @property
+    def field_radius_px(self) -> float:
+        return self.cannula.field_of_view_um / 2 / self.target.pixel_size_um
 
     @model_validator(mode="after")
     def _fits(self) -> "CannulaDevice":
@@ -173,6 +225,8 @@ class WindowDevice(_DeviceBase):
     window: WindowGeometry
     imperfection: WindowImperfection
 
+    typical_scene: ClassVar[str] = "digits"
+
     @model_validator(mode="after")
     def _fits(self) -> "WindowDevice":
         height_um = self.sensor.shape[0] * self.sensor.pixel_size_um
@@ -185,9 +239,6 @@ class WindowDevice(_DeviceBase):
 
 Device = Annotated[Union[CannulaDevice, WindowDevice], Field(discriminator="kind")]
 
-
-class DeviceError(ValueError):
-    """A device description that cannot be used; the message names the file and the field."""
 
 
 def fingerprint(device: CannulaDevice | WindowDevice) -> str:

@@ -1,4 +1,4 @@
-"""Where the shipped data folders live, in a source checkout and in an installed wheel.
+"""Where ccm's files live: the shipped data folders (in a checkout and in an installed wheel) and the cache.
 
 The top-level data folders ``calibration/``, ``models/`` and ``datasets/`` sit beside the ``ccm``
 package in a source checkout (and an editable install); a wheel places them inside it as
@@ -7,7 +7,10 @@ package in a source checkout (and an editable install); a wheel places them insi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from ccm.errors import NotFoundError
 
 SHIPPED_FOLDERS = ("calibration", "models", "datasets")
 
@@ -26,20 +29,34 @@ def shipped_path(folder: str, name: str = "") -> Path:
     for root in (package / folder, package.parent / folder):
         if root.is_dir():
             return root / name if name else root
-    raise FileNotFoundError(f"the shipped folder {folder!r} is missing from this ccm installation ({package})")
+    raise NotFoundError(f"the shipped folder {folder!r} is missing from this ccm installation ({package})")
 
 
-def resolve_device_path(spec: str | Path) -> Path:
-    """Turn a device argument into a YAML path.
+def resolve_shipped(spec: str | os.PathLike, folder: str, suffix: str, what: str) -> Path:
+    """A file argument that is either a path on disk or the name of a shipped file.
 
-    ``spec`` is either a path to a YAML file or the name of a shipped device
-    (``"cannula-220um"``, ``"window-see-through"``).
+    ``spec`` names an existing file, or (without a folder part) a file ``NAME + suffix`` in the shipped
+    ``folder``. Anything else raises :class:`~ccm.errors.NotFoundError` listing the shipped names.
+
+    Example: ``resolve_shipped("cannula-220um-2d", "models", ".safetensors", "bundle")``.
     """
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.is_file():
         return path
-    shipped = shipped_path("calibration", f"{Path(spec).stem}.yaml")
-    if shipped.exists():
-        return shipped
-    known = sorted(p.stem for p in shipped_path("calibration").glob("*.yaml"))
-    raise FileNotFoundError(f"no device file {str(spec)!r}: not a YAML file on disk, and not one of the shipped devices {known}")
+    if path.parent == Path("."):
+        shipped = shipped_path(folder, path.name if path.name.endswith(suffix) else f"{path.name}{suffix}")
+        if shipped.is_file():
+            return shipped
+    known = sorted(p.name[: -len(suffix)] for p in shipped_path(folder).glob(f"*{suffix}"))
+    raise NotFoundError(f"{spec}: no such {what} file, and not one of the shipped {what}s ({', '.join(known) or 'none'})")
+
+
+def resolve_device_path(spec: str | os.PathLike) -> Path:
+    """A device argument as a YAML path: a YAML file, or the name of a shipped device (``"cannula-220um"``)."""
+    return resolve_shipped(spec, "calibration", ".yaml", "device")
+
+
+def cache_dir(kind: str) -> Path:
+    """Folder for cached artefacts of one ``kind`` (``operators``, ``onnx``): ``$CCM_CACHE_DIR/KIND``,
+    default ``~/.cache/ccm/KIND``. Safe to delete; everything in it is rebuilt on demand."""
+    return Path(os.environ.get("CCM_CACHE_DIR", Path.home() / ".cache" / "ccm")) / kind

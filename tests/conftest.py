@@ -69,9 +69,9 @@ def tiny_bundle(tmp_path_factory, _isolated_cache):
     """(bundle, raw frames (40, 48, 48) uint16, folder): a U-Net bundle for the tiny cannula, trained in seconds."""
     import h5py
 
-    from ccm.bundle import load_bundle
-    from ccm.cli import main
-    from ccm.simulate import simulate_stack
+    from ccm.cli.main import main
+    from ccm.infer.bundle import load_bundle
+    from ccm.physics.simulate import simulate_stack
 
     folder = tmp_path_factory.mktemp("tiny-bundle")
     device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")

@@ -13,8 +13,8 @@ import pytest
 
 from ccm.acquire.pipeline import LivePipeline
 from ccm.acquire.source import SimulatedSource, SourceError
-from ccm.cli import main
-from ccm.reconstruct import Reconstructor
+from ccm.cli.main import main
+from ccm.infer.reconstruct import Reconstructor
 
 
 class _Until:
@@ -117,7 +117,6 @@ def test_frames_from_another_device_are_refused(tiny_bundle, tiny_window):
 
 def test_live_command_line(tiny_bundle, tmp_path, capsys):
     import yaml
-
     from conftest import tiny_cannula_dict
 
     device_file = tmp_path / "tiny.yaml"
@@ -186,7 +185,12 @@ def test_pycromanager_acquisition_reconstructs_on_the_fly(mm_core, tiny_bundle, 
     pytest.importorskip("pycromanager")
     from pycromanager import multi_d_acquisition_events
 
-    from ccm.acquire.pycromanager_source import PycromanagerSource, acquire_reconstructed, release_pymmcore_plus, use_pymmcore_plus
+    from ccm.acquire.pycromanager_source import (
+        PycromanagerSource,
+        acquire_reconstructed,
+        release_pymmcore_plus,
+        use_pymmcore_plus,
+    )
 
     bundle = tiny_bundle[0]
     proxy = use_pymmcore_plus(mm_core)
@@ -228,9 +232,9 @@ def test_display_calibration_capture_trains_a_bundle_that_reconstructs(tmp_path,
     from conftest import shipped_dict
 
     from ccm.acquire.calibrate import DisplayCamera, SimulatedDisplay, capture_display_targets
-    from ccm.bundle import load_bundle
     from ccm.devices import device_from_dict
-    from ccm.stack import CalibrationStack
+    from ccm.infer.bundle import load_bundle
+    from ccm.io.stack import CalibrationStack
 
     data = copy.deepcopy(shipped_dict("window-see-through"))  # small, with a target grid the SSIM window fits
     data["sensor"].update(shape=[12, 16], pixel_size_um=240)
@@ -275,11 +279,18 @@ def test_display_calibration_capture_trains_a_bundle_that_reconstructs(tmp_path,
 def test_reference_camera_registration_and_capture(tiny_cannula, tmp_path):
     import cv2
 
-    from ccm.acquire.calibrate import (DisplayCamera, Registration, SimulatedDisplay, SimulatedReferenceCamera, SimulatedSample,
-                                       capture_reference_camera, display_targets, register_reference)
-    from ccm.stack import CalibrationStack
-
+    from ccm.acquire.calibrate import (
+        DisplayCamera,
+        Registration,
+        SimulatedDisplay,
+        SimulatedReferenceCamera,
+        SimulatedSample,
+        capture_reference_camera,
+        display_targets,
+        register_reference,
+    )
     from ccm.devices import load_device
+    from ccm.io.stack import CalibrationStack
 
     def reference_setup(device, shape):
         h, w = device.target.shape

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ccm.devices import Sensor
-from ccm.optics.camera import EXACT_POISSON_BELOW, dark_frame, expose
+from ccm.physics.optics.camera import EXACT_POISSON_BELOW, dark_frame, expose
 
 SENSOR = Sensor(shape=(128, 128), pixel_size_um=1.0, bit_depth=12, gain_e_per_adu=1.5, offset_adu=100, read_noise_e=3.0,
                 prnu=0.01, peak_signal_e=2000, background_e=0)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
-
-from ccm.cli import build_parser, main
-
 from conftest import tiny_cannula_dict
+
+from ccm.cli.main import build_parser, main
 
 
 @pytest.fixture
@@ -70,7 +69,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "ccm.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ccm.cli.main", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("ccm ")
 
 
@@ -82,9 +81,8 @@ def test_demo_end_to_end_on_the_standard_devices(tmp_path):
                  "cannula-2d-examples.png", "cannula-3d-examples.png", "window-2d-examples.png",
                  "cannula-2d-baseline.safetensors", "cannula-2d-evaluation.json", "cannula-2d-evaluation.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    from ccm.stack import summarize
-
     from ccm.devices import load_device
+    from ccm.io.stack import summarize
 
     sensor = load_device("cannula-220um").sensor
     s = summarize(tmp_path / "cannula-2d.h5")
@@ -105,12 +103,12 @@ def test_bad_scene_file_stops_before_any_output(tmp_path, tiny_device_file, caps
 
 
 def test_failure_inside_the_scene_worker_keeps_its_type(tmp_path, tiny_cannula, monkeypatch):
-    import ccm.scene_worker
-    from ccm.simulate import simulate_stack
+    import ccm.physics.scene_worker
+    from ccm.physics.simulate import simulate_stack
 
     def broken(*args, **kwargs):
         raise ValueError("drawing failed on purpose")
 
-    monkeypatch.setattr(ccm.scene_worker, "fill_scenes", broken)  # the forked worker inherits the patch
+    monkeypatch.setattr(ccm.physics.scene_worker, "fill_scenes", broken)  # the forked worker inherits the patch
     with pytest.raises(ValueError, match="drawing failed on purpose"):
         simulate_stack(tiny_cannula, tmp_path / "x.h5", 8, "2d", progress=False)

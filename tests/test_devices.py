@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import shipped_dict, tiny_cannula_dict
 
 from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_dict, fingerprint, load_device
-
-from conftest import shipped_dict, tiny_cannula_dict
 
 
 def test_shipped_devices_load_by_name_and_path():

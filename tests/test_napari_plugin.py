@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import napari_ccm
 import numpy as np
 import pytest
 import yaml
-
-import napari_ccm
 
 
 def test_manifest_commands_resolve():
@@ -32,7 +31,7 @@ def test_ccm_does_not_import_qt_or_napari():
     import subprocess
     import sys
 
-    code = "import sys, ccm, ccm.simulate, ccm.cli, ccm.figures; bad = [m for m in sys.modules if m.split('.')[0] in " \
+    code = "import sys, ccm, ccm.physics.simulate, ccm.cli.main, ccm.learn.figures; bad = [m for m in sys.modules if m.split('.')[0] in " \
            "('napari', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'pycromanager', 'pymmcore_plus', 'onnxruntime')]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

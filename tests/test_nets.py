@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccm.nets import REFERENCE, UNet, UNetConfig
+from ccm.infer.nets import REFERENCE, UNet, UNetConfig
 
 
 @pytest.mark.parametrize("stage", ["unshuffle", "stride", "resize"])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_cannula_dict
 
 from ccm.devices import device_from_dict
-from ccm.figures import _point_volume
-from ccm.optics import forward_model
-from ccm.optics.billiard import billiard_exit, billiard_exit_stepwise
-from ccm.optics.cannula import acceptance_half_angle, build_cannula_operator, trace_point_emitter
-
-from conftest import tiny_cannula_dict
+from ccm.learn.figures import _point_volume
+from ccm.physics.optics import forward_model
+from ccm.physics.optics.billiard import billiard_exit, billiard_exit_stepwise
+from ccm.physics.optics.cannula import acceptance_half_angle, build_cannula_operator, trace_point_emitter
 
 
 def test_closed_form_billiard_matches_bounce_by_bounce_reflection():

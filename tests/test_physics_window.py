@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+from conftest import shipped_dict
 
 from ccm.devices import device_from_dict
-from ccm.optics import forward_model
-from ccm.optics.window import build_window_operator
-
-from conftest import shipped_dict
+from ccm.physics.optics import forward_model
+from ccm.physics.optics.window import build_window_operator
 
 
 def test_linear_and_shaped(tiny_window):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccm.preprocess import FrameError, PreprocessConfig, Preprocessor, aperture_mask
+from ccm.infer.preprocess import FrameError, PreprocessConfig, Preprocessor, aperture_mask
 
 
 def test_dark_aperture_scale_and_resize(tiny_cannula):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from ccm.scenes import GENERATORS, ImageScenes, field_of_view_mask, read_scene_file
+from ccm.physics.scenes import GENERATORS, ImageScenes, field_of_view_mask, read_scene_file
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))
@@ -49,7 +49,7 @@ def test_3d_scenes_spread_over_planes(tiny_cannula):
 
 
 def test_digits_are_the_real_uci_digits(tiny_window):
-    from ccm.scenes import _uci_digits
+    from ccm.physics.scenes import _uci_digits
 
     digits = _uci_digits()
     assert digits.shape == (1797, 8, 8) and digits.max() == 16

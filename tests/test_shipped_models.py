@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ccm.bundle import load_bundle
 from ccm.devices import load_device
-from ccm.evaluate import score_bundle
-from ccm.recipe import load_dataset_recipe
+from ccm.infer.bundle import load_bundle
+from ccm.learn.evaluate import score_bundle
+from ccm.learn.recipe import load_dataset_recipe
+from ccm.learn.training import file_sha256
+from ccm.physics.simulate import simulate_stack
 from ccm.resources import shipped_path
-from ccm.simulate import simulate_stack
-from ccm.training import file_sha256
 
 FRESH_SEED = 9001
 FRESH_PAIRS = 160

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ccm.scenes import GENERATORS
-from ccm.simulate import Simulator, simulate_stack
-from ccm.stack import CalibrationStack
+from ccm.io.stack import CalibrationStack
+from ccm.physics.scenes import GENERATORS
+from ccm.physics.simulate import Simulator, simulate_stack
 
 
 def test_brightest_pixel_of_typical_neuron_scenes_matches_the_photon_budget(tiny_cannula):

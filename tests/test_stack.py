@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from ccm.devices import fingerprint
-from ccm.simulate import simulate_stack
-from ccm.stack import CalibrationStack, StackError, StackWriter, partial_path, summarize
-
+from ccm.io.stack import CalibrationStack, StackError, StackWriter, partial_path, summarize
+from ccm.physics.simulate import simulate_stack
 
 
 @pytest.fixture
@@ -44,11 +43,11 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path, tiny_cannula, s
 
 
 def test_interrupted_write_leaves_no_complete_looking_file_and_resumes_identically(tmp_path, tiny_cannula, stack_path, monkeypatch):
-    import ccm.stack
+    import ccm.io.stack
 
     target = tmp_path / "interrupted.h5"
     calls = {"n": 0}
-    original = ccm.stack.StackWriter.append
+    original = ccm.io.stack.StackWriter.append
 
     def failing_append(self, raw, volumes):
         calls["n"] += 1
@@ -56,13 +55,13 @@ def test_interrupted_write_leaves_no_complete_looking_file_and_resumes_identical
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second chunk
         original(self, raw, volumes)
 
-    monkeypatch.setattr(ccm.stack.StackWriter, "append", failing_append)
+    monkeypatch.setattr(ccm.io.stack.StackWriter, "append", failing_append)
     with pytest.raises(KeyboardInterrupt):
         simulate_stack(tiny_cannula, target, 40, "3d", ["neurons", "beads"], seed=3, chunk_size=16, progress=False)
     assert not target.exists() and partial_path(target).exists()
     with pytest.raises(StackError, match="interrupted write left a .partial file"):
         CalibrationStack(target)
-    monkeypatch.setattr(ccm.stack.StackWriter, "append", original)
+    monkeypatch.setattr(ccm.io.stack.StackWriter, "append", original)
     simulate_stack(tiny_cannula, target, 40, "3d", ["neurons", "beads"], seed=3, chunk_size=16, progress=False)
     with CalibrationStack(target) as resumed, CalibrationStack(stack_path) as whole:
         assert resumed.raw[:].tobytes() == whole.raw[:].tobytes()

@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ccm.bundle import BundleError, load_bundle
-from ccm.cli import main
-from ccm.data import SplitConfig, split_indices
-from ccm.linear import LinearFit, PolarBasis, bilinear_taps, gather_sample, resolve_spec
-from ccm.preprocess import FrameError, PreprocessConfig, Preprocessor
-from ccm.recipe import load_recipe
-from ccm.reconstruct import Reconstructor
-from ccm.simulate import simulate_stack
-from ccm.stack import StackError
+import ccm
+from ccm.cli.main import main
+from ccm.infer.bundle import BundleError, load_bundle
+from ccm.infer.linear import LinearFit, PolarBasis, bilinear_taps, gather_sample, resolve_spec
+from ccm.infer.preprocess import FrameError, PreprocessConfig, Preprocessor
+from ccm.infer.reconstruct import Reconstructor
+from ccm.io.stack import StackError
+from ccm.learn.data import SplitConfig, split_indices
+from ccm.learn.recipe import load_recipe
+from ccm.physics.simulate import simulate_stack
 
 TINY_NET = {"name": "tiny-net", "model": {"widths": [8, 16]}, "loss": {"mse": 1.0, "l1": 0.0, "ssim": 0.1},
             "optim": {"max_epochs": 2, "batch_size": 8, "lr": 3e-3}, "trainer": {"num_workers": 0, "precision": "32-true"}}
@@ -91,7 +92,7 @@ def test_recipe_overrides_and_errors(tmp_path):
         load_recipe(path, ["optim.lrate=1"])
     with pytest.raises(ValueError, match=r"recipe.yaml.*loss"):
         load_recipe(path, ["loss.l1=0", "loss.mse=0", "loss.ssim=0"])
-    with pytest.raises(ValueError, match="no such recipe"):
+    with pytest.raises(ccm.NotFoundError, match="no such recipe"):
         load_recipe(tmp_path / "missing.yaml")
 
 
@@ -183,7 +184,7 @@ def test_stack_that_does_not_fit_the_recipe(tiny_stacks, tmp_path):
     _, train, _ = tiny_stacks
     recipe = _recipe(tmp_path, {**TINY_NET, "preprocess": {"crop": [0, 0, 64, 64]}})
     with pytest.raises(StackError, match=r"crops \(0, 0, 64, 64\).*48×48"):
-        from ccm.training import train as train_fn
+        from ccm.learn.training import train as train_fn
 
         train_fn(load_recipe(recipe), train, tmp_path / "x.safetensors")
 

@@ -1,4 +1,4 @@
-"""Calibration capture: build a calibration stack (the :mod:`ccm.stack` format) from a live device.
+"""Calibration capture: build a calibration stack (the :mod:`ccm.io.stack` format) from a live device.
 
 Two ways to know the ground truth, as in the lab:
 
@@ -30,7 +30,8 @@ import numpy as np
 
 from ccm.acquire.source import REFERENCE_EXPOSURE_MS, Frame, SourceError
 from ccm.devices import CannulaDevice, WindowDevice
-from ccm.stack import StackWriter, partial_path
+from ccm.errors import UsageError
+from ccm.io.stack import StackWriter, partial_path
 
 MIN_ECC = 0.8
 """Registrations whose ECC correlation is below this are refused."""
@@ -64,7 +65,7 @@ class DisplayCamera:
 
     def __init__(self, device: CannulaDevice | WindowDevice, display: SimulatedDisplay, exposure_ms: float = REFERENCE_EXPOSURE_MS,
                  seed: int = 0):
-        from ccm.simulate import Simulator
+        from ccm.physics.simulate import Simulator
 
         self.device, self.display, self.exposure_ms = device, display, exposure_ms
         self.name = f"simulated {device.name} looking at a display"
@@ -81,11 +82,11 @@ class DisplayCamera:
 
 def display_targets(device: CannulaDevice | WindowDevice, kinds: Sequence[str], seed: int) -> Callable[[int], np.ndarray]:
     """Target ``i`` → (1, h, w) float32: scene classes taken in turn, each drawn from rng([seed, i])."""
-    from ccm.scenes import GENERATORS
+    from ccm.physics.scenes import GENERATORS
 
     unknown = set(kinds) - set(GENERATORS)
     if unknown:
-        raise ValueError(f"unknown target classes {sorted(unknown)}; choose from {sorted(GENERATORS)}")
+        raise UsageError(f"unknown target classes {sorted(unknown)}; choose from {sorted(GENERATORS)}")
 
     def target(i: int) -> np.ndarray:
         return GENERATORS[kinds[i % len(kinds)]](device, 1, np.random.default_rng([seed, i])).astype(np.float32)
@@ -181,7 +182,7 @@ def register_reference(reference: np.ndarray, pattern: np.ndarray, device: Cannu
     """
     h, w = device.target.shape
     x, y, r = find_aperture(reference)
-    fov = (device.cannula.field_of_view_um / 2 / device.target.pixel_size_um) if isinstance(device, CannulaDevice) else min(h, w) / 2
+    fov = device.field_radius_px
     s = fov / r
     guess = np.array([[s, 0, w / 2 - s * x], [0, s, h / 2 - s * y]], np.float32)
     template = cv2.GaussianBlur(np.asarray(pattern, np.float32), (0, 0), 1)
@@ -230,7 +231,7 @@ class SimulatedReferenceCamera:
         h, w = sample.device.target.shape
         yy, xx = np.mgrid[0:h, 0:w] + 0.5
         device = sample.device
-        fov = device.cannula.field_of_view_um / 2 / device.target.pixel_size_um if isinstance(device, CannulaDevice) else min(h, w) / 2
+        fov = device.field_radius_px
         self.aperture = (np.hypot(yy - h / 2, xx - w / 2) <= fov).astype(np.float32)
 
     def snap(self) -> Frame:

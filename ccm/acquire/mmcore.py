@@ -18,6 +18,7 @@ import numpy as np
 
 from ccm.acquire.source import Frame, SourceError
 from ccm.devices import CannulaDevice, WindowDevice
+from ccm.errors import NotFoundError
 
 POLL_S = 0.0005
 """How often the circular buffer is checked while it is empty (Micro-Manager has no per-image event for sequences)."""
@@ -46,7 +47,7 @@ def load_core(config: str | Path | None = None):
         log.setLevel(level)
     path = Path(config) if config is not None else shipped_config()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such Micro-Manager configuration")
+        raise NotFoundError(f"{path}: no such Micro-Manager configuration")
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as err:  # pymmcore raises its own error types

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from ccm.acquire.source import Frame, FrameSource, SourceError
-from ccm.reconstruct import Reconstructor
+from ccm.infer.reconstruct import Reconstructor
 
 LATENCY_WINDOW = 20000
 """Latencies kept for the statistics (the most recent ones)."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from ccm.acquire.mmcore import CircularBufferSource
 from ccm.acquire.source import Frame, SourceError
-from ccm.reconstruct import Reconstructor
+from ccm.infer.reconstruct import Reconstructor
 
 
 def _snake(name: str) -> str:

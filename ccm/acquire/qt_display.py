@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ccm.errors import UsageError
+
 
 class QtDisplay:
     """Shows (h, w) float images in [0, 1] full screen on ``screen`` (an index into the screens),
@@ -22,7 +24,7 @@ class QtDisplay:
         self._label.setStyleSheet("background: black")
         screens = self._app.screens()
         if screen >= len(screens):
-            raise ValueError(f"screen {screen} asked, {len(screens)} connected")
+            raise UsageError(f"screen {screen} asked, {len(screens)} connected")
         self._label.setGeometry(screens[screen].geometry())
         self._label.showFullScreen() if full_screen else self._label.show()
         self._image = None

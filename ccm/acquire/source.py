@@ -24,13 +24,11 @@ import numpy as np
 from scipy import ndimage
 
 from ccm.devices import CannulaDevice, WindowDevice
+from ccm.errors import SourceError, UsageError
 
 REFERENCE_EXPOSURE_MS = 10.0
 """The simulator's photon budget (``sensor.peak_signal_e``) is for this exposure; light scales with exposure."""
 
-
-class SourceError(RuntimeError):
-    """A camera that disconnected, timed out or failed; names the source and what happened."""
 
 
 @dataclass
@@ -74,7 +72,7 @@ class MovingScene:
 
     def __init__(self, device: CannulaDevice | WindowDevice, n_planes: int, kind: str = "neurons", seed: int = 0,
                  components: int = 3, blink: float = 0.15, drift_px: float = 2.0):
-        from ccm.scenes import GENERATORS
+        from ccm.physics.scenes import GENERATORS
 
         rng = np.random.default_rng(seed)
         self.layers = np.stack([GENERATORS[kind](device, n_planes, rng) for _ in range(components)]).astype(np.float32) / components
@@ -103,7 +101,7 @@ class SimulatedCamera:
 
     def __init__(self, device: CannulaDevice | WindowDevice, exposure_ms: float = 10.0, kind: str | None = None,
                  seed: int = 0, planes_um: tuple[float, ...] | None = None):
-        from ccm.simulate import Simulator, reference_scene_kind
+        from ccm.physics.simulate import Simulator, reference_scene_kind
 
         self.device = device
         self.simulator = Simulator(device, planes_um=planes_um)
@@ -128,9 +126,9 @@ class SimulatedSource:
                  kind: str | None = None, seed: int = 0, fail_after: int | None = None):
         exposure_ms = exposure_ms if exposure_ms is not None else min(REFERENCE_EXPOSURE_MS, 1000.0 / fps)
         if fps <= 0 or exposure_ms <= 0:
-            raise ValueError(f"fps and exposure must be positive, got {fps} fps, {exposure_ms} ms")
+            raise UsageError(f"fps and exposure must be positive, got {fps} fps, {exposure_ms} ms")
         if exposure_ms > 1000.0 / fps:
-            raise ValueError(f"an exposure of {exposure_ms} ms does not fit {fps} frames/s ({1000.0 / fps:.1f} ms per frame)")
+            raise UsageError(f"an exposure of {exposure_ms} ms does not fit {fps} frames/s ({1000.0 / fps:.1f} ms per frame)")
         self.camera = SimulatedCamera(device, exposure_ms, kind, seed)
         self.name = f"simulated {device.name}"
         self.device = device

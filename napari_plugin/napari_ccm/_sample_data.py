@@ -9,8 +9,8 @@ SAMPLE_PAIRS = 16
 
 def _simulated(mode: str) -> list[tuple[np.ndarray, dict, str]]:
     from ccm.devices import load_device
-    from ccm.scene_worker import fill_scenes
-    from ccm.simulate import Simulator, chunk_noise_rng, scene_sources
+    from ccm.physics.scene_worker import fill_scenes
+    from ccm.physics.simulate import Simulator, chunk_noise_rng, scene_sources
 
     device = load_device("cannula-220um")
     simulator = Simulator(device, mode)  # the first call ray-traces the device (seconds), then it is cached

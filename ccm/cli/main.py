@@ -1,0 +1,591 @@
+"""The ``ccm`` command line. Each subcommand has ``--help``; errors print one clear line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ccm._version import __version__
+from ccm.errors import CcmError, SourceError, UsageError
+
+
+def _device_arg(p: argparse.ArgumentParser, default: str = "cannula-220um") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"device YAML file, or the name of a shipped device (default: {default}; see `ccm devices`)")
+
+
+def _cmd_devices(args: argparse.Namespace) -> None:
+    from ccm.devices import fingerprint, load_device
+    from ccm.resources import shipped_path
+
+    for path in sorted(shipped_path("calibration").glob("*.yaml")):
+        device = load_device(path)
+        print(f"{device.name:22s} {device.kind:8s} fingerprint {fingerprint(device)}  "
+              f"raw {device.sensor.shape[0]}x{device.sensor.shape[1]}  target {device.target.shape[0]}x{device.target.shape[1]}"
+              f" x {len(device.target.depths_um)} planes  ({path})")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.physics.simulate import simulate_stack
+
+    if args.recipe:
+        from ccm.learn.recipe import load_dataset_recipe
+
+        recipe, path = load_dataset_recipe(args.recipe)
+        if args.part not in recipe.parts:
+            raise UsageError(f"{path}: no part {args.part!r}; it defines {sorted(recipe.parts)}")
+        part = recipe.parts[args.part]
+        from_recipe = {"device": recipe.device, "planes": recipe.planes, "n": part.n, "seed": part.seed,
+                       "scenes": list(part.scenes or recipe.scenes), "brightness": part.brightness}
+        _fill_from_recipe(args, from_recipe, f"{path} (part {args.part})")
+    _fill_defaults(args, SIMULATE_DEFAULTS)
+    device = load_device(args.device)
+    out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
+                         seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv),
+                         brightness=args.brightness)
+    print(f"wrote {out}")
+
+
+SIMULATE_DEFAULTS = {"device": "cannula-220um", "planes": "2d", "n": 1000, "seed": 0, "scenes": ["neurons"], "brightness": 1.0}
+
+
+def _fill_from_recipe(args: argparse.Namespace, values: dict, source: str) -> None:
+    """Take each value from a recipe unless the user passed the flag; warn where both disagree."""
+    for key, value in values.items():
+        given = getattr(args, key)
+        if given is None:
+            setattr(args, key, value)
+        elif given != value:
+            print(f"ccm {args.command}: note: --{key.replace('_', '-')} {given} overrides {value} from {source}", file=sys.stderr)
+
+
+def _fill_defaults(args: argparse.Namespace, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _cmd_psf(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.learn.figures import psf_figure
+
+    device = load_device(args.device)
+    print(f"wrote {psf_figure(device, args.output, args.positions_um, args.depths_um)}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from ccm.io.stack import summarize
+
+    summary = summarize(args.stack)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    s = summary
+    print(f"{s['file']}  ({s['size_mb']} MB, schema v{s['schema_version']})")
+    print(f"  device     {s['device']['name']} ({s['device']['kind']}), fingerprint {s['device']['fingerprint']}")
+    print(f"  pairs      {s['pairs']}")
+    print(f"  raw        {tuple(s['raw']['shape'])} {s['raw']['dtype']}, {s['raw']['pixel_size_um']} µm/px")
+    print(f"  target     {tuple(s['target']['shape'])} {s['target']['dtype']}, {s['target']['pixel_size_um']} µm/px")
+    print(f"  depths     {', '.join(f'{d:g}' for d in s['depths_um'])} µm")
+    r = s["raw_sample"]
+    print(f"  raw sample {r['frames']} frames: {r['min_adu']}–{r['max_adu']} ADU, mean {r['mean_adu']}, "
+          f"{100 * r['saturated_fraction']:.3f} % saturated; dark frame mean {s['dark_mean_adu']} ADU")
+    p = s["provenance"]
+    print(f"  provenance {p.get('source')}, {p.get('created')}, ccm {p.get('ccm_version')}, "
+          + ", ".join(f"{k}={p[k]}" for k in ("mode", "scenes", "seed") if k in p))
+
+
+def _cmd_export_tiff(args: argparse.Namespace) -> None:
+    from ccm.io.tiff_export import export_tiff
+
+    for path in export_tiff(args.stack, args.output, args.targets):
+        print(f"wrote {path}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.learn.evaluate import evaluate, load_for_evaluation
+    from ccm.learn.figures import examples_figure, psf_figure
+    from ccm.learn.recipe import load_recipe
+    from ccm.learn.training import train
+    from ccm.physics.simulate import simulate_stack
+    from ccm.resources import shipped_path
+
+    out = Path(args.output)
+    cannula, window = load_device("cannula-220um"), load_device("window-see-through")
+    steps = [
+        ("cannula 2D calibration set", lambda: simulate_stack(cannula, out / "cannula-2d.h5", args.n, "2d", ["neurons", "beads"], seed=101)),
+        ("cannula 3D calibration set", lambda: simulate_stack(cannula, out / "cannula-3d.h5", args.n // 2, "3d", ["neurons", "beads"], seed=102)),
+        ("see-through window set", lambda: simulate_stack(window, out / "window-2d.h5", args.n // 2, "2d", ["digits"], seed=103)),
+        ("cannula PSF figure", lambda: psf_figure(cannula, out / "cannula-psf.png")),
+        ("window PSF figure", lambda: psf_figure(window, out / "window-psf.png")),
+        ("example pairs", lambda: [examples_figure(out / f"{name}.h5", out / f"{name}-examples.png")
+                                   for name in ("cannula-2d", "cannula-3d", "window-2d")]),
+        ("linear baseline fitted on the cannula 2D set", lambda: train(
+            load_recipe("linear-baseline"), out / "cannula-2d.h5", out / "cannula-2d-baseline.safetensors", log=lambda *_: None)),
+        ("held-out cannula 2D neurons", lambda: simulate_stack(cannula, out / "cannula-2d-test.h5", 300, "2d", ["neurons"], seed=104)),
+        ("shipped 2D bundle vs the baseline on the held-out pairs", lambda: evaluate(
+            load_for_evaluation([shipped_path("models", "cannula-220um-2d.safetensors"), out / "cannula-2d-baseline.safetensors"]),
+            out / "cannula-2d-test.h5", out / "cannula-2d-evaluation.json")),
+    ]
+    for i, (label, step) in enumerate(steps, 1):
+        print(f"[{i}/{len(steps)}] {label}", flush=True)
+        step()
+    print(f"done: stacks and figures in {out}/ — try `ccm info {out / 'cannula-2d.h5'}`")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from ccm.learn.recipe import load_recipe
+    from ccm.learn.training import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    train(recipe, args.data, args.output, work=args.workdir, restart=args.restart, progress=not args.no_progress)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from ccm.learn.evaluate import evaluate, load_for_evaluation
+
+    bundles = load_for_evaluation([args.bundle, *args.compare])
+    evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs)
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from ccm.infer.bundle import BundleError, load_bundle
+    from ccm.resources import shipped_path
+
+    for path in sorted(shipped_path("models").glob("*.safetensors")):
+        try:
+            b = load_bundle(path, self_test=False)
+        except BundleError as err:
+            print(f"{path.name}: {err}")
+            continue
+        overall = next(iter(b.metrics.values()), {}).get("overall", {})
+        print(f"{b.name:22s} {b.kind:6s} device {b.device.name} ({b.fingerprint})  {len(b.depths_um)} plane(s)  "
+              f"SSIM {overall.get('ssim', float('nan')):.3f}  PSNR {overall.get('psnr', float('nan')):.1f} dB  "
+              f"{path.stat().st_size / 1e6:.1f} MB  ({path})")
+
+
+def _backend_args(p: argparse.ArgumentParser, backend: str = "torch") -> None:
+    p.add_argument("--backend", choices=["torch", "onnx"], default=backend, help=f"inference engine (default: {backend})")
+    p.add_argument("--accelerator", "--device-type", dest="compute", default="cpu", metavar="ACCELERATOR",
+                   help="where the model runs: cpu, cuda or cuda:N (default: cpu; --device is the optical device)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="fp32; bf16 (torch), fp16 (torch on GPUs), int8 (onnx on CPUs) (default: fp32)")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: the engine's choice)")
+    p.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+                   help="torch.compile mode (torch backend; reduce-overhead uses CUDA graphs on GPUs)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory for the convolutions (torch backend)")
+
+
+def _options(args: argparse.Namespace):
+    from ccm.infer.backends import InferenceOptions
+
+    return InferenceOptions(backend=args.backend, device=args.compute, precision=args.precision, threads=args.threads,
+                            compile=args.compile, channels_last=args.channels_last).validate()
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> None:
+    from ccm.infer.batch import reconstruct_recording
+    from ccm.infer.bundle import load_bundle
+    from ccm.io.recorded import Selection
+
+    bundle = load_bundle(args.bundle)
+    options = _options(args)
+    selection = Selection.parse(args.select)
+    outputs = [args.output]
+    if len(args.inputs) > 1 or args.output.is_dir() or str(args.output).endswith("/"):
+        suffix = ".h5" if args.format == "hdf5" else ".ome.tif"
+        outputs = [args.output / (Path(str(i).rstrip("/")).name.split(".")[0].replace("*", "") + "-recon" + suffix) for i in args.inputs]
+    summaries = []
+    for source, output in zip(args.inputs, outputs):
+        summary = reconstruct_recording(source, bundle, output, options, selection, dtype=args.dtype, batch_size=args.batch_size,
+                                        num_workers=args.workers, devices=int(args.devices) if args.devices.isdigit() else args.devices, num_nodes=args.num_nodes,
+                                        strategy=args.strategy, restart=args.restart, overwrite=args.overwrite,
+                                        progress=not args.no_progress and not args.json, series=args.series)
+        summaries.append(summary)
+        if not args.json and "seconds" in summary:
+            rate = f", {summary['frames_per_s']} frames/s" if summary["frames_per_s"] else ""
+            print(f"wrote {summary['output']} ({summary['axes']} {summary['shape']}; {summary['frames_done']} frames in "
+                  f"{summary['seconds']} s{rate})")
+    if args.json:
+        print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
+
+
+def _open_source(args: argparse.Namespace):
+    """(source, cleanup) for ``--source``."""
+    if args.source == "sim":
+        from ccm.acquire.source import SimulatedSource
+        from ccm.devices import load_device
+
+        return SimulatedSource(load_device(args.device), fps=args.fps, exposure_ms=args.exposure_ms, seed=args.seed), lambda: None
+    if args.source == "mmcore":
+        from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+
+        core = load_core(args.config)
+        if args.exposure_ms is not None:
+            core.setExposure(args.exposure_ms)
+        return MMCoreSource(core), lambda: release_core(core)
+    from ccm.acquire.pycromanager_source import PycromanagerSource
+
+    return PycromanagerSource(port=args.port), lambda: None
+
+
+def _cmd_live(args: argparse.Namespace) -> None:
+    from ccm.acquire.pipeline import LivePipeline, recording_path
+    from ccm.infer.bundle import load_bundle
+    from ccm.infer.reconstruct import Reconstructor
+
+    bundle = load_bundle(args.bundle)
+    calibration = None
+    if args.precision == "int8":  # an int8 export that is not cached yet calibrates on typical frames
+        from ccm.physics.simulate import typical_frames
+
+        calibration = typical_frames(bundle.device, bundle.depths_um, 64, seed=2)
+    reconstructor = Reconstructor(bundle, _options(args), batch_size=args.max_batch, calibration=calibration)
+    source, cleanup = _open_source(args)
+    try:
+        pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch)
+        pipeline.start()
+        if args.record is not None:
+            recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record)
+            print(f"recording raw frames and reconstructions to {recorder.path}", file=sys.stderr)
+        report = None if args.json else (lambda stats: print(stats.line(), file=sys.stderr, flush=True))
+        try:
+            finished = pipeline.wait(args.seconds, every_s=args.status_every, report=report)
+        except KeyboardInterrupt:
+            finished = True
+        stats = pipeline.stop()
+    finally:
+        cleanup()
+    summary = {"source": source.name, "bundle": bundle.name, "backend": args.backend, "precision": args.precision, **vars(stats)}
+    if pipeline.error is not None:
+        summary["error"] = str(pipeline.error)
+    print(json.dumps(summary, indent=1) if args.json else f"final: {stats.line()}")
+    if not finished or pipeline.error is not None:
+        raise SourceError(f"live stopped: {pipeline.error}; the frames captured so far are on disk" if args.record else
+                          f"live stopped: {pipeline.error}")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from ccm.acquire import calibrate as cal
+    from ccm.devices import load_device
+
+    device = load_device(args.device)
+    if args.method == "display":
+        if args.source == "sim":
+            display = cal.SimulatedDisplay(device.target.shape) if args.display == "sim" else _qt_display(args)
+            if args.display != "sim":
+                raise UsageError("--source sim sees only a simulated display; use --display sim")
+            source = cal.DisplayCamera(device, display, exposure_ms=args.exposure_ms or 10.0, seed=args.seed)
+            cleanup = display.close
+        else:
+            from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+
+            if args.display == "sim":
+                raise UsageError("a real camera needs a real display: --display qt (full screen on --screen)")
+            core = load_core(args.config)
+            if args.exposure_ms is not None:
+                core.setExposure(args.exposure_ms)
+            source, display = MMCoreSource(core, device=device), _qt_display(args)
+            cleanup = lambda: (display.close(), release_core(core))  # noqa: E731
+        try:
+            out = cal.capture_display_targets(source, display, device, args.output, args.n, kinds=args.targets, seed=args.seed,
+                                              frames_per_target=args.frames_per_target, dark_frames=args.dark_frames,
+                                              settle_s=args.settle_s, progress=not args.no_progress)
+        finally:
+            cleanup()
+    else:
+        if args.source != "sim":
+            raise UsageError("reference-camera capture from the command line is simulated (--source sim); with two real "
+                             "cameras use ccm.acquire.calibrate.register_reference and capture_reference_camera with two FrameSources")
+        import cv2
+
+        display = cal.SimulatedDisplay(device.target.shape)
+        source = cal.DisplayCamera(device, display, seed=args.seed)
+        h, w = device.target.shape
+        true = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.4)
+        true[:, 2] += (15.0, 11.0)
+        sample = cal.SimulatedSample(device, args.targets, seed=args.seed)
+        reference = cal.SimulatedReferenceCamera(sample, true, (int(h * 1.6), int(w * 1.7)), seed=args.seed)
+        pattern = cal.display_targets(device, ["neurons"], args.seed + 1)(0)
+        sample.volume = pattern
+        registration = cal.register_reference(reference.snap().image, pattern[0], device)
+        print(f"reference camera registered: ECC correlation {registration.ecc:.3f}", file=sys.stderr)
+        sample.volume = pattern * 0
+        out = cal.capture_reference_camera(source, reference, lambda i: display.show(sample.next(i)[0]), registration, device,
+                                           args.output, args.n, frames_per_target=args.frames_per_target,
+                                           dark_frames=args.dark_frames, progress=not args.no_progress)
+    print(f"wrote {out}")
+
+
+def _qt_display(args: argparse.Namespace):
+    from ccm.acquire.qt_display import QtDisplay
+
+    return QtDisplay(screen=args.screen)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from ccm.infer.bundle import load_bundle
+    from ccm.infer.export import export_onnx
+
+    bundle = load_bundle(args.bundle)
+    if args.calibration is not None:
+        from ccm.io.recorded import open_recording
+
+        recording = open_recording(args.calibration)
+        frames = recording.read(0, min(recording.n, 64))
+    else:
+        from ccm.physics.simulate import typical_frames
+
+        frames = typical_frames(bundle.device, bundle.depths_um, 64 if args.precision == "int8" else 8, seed=2)
+    report = export_onnx(bundle, args.output, args.precision, frames)
+    print(json.dumps(report, indent=1) if args.json else
+          f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, {args.precision}); largest difference from PyTorch on "
+          f"{report['check_frames']} frames: {report['max_abs_error']:.2e} (mean {report['mean_abs_error']:.2e})")
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    suites = args.suites or ["simulation", "inference", "batch", "live"]
+    if "simulation" in suites:
+        from ccm.benchmarks.suites import run_benchmarks
+
+        print(f"wrote {run_benchmarks(args.output, quick=args.quick, repeats=args.repeats)}")
+    if "inference" in suites or "batch" in suites:
+        from ccm.benchmarks import inference as inference_benchmark
+
+        path = inference_benchmark.run(args.output if "simulation" not in suites else None, bundles=tuple(args.bundles),
+                                       suites=tuple(s for s in suites if s in ("inference", "batch")), repeats=args.repeats,
+                                       quick=args.quick)
+        print(f"wrote {path}")
+    if "live" in suites:
+        from ccm.benchmarks import inference as inference_benchmark
+
+        print(f"wrote {inference_benchmark.run_live(seconds=10 if args.quick else 60)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccm", description="Computational cannula microscopy and see-through cameras.")
+    parser.add_argument("--version", action="version", version=f"ccm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("devices", help="list the shipped device descriptions")
+    p.set_defaults(func=_cmd_devices)
+
+    p = sub.add_parser("simulate", help="simulate a calibration stack (raw frames + ground truth) to HDF5",
+                       description="Simulate N (raw frame, ground-truth volume) pairs through a device's physics and "
+                                   "stream them to an HDF5 calibration stack. An interrupted run resumes when repeated.")
+    p.add_argument("--device", default=None,
+                   help="device YAML file, or the name of a shipped device (default: cannula-220um; see `ccm devices`)")
+    p.add_argument("--scenes", nargs="+", default=None, metavar="CLASS",
+                   help="scene classes, mixed uniformly: neurons, beads, digits (default: neurons)")
+    p.add_argument("--scene-files", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="also use these images or TIFF stacks (Z planes must match --planes) as scenes")
+    p.add_argument("--n", type=int, default=None, help="number of pairs (default: 1000)")
+    p.add_argument("--planes", choices=["2d", "3d"], default=None, help="one plane, or the device's depth planes (default: 2d)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same data (default: 0)")
+    p.add_argument("--brightness", type=float, default=None,
+                   help="fluorophore density of the scenes, in (0, 1]: dense scenes (digits) saturate the "
+                        "cannula's camera at 1 (default: 1)")
+    p.add_argument("--recipe", help="a dataset recipe (YAML, or the name of one in datasets/): sets device, planes, "
+                                    "scenes, n and seed from its --part, except those given as flags")
+    p.add_argument("--part", default="train", help="which part of the dataset recipe (default: train)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .h5 file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("psf", help="figure of a device's point-emitter patterns across positions and depths")
+    _device_arg(p)
+    p.add_argument("--positions-um", nargs="+", type=float, help="transverse emitter positions, µm from the axis")
+    p.add_argument("--depths-um", nargs="+", type=float, help="emitter depths, µm below the face (cannula only)")
+    p.add_argument("-o", "--output", type=Path, default=Path("psf.png"), help="output PNG (default: psf.png)")
+    p.set_defaults(func=_cmd_psf)
+
+    p = sub.add_parser("info", help="summarise a calibration stack")
+    p.add_argument("stack", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export-tiff", help="export a stack's raw frames (and targets) to OME-TIFF")
+    p.add_argument("stack", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="OME-TIFF for the raw frames (T, Y, X) uint16")
+    p.add_argument("--targets", type=Path, help="also write the targets (T, Z, Y, X) float32 here")
+    p.set_defaults(func=_cmd_export_tiff)
+
+    p = sub.add_parser("demo", help="the main job on the simulated devices: calibration sets and figures")
+    p.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
+    p.add_argument("--n", type=int, default=2000, help="pairs in the 2D cannula set (default: 2000)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train a model bundle (or the linear baseline) on a calibration stack",
+                       description="Train a reconstruction network — or fit the linear baseline — on a calibration "
+                                   "stack, following a recipe (YAML). Checkpoints and logs go to a work folder; running "
+                                   "the same command again resumes an interrupted run.")
+    p.add_argument("--data", type=Path, required=True, help="calibration stack (.h5), from `ccm simulate` or a capture")
+    p.add_argument("--recipe", required=True,
+                   help="recipe YAML, or the name of a shipped recipe in models/ (e.g. cannula-220um-2d, linear-baseline)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a recipe field, e.g. --set optim.max_epochs=3 --set model.widths=[8,16,32]")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle to write (.safetensors)")
+    p.add_argument("--workdir", type=Path, help="checkpoints and logs (default: OUTPUT without .safetensors + .training/)")
+    p.add_argument("--restart", action="store_true", help="discard an earlier run in the work folder instead of resuming it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score bundles on a held-out stack: metrics, resolution, sectioning → JSON + PNG",
+                       description="Score a bundle — and, side by side, any bundles given with --compare (the linear "
+                                   "baseline, the reference architecture) — on a held-out calibration stack: SSIM, PSNR, "
+                                   "MAE and Pearson per depth plane (data range 1), a two-point resolution probe and an "
+                                   "axial-sectioning probe, and example reconstructions.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("--compare", type=Path, nargs="*", default=[], metavar="BUNDLE", help="more bundles to score side by side")
+    p.add_argument("--data", type=Path, required=True, help="held-out calibration stack (.h5) from the same device")
+    p.add_argument("-o", "--output", type=Path, default=Path("evaluation.json"),
+                   help="report JSON; the PNG goes next to it (default: evaluation.json)")
+    p.add_argument("--max-pairs", type=int, help="score at most this many pairs")
+    p.add_argument("--no-probes", action="store_true", help="skip the resolution and sectioning probes")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("reconstruct", help="reconstruct recorded stacks (TIFF, OME, ImageJ, NDTiff, MM, HDF5) → OME-TIFF/HDF5",
+                       description="Reconstruct recorded raw frames with a bundle: multi-page TIFF/BigTIFF, OME-TIFF, ImageJ "
+                                   "hyperstacks, a folder or glob of single-frame TIFFs, NDTiff (pycromanager) and Micro-Manager "
+                                   "OME-TIFF datasets, HDF5 (file.h5 or file.h5:/dataset). Streams (memory does not grow with "
+                                   "length), writes under a temporary name and renames when complete; re-running the same "
+                                   "command resumes an interrupted run. Several GPUs or nodes through Lightning's strategies.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="recordings; quote globs ('frames/*.tif')")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output .ome.tif or .h5 — or a folder (several inputs: one output each)")
+    p.add_argument("--format", choices=["ome-tiff", "hdf5"], default="ome-tiff", help="format when OUTPUT is a folder")
+    p.add_argument("--select", nargs="*", default=[], metavar="AXIS=SEL",
+                   help="frames to reconstruct per axis: T=0:100 keeps a range, C=1 picks one (the axis is dropped)")
+    p.add_argument("--series", type=int, default=0, help="TIFF series (default: 0)")
+    p.add_argument("--dtype", choices=["float32", "uint16"], default="float32",
+                   help="output pixels: float32 in [0, 1] or uint16 scaled by 65535 (default: float32)")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: 32)")
+    p.add_argument("--workers", type=int, default=1, help="reader processes (default: 1)")
+    p.add_argument("--devices", default="1", help="processes/GPUs for Lightning (default: 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (default: 1)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp or ddp_spawn (default: auto)")
+    p.add_argument("--restart", action="store_true", help="discard a partial output of another job instead of refusing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (no progress bar)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _backend_args(p)
+    p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("live", help="acquire and reconstruct live (simulated camera or Micro-Manager), headless",
+                       description="Run the live pipeline without a display: camera → ring buffer → reconstruction, with a "
+                                   "status line (frames/s, dropped frames, frame-to-result latency) and, with --record, raw "
+                                   "frames and reconstructions saved to HDF5 (flushed every second and on stop or error).")
+    p.add_argument("--source", choices=["sim", "mmcore", "pycromanager"], default="sim",
+                   help="sim: the built-in simulated device; mmcore: a Micro-Manager configuration through pymmcore-plus; "
+                        "pycromanager: a running Micro-Manager (default: sim)")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default: 10; Ctrl-C stops early)")
+    p.add_argument("--record", type=Path, help="record to this .h5 file, or to a new live-DATE-TIME.h5 in this folder")
+    _device_arg(p)
+    p.add_argument("--fps", type=float, default=100.0, help="sim: frames per second (default: 100)")
+    p.add_argument("--exposure-ms", type=float, default=None, help="exposure (sim default: 10 ms; mmcore: the configuration's)")
+    p.add_argument("--seed", type=int, default=0, help="sim: scene seed (default: 0)")
+    p.add_argument("--config", type=Path, help="mmcore: Micro-Manager .cfg (default: calibration/ccm-simulated-cannula.cfg)")
+    p.add_argument("--port", type=int, default=4827, help="pycromanager: the Micro-Manager server port (default: 4827)")
+    p.add_argument("--ring-frames", type=int, default=256, help="ring buffer size in frames (default: 256)")
+    p.add_argument("--max-batch", type=int, default=16, help="largest batch when reconstruction falls behind (default: 16)")
+    p.add_argument("--status-every", type=float, default=1.0, help="seconds between status lines (default: 1)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of status lines")
+    _backend_args(p, backend="onnx")
+    p.set_defaults(func=_cmd_live)
+
+    p = sub.add_parser("calibrate", help="capture a calibration stack from a live device (display targets or a reference camera)",
+                       description="Build a calibration stack (raw frame, known target) from a live device: known images "
+                                   "shown on a display (--method display) or a registered reference camera (--method reference). "
+                                   "Dark frames first, N frames averaged per target; re-running the same command resumes.")
+    p.add_argument("--method", choices=["display", "reference"], default="display")
+    p.add_argument("--source", choices=["sim", "mmcore"], default="sim", help="the device's camera (default: sim)")
+    p.add_argument("--display", choices=["sim", "qt"], default="sim", help="where targets are shown (default: sim)")
+    p.add_argument("--screen", type=int, default=1, help="qt: the screen (monitor/SLM) to fill (default: 1)")
+    p.add_argument("--config", type=Path, help="mmcore: Micro-Manager .cfg")
+    _device_arg(p, default="window-see-through")
+    p.add_argument("--targets", nargs="+", default=["digits"], metavar="CLASS", help="target classes: digits, neurons, beads")
+    p.add_argument("--n", type=int, default=500, help="pairs (default: 500)")
+    p.add_argument("--frames-per-target", type=int, default=1, help="frames averaged per target (default: 1)")
+    p.add_argument("--dark-frames", type=int, default=16, help="frames averaged for the dark frame (default: 16)")
+    p.add_argument("--exposure-ms", type=float, help="exposure (default: the camera's)")
+    p.add_argument("--settle-s", type=float, default=0.0, help="wait after showing a target (a display's response time)")
+    p.add_argument("--seed", type=int, default=0, help="which targets (default: 0)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="calibration stack to write (.h5)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="fp32 or static int8 (default: fp32)")
+    p.add_argument("--calibration", help="raw frames for int8 calibration (any INPUT of reconstruct; default: simulated)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("models", help="list the shipped model bundles")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("benchmark", help="measure simulation, inference and batch reconstruction speed and memory; writes JSON",
+                       description="Benchmarks, written as JSON with the machine, the versions and the run count. Suites: "
+                                   "simulation (ccm simulate throughput and memory), inference (per bundle and backend: "
+                                   "batch-1 latency, throughput, peak RSS, SSIM — with the reference architecture in the same "
+                                   "run), batch (ccm reconstruct of 2,000- and 20,000-frame TIFFs vs model-only throughput), live (ccm live "
+                                   "at 100 frames/s for 60 s, simulated camera directly and through pymmcore-plus).")
+    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", []], metavar="SUITE",
+                   help="simulation, inference, batch, live (default: all four)")
+    p.add_argument("--bundles", nargs="+", default=["cannula-220um-2d", "cannula-220um-3d"],
+                   help="bundles for the inference suite; the first also runs the batch suite (default: the shipped 2D and 3D)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<suite>-<machine>.json)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    p.add_argument("--repeats", type=int, default=3, help="runs per case (default: 3)")
+    p.set_defaults(func=_cmd_benchmark)
+    return parser
+
+
+USER_OS_ERRORS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is larger than this file system allows",
+                  errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+                  errno.EROFS: "the file system is read-only"}
+"""OS errors that are about the user's disk, not a bug: shown as one line (with the file) like a CcmError."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``ccm`` command; returns the exit status (0 done, 2 an error in the user's input, 130 interrupted).
+
+    A :class:`~ccm.errors.CcmError` (and a full disk) prints one line; anything else is a bug in ccm and
+    prints its traceback. ``--debug`` prints the traceback for every error.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CcmError, OSError) as err:
+        if args.debug or (isinstance(err, OSError) and not isinstance(err, CcmError) and err.errno not in USER_OS_ERRORS):
+            raise
+        message = str(err) if isinstance(err, CcmError) else _os_error_line(err)
+        print(f"ccm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"ccm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _os_error_line(err: OSError) -> str:
+    what = USER_OS_ERRORS.get(err.errno, err.strerror or str(err))
+    where = f"{err.filename}: " if err.filename else ""
+    hint = " — free some space and run the same command again to resume" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    return f"{where}{what}{hint}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Model bundles: one ``.safetensors`` file with everything needed to reconstruct.
+
+Tensors: the network's weights (``model.*``; the linear stage at float16), the preprocessing
+arrays (``preprocess.dark``, ``preprocess.flat``), a sample pair for the self-test
+(``sample.raw`` (H, W) uint16, ``sample.output`` and ``sample.target`` (D, h, w) float32) and the
+split (``split.val``, ``split.test``: pair indices of the training stack). Metadata (JSON strings):
+``format``, ``format_version``, ``name``, ``description``, ``architecture`` (kind ``unet`` or
+``linear`` and its configuration), ``preprocess``, ``device_json``, ``device_fingerprint``,
+``depths_um``, ``pixel_size_um``, ``training`` (recipe, data hash, split, time, versions) and
+``metrics``.
+
+Safetensors holds plain arrays and strings, so loading runs no code from the file (a pickle —
+what ``torch.save`` writes — can). :func:`load_bundle` refuses pickles, altered device
+descriptions, and bundles whose self-test fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_json, device_to_json, fingerprint
+from ccm.errors import BundleError
+from ccm.infer.linear import LinearInverse, LinearSpec
+from ccm.infer.nets import UNet, UNetConfig
+from ccm.infer.preprocess import PreprocessConfig, Preprocessor
+from ccm.resources import resolve_shipped
+
+FORMAT = "ccm-model-bundle"
+FORMAT_VERSION = 1
+SELF_TEST_TOLERANCE = 2e-3
+"""Largest |output − stored sample output| the self-test accepts (targets span [0, 1])."""
+
+
+
+Architecture = UNetConfig | LinearSpec
+
+
+def build_model(architecture: Architecture) -> torch.nn.Module:
+    """An untrained module for an architecture: (N, 1, H, W) float32 → (N, D, h, w) float32."""
+    return UNet(architecture) if isinstance(architecture, UNetConfig) else LinearInverse(architecture)
+
+
+def architecture_to_dict(architecture: Architecture) -> dict:
+    kind = "unet" if isinstance(architecture, UNetConfig) else "linear"
+    return {"kind": kind, "config": architecture.model_dump(mode="json")}
+
+
+def architecture_from_dict(data: dict) -> Architecture:
+    kinds = {"unet": UNetConfig, "linear": LinearSpec}
+    if data.get("kind") not in kinds:
+        raise BundleError(f"unknown architecture kind {data.get('kind')!r}; expected one of {sorted(kinds)}")
+    return kinds[data["kind"]].model_validate(data["config"])
+
+
+def _half_precision(name: str, architecture: Architecture) -> bool:
+    """Linear-stage buffers are stored at float16 (they are fitted at that precision)."""
+    linear = name.startswith("linear.") if isinstance(architecture, UNetConfig) else True
+    return linear and name.split(".")[-1] in ("weight", "mean_in", "mean_out")
+
+
+@dataclass
+class Bundle:
+    """A trained reconstruction model and everything that goes with it (see the module docstring).
+
+    Shapes: ``sample_raw`` (H, W) uint16; ``sample_output``/``sample_target`` (D, h, w) float32;
+    ``dark``/``flat`` (H, W) float32 ADU / relative; ``depths_um`` (D,) µm.
+    """
+
+    name: str
+    architecture: Architecture
+    state: dict[str, torch.Tensor]
+    preprocess: PreprocessConfig
+    device: CannulaDevice | WindowDevice
+    depths_um: tuple[float, ...]
+    sample_raw: np.ndarray
+    sample_output: np.ndarray
+    sample_target: np.ndarray | None = None
+    dark: np.ndarray | None = None
+    flat: np.ndarray | None = None
+    split: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return architecture_to_dict(self.architecture)["kind"]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.device)
+
+    def preprocessor(self) -> Preprocessor:
+        return Preprocessor(self.preprocess, self.device, dark=self.dark, flat=self.flat)
+
+    def model(self) -> torch.nn.Module:
+        """The module with its weights, in eval mode, float32 on the CPU."""
+        module = build_model(self.architecture)
+        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.state.items()})
+        return module.eval()
+
+    def check_device(self, device: CannulaDevice | WindowDevice, source: str) -> None:
+        """Refuse frames from another device than the one this bundle was trained for."""
+        if fingerprint(device) != self.fingerprint:
+            raise BundleError(f"{source} comes from device {device.name!r} (fingerprint {fingerprint(device)}), but "
+                              f"bundle {self.label} was trained for {self.device.name!r} (fingerprint {self.fingerprint}); "
+                              "each device needs its own calibration and bundle")
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else repr(self.name)
+
+    def save(self, path: Path) -> Path:
+        """Write the bundle to ``path`` (atomically: a temporary name, then renamed)."""
+        path = Path(path)
+        tensors = {f"model.{k}": (v.to(torch.float16) if _half_precision(k, self.architecture) else v).contiguous()
+                   for k, v in self.state.items()}
+        tensors["sample.raw"] = torch.from_numpy(np.ascontiguousarray(self.sample_raw, dtype=np.uint16))
+        tensors["sample.output"] = torch.from_numpy(np.ascontiguousarray(self.sample_output, dtype=np.float32))
+        for name, array in (("sample.target", self.sample_target), ("preprocess.dark", self.dark), ("preprocess.flat", self.flat)):
+            if array is not None:
+                tensors[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        for name in ("val", "test"):
+            if name in self.split:
+                tensors[f"split.{name}"] = torch.as_tensor(np.asarray(self.split[name], np.int64))
+        split_meta = {k: v for k, v in self.split.items() if k not in ("val", "test")}
+        metadata = {
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": self.name, "description": self.description,
+            "architecture": json.dumps(architecture_to_dict(self.architecture)),
+            "preprocess": self.preprocess.model_dump_json(),
+            "device_json": device_to_json(self.device), "device_fingerprint": self.fingerprint,
+            "depths_um": json.dumps([float(d) for d in self.depths_um]),
+            "pixel_size_um": json.dumps({"raw": self.device.sensor.pixel_size_um, "target": self.device.target.pixel_size_um}),
+            "split": json.dumps(split_meta), "training": json.dumps(self.training), "metrics": json.dumps(self.metrics),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+        self.path = path
+        return path
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (16 hex characters) of the architecture and weights: identifies the model in outputs and caches."""
+        digest = hashlib.sha256(json.dumps(architecture_to_dict(self.architecture), sort_keys=True).encode())
+        for name in sorted(self.state):
+            digest.update(name.encode())
+            digest.update(self.state[name].float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def self_test(self) -> float:
+        """Reconstruct the stored sample frame and compare with the stored output; returns the
+        largest difference, raising :class:`BundleError` above :data:`SELF_TEST_TOLERANCE`."""
+        x = self.preprocessor()(self.sample_raw, f"the self-test sample of {self.label}")
+        with torch.inference_mode():
+            output = self.model()(torch.from_numpy(x)).numpy()[0]
+        error = float(np.max(np.abs(output - self.sample_output)))
+        if not error <= SELF_TEST_TOLERANCE:
+            raise BundleError(f"{self.label}: self-test failed — the sample frame reconstructs with a largest error of "
+                              f"{error:.3g} (tolerance {SELF_TEST_TOLERANCE}); the weights or preprocessing do not match "
+                              "what was saved")
+        return error
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    """A safetensors file starts with an 8-byte header length and a JSON header; refuse anything else,
+    naming pickles (``torch.save``, Lightning checkpoints) for what they are."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < size and head[8:9] == b"{":
+        return
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        raise BundleError(f"{path}: this is a pickle (torch.save / Lightning checkpoint) file. ccm never unpickles model "
+                          "files, because unpickling can run code from the file; use a ccm bundle (.safetensors) written "
+                          "by `ccm train`")
+    raise BundleError(f"{path}: not a ccm model bundle (expected a safetensors file written by `ccm train`)")
+
+
+def load_bundle(path: Path, self_test: bool = True) -> Bundle:
+    """Read and validate a bundle; with ``self_test`` (the default), check it reproduces its sample."""
+    path = resolve_shipped(path, "models", ".safetensors", "bundle")
+    _refuse_non_safetensors(path)
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable safetensors file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a ccm model bundle (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format version {meta.get('format_version')}; this ccm reads version {FORMAT_VERSION}")
+    try:
+        device = device_from_json(meta["device_json"], source=f"{path} (device_json)")
+        if fingerprint(device) != meta["device_fingerprint"]:
+            raise BundleError(f"{path}: the stored device fingerprint {meta['device_fingerprint']} does not match its device "
+                              f"description ({fingerprint(device)}): the file was altered")
+        architecture = architecture_from_dict(json.loads(meta["architecture"]))
+        bundle = Bundle(
+            name=meta["name"], architecture=architecture,
+            state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+            preprocess=PreprocessConfig.model_validate_json(meta["preprocess"]), device=device,
+            depths_um=tuple(json.loads(meta["depths_um"])),
+            sample_raw=tensors["sample.raw"].numpy(), sample_output=tensors["sample.output"].numpy(),
+            sample_target=tensors["sample.target"].numpy() if "sample.target" in tensors else None,
+            dark=tensors["preprocess.dark"].numpy() if "preprocess.dark" in tensors else None,
+            flat=tensors["preprocess.flat"].numpy() if "preprocess.flat" in tensors else None,
+            split={**json.loads(meta.get("split", "{}")),
+                   **{k: tensors[f"split.{k}"].numpy() for k in ("val", "test") if f"split.{k}" in tensors}},
+            training=json.loads(meta.get("training", "{}")), metrics=json.loads(meta.get("metrics", "{}")),
+            description=meta.get("description", ""), path=path)
+        bundle.model()  # the weights fit the architecture
+    except BundleError:
+        raise
+    except (KeyError, ValueError, RuntimeError, DeviceError) as err:
+        raise BundleError(f"{path}: invalid bundle ({type(err).__name__}: {err})") from None
+    if self_test:
+        bundle.self_test()
+    return bundle

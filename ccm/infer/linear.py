@@ -1,0 +1,381 @@
+"""The classical baseline: a regularised linear inverse fitted from calibration pairs.
+
+Before networks, CCM images were recovered with a linear inverse of the calibrated system. Here
+it is fitted directly from (preprocessed frame, target volume) pairs by ridge regression on the
+frames' covariance, with Tikhonov or truncated-SVD filtering of its eigenvalues and the
+regularisation strength chosen on the validation split. Two bases keep it tractable:
+
+- ``polar`` (cannulas): a cylinder is rotation-symmetric, so in polar coordinates the forward
+  model is a convolution in angle and each angular frequency m maps on its own: rings of the
+  frame → rings of the target, one small complex matrix per m. A real cannula's imperfections
+  break the symmetry slightly; what they add is left to the networks.
+- ``pixels`` (small sensors such as the see-through window): one dense matrix from the
+  aperture's pixels to the target's.
+
+:class:`LinearInverse` is a torch module, (N, 1, H, W) float32 preprocessed frames → (N, D, h, w)
+float32 volumes, so it is stored in a model bundle, runs wherever a bundle runs, and serves as a
+network's first stage (``UNetConfig.input_stage = "linear"``). Its weights are kept at float16
+precision (rounded when fitted) so bundles stay small and load bit-exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ccm.errors import RecipeError
+
+
+class LinearFit(BaseModel):
+    """How to fit the linear inverse (part of a training recipe)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    basis: Literal["auto", "polar", "pixels"] = "auto"
+    """``auto``: polar for cannulas, pixels for windows."""
+    method: Literal["tikhonov", "tsvd"] = "tikhonov"
+    alphas: tuple[float, ...] = Field(default=tuple(10.0 ** k for k in range(-6, 4)), min_length=1)
+    """Regularisation strengths tried on the validation split, relative to the mean eigenvalue."""
+    n_rings_input: int | None = Field(default=None, ge=2)
+    """Rings sampled on the frame (default: one per input pixel of radius)."""
+    n_rings_target: int | None = Field(default=None, ge=2)
+    """Rings of the target (default: one per target pixel of radius)."""
+    max_frequency: int | None = Field(default=None, ge=0)
+    """Highest angular frequency kept (default: all that 4 angles per ring allow)."""
+    max_frames: int = Field(default=20000, ge=1)
+    """At most this many training pairs are used for the fit."""
+    alpha_factor: float = Field(default=1.0, gt=0)
+    """Multiplies the regularisation chosen on the validation split. Below 1 for a network's first
+    stage: weaker regularisation passes more of the weak (high angular frequency) signal, noise and
+    all, and the network that follows removes the noise better than the filter can."""
+
+
+class LinearSpec(BaseModel):
+    """The shape of a fitted linear inverse; stored in bundles."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    basis: Literal["polar", "pixels"]
+    in_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    out_channels: int
+    input_circle: tuple[float, float, float]
+    """(row, column, radius) of the aperture in input pixels (continuous coordinates)."""
+    target_circle: tuple[float, float, float]
+    """(row, column, radius) of the field of view in target pixels."""
+    n_rings_input: int = 0
+    n_rings_target: int = 0
+    n_angles: int = 0
+    max_frequency: int = 0
+    clip: bool = True
+    """Clip the output to the targets' range [0, 1] (off when feeding a network)."""
+
+
+def bilinear_taps(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], wrap_cols: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear interpolation as a gather: sample points → the flat indices and weights of their
+    four neighbours in an image of ``shape``.
+
+    ``rows``, ``cols``: (S,) float64 positions in index space (pixel i spans [i − 0.5, i + 0.5]).
+    Returns (S, 4) int32 indices and (S, 4) float32 weights. Neighbours outside the image get
+    weight 0 (zero padding), except that with ``wrap_cols`` columns wrap around (angles). The same
+    arithmetic as ``torch.nn.functional.grid_sample``, done once: sampling is then a Gather and a
+    weighted sum, which costs a fraction of a GridSample in ONNX Runtime.
+    """
+    h, w = shape
+    r0, c0 = np.floor(rows), np.floor(cols)
+    fr, fc = rows - r0, cols - c0
+    index, weight = [], []
+    for dr, dc, wt in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+        r, c = (r0 + dr).astype(np.int64), (c0 + dc).astype(np.int64)
+        if wrap_cols:
+            c = np.mod(c, w)
+        valid = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        index.append(np.where(valid, r * w + c, 0))
+        weight.append(np.where(valid, wt, 0.0))
+    return torch.from_numpy(np.stack(index, -1).astype(np.int32)), torch.from_numpy(np.stack(weight, -1).astype(np.float32))
+
+
+def gather_sample(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) images, (S, 4) taps from :func:`bilinear_taps` → (N, C, S) samples."""
+    n, c = x.shape[:2]
+    taps = x.flatten(2).index_select(2, index.flatten()).reshape(n, c, *index.shape)  # a plain Gather in ONNX
+    return (taps * weight).sum(-1)
+
+
+class PolarBasis(nn.Module):
+    """Images ↔ angular-frequency coefficients of rings.
+
+    ``features``: (N, 1, H, W) → (N, M, R_in, 2); ``target_features``: (N, D, h, w) →
+    (N, M, D·R_out, 2); ``image``: (N, M, D·R_out, 2) → (N, D, h, w). M = max_frequency + 1; the
+    trailing 2 holds real and imaginary parts (complex tensors neither export to ONNX nor autocast).
+    ``spectrum`` and ``synthesise`` are the same transforms in the layout the forward pass uses,
+    (N, C·R, 2, M) with real parts before imaginary ones.
+    """
+
+    def __init__(self, spec: LinearSpec):
+        super().__init__()
+        self.spec = spec
+        a = spec.n_angles
+        angles = 2 * np.pi * np.arange(a) / a
+
+        def ring_taps(circle, n, shape):  # n rings × A angles, centre-of-pixel coordinates → taps
+            row, col, radius = circle
+            r = (np.arange(n) + 0.5) / n * radius
+            rows, cols = row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
+            return bilinear_taps(rows.ravel() - 0.5, cols.ravel() - 0.5, shape)
+
+        for name, taps in (("input", ring_taps(spec.input_circle, spec.n_rings_input, spec.in_shape)),
+                           ("target", ring_taps(spec.target_circle, spec.n_rings_target, spec.out_shape))):
+            self.register_buffer(f"{name}_index", taps[0], persistent=False)
+            self.register_buffer(f"{name}_weight", taps[1], persistent=False)
+        # target pixel centres → (ring, angle) of the polar image; angles wrap, outside the field of view is 0
+        h, w = spec.out_shape
+        row, col, radius = spec.target_circle
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        rr = np.hypot(yy - row, xx - col)
+        u = np.mod(np.arctan2(yy - row, xx - col), 2 * np.pi) / (2 * np.pi) * a
+        v = np.clip(rr / radius * spec.n_rings_target - 0.5, 0, spec.n_rings_target - 1)
+        index, weight = bilinear_taps(v.ravel(), u.ravel(), (spec.n_rings_target, a), wrap_cols=True)
+        self.register_buffer("output_index", index, persistent=False)
+        self.register_buffer("output_weight", weight * torch.from_numpy((rr <= radius).ravel()[:, None]), persistent=False)
+        # real DFT matrices, real parts then imaginary parts: the angular transform is a plain matrix
+        # product, so the stage exports to ONNX and costs little at these sizes (A ≤ a few hundred)
+        m = np.arange(spec.max_frequency + 1)
+        phase = 2 * np.pi * np.outer(np.arange(a), m) / a  # (A, M)
+        weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0) / a
+        self.register_buffer("dft", torch.from_numpy(np.concatenate([np.cos(phase), -np.sin(phase)], 1).astype(np.float32)),
+                             persistent=False)  # (A, 2M): rfft
+        self.register_buffer("idft", torch.from_numpy(np.concatenate([np.cos(phase) * weight, -np.sin(phase) * weight], 1).T
+                                                      .astype(np.float32)), persistent=False)  # (2M, A): irfft
+        # error weights: Parseval (m = 0 and the Nyquist bin once, others twice) × ring area
+        freq_weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0)
+        ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
+        self.register_buffer("error_weight", torch.from_numpy(np.outer(freq_weight, ring_weight)), persistent=False)
+
+    def spectrum(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """(N, C, H, W) images → (N, C·R, 2, M) angular spectra of their rings."""
+        index, weight = (self.target_index, self.target_weight) if target else (self.input_index, self.input_weight)
+        polar = gather_sample(x, index, weight)  # (N, C, R·A)
+        n, c = polar.shape[:2]
+        return (polar.reshape(n, -1, self.spec.n_angles) @ self.dft).reshape(n, -1, 2, self.spec.max_frequency + 1)
+
+    def synthesise(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """(N, D, R_out, 2M) spectra → (N, D, h, w) images."""
+        n, d = spectrum.shape[:2]
+        polar = spectrum @ self.idft  # (N, D, R_out, A)
+        return gather_sample(polar, self.output_index, self.output_weight).reshape(n, d, *self.spec.out_shape)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spectrum(x).permute(0, 3, 1, 2)
+
+    def target_features(self, y: torch.Tensor) -> torch.Tensor:
+        return self.spectrum(y, target=True).permute(0, 3, 1, 2)
+
+    def image(self, coefficients: torch.Tensor) -> torch.Tensor:
+        n, m = coefficients.shape[:2]
+        d, r = self.spec.out_channels, self.spec.n_rings_target
+        return self.synthesise(coefficients.reshape(n, m, d, r, 2).permute(0, 2, 3, 4, 1).reshape(n, d, r, 2 * m))
+
+
+class PixelBasis(nn.Module):
+    """Images ↔ pixel vectors: (N, 1, H, W) → (N, 1, P) over the aperture; (N, D, h, w) ↔ (N, 1, D·h·w)."""
+
+    def __init__(self, spec: LinearSpec):
+        super().__init__()
+        self.spec = spec
+        h, w = spec.in_shape
+        row, col, radius = spec.input_circle
+        yy, xx = np.mgrid[0:h, 0:w] + 0.5
+        inside = np.flatnonzero((np.hypot(yy - row, xx - col) <= radius).ravel()) if spec.input_circle[2] < max(h, w) \
+            else np.arange(h * w)
+        self.register_buffer("index", torch.from_numpy(inside), persistent=False)
+        self.register_buffer("error_weight", torch.ones(1, spec.out_channels * spec.out_shape[0] * spec.out_shape[1],
+                                                        dtype=torch.float64), persistent=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, self.index][:, None]
+
+    def target_features(self, y: torch.Tensor) -> torch.Tensor:
+        return y.flatten(1)[:, None]
+
+    def image(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return coefficients.reshape(coefficients.shape[0], self.spec.out_channels, *self.spec.out_shape)
+
+
+def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
+    """(M, F, G): frequency blocks, input features and output features per block."""
+    if spec.basis == "polar":
+        return spec.max_frequency + 1, spec.n_rings_input, spec.out_channels * spec.n_rings_target
+    return 1, len(PixelBasis(spec).index), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
+
+
+class LinearInverse(nn.Module):
+    """(N, 1, H, W) float32 preprocessed frames → (N, D, h, w) float32 volumes, linearly.
+
+    Buffers (stored in bundles): ``mean_in`` (M, F), ``mean_out`` (M, G) and ``weight`` (M, F, G),
+    complex for the polar basis (kept as real/imaginary pairs in a trailing axis of 2).
+    """
+
+    def __init__(self, spec: LinearSpec):
+        super().__init__()
+        self.spec = spec
+        self.basis = PolarBasis(spec) if spec.basis == "polar" else PixelBasis(spec)
+        m, f, g = feature_sizes(spec)
+        pair = (2,) if spec.basis == "polar" else ()
+        self.register_buffer("mean_in", torch.zeros(m, f, *pair))
+        self.register_buffer("mean_out", torch.zeros(m, g, *pair))
+        self.register_buffer("weight", torch.zeros(m, f, g, *pair))
+        for name, shape in (("wr", (m, f, g)), ("wi", (m, f, g)), ("bias", (m, 2, g))):
+            self.register_buffer(name, torch.zeros(shape) if pair else torch.zeros(0), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_loading)
+
+    def refresh(self) -> None:
+        """Derive what the forward pass multiplies by, after loading and after fitting (polar basis):
+        the real and imaginary weights as contiguous (M, F, G) matrices, and the means folded into a
+        bias, ``b = (a − mean_in)·W + mean_out``, (M, 2, G) real/imaginary."""
+        if self.spec.basis == "polar":
+            self.wr, self.wi = (w.contiguous() for w in self.weight.unbind(-1))
+            (mr, mi), (orr, oi) = self.mean_in.unbind(-1), self.mean_out.unbind(-1)
+            product = lambda a, w: (a[:, None] @ w)[:, 0]  # noqa: E731  (M, F) · (M, F, G) → (M, G)
+            real = orr - product(mr, self.wr) + product(mi, self.wi)
+            imag = oi - product(mr, self.wi) - product(mi, self.wr)
+            self.bias = torch.stack([real, imag], 1).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # the linear stage stays in float32
+            x = x.float()
+            if self.spec.basis == "polar":
+                s = self.basis.spectrum(x)  # (N, F, 2, M)
+                n, m = s.shape[0], s.shape[-1]
+                a = s.permute(3, 2, 0, 1).reshape(m, 2 * n, -1)  # (M, 2N, F): real rows, then imaginary rows
+                p, q = a @ self.wr, a @ self.wi  # each weight matrix is read once per batch (memory-bound at batch 1)
+                b = torch.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1) + self.bias[:, :, None]  # (M, 2, N, G)
+                d, r = self.spec.out_channels, self.spec.n_rings_target
+                y = self.basis.synthesise(b.reshape(m, 2, n, d, r).permute(2, 3, 4, 1, 0).reshape(n, d, r, 2 * m))
+            else:
+                b = torch.einsum("nmf,mfg->nmg", self.basis.features(x) - self.mean_in, self.weight) + self.mean_out
+                y = self.basis.image(b)
+        return y.clamp(0, 1) if self.spec.clip else y
+
+
+def _refresh_after_loading(module: LinearInverse, _incompatible_keys) -> None:
+    module.refresh()  # a named function, not a lambda: modules are pickled for spawned DDP processes
+
+
+def resolve_spec(fit: LinearFit, preprocessor, out_channels: int, clip: bool = True) -> LinearSpec:
+    """Fill in a :class:`LinearSpec` for frames prepared by ``preprocessor`` (a
+    :class:`ccm.infer.preprocess.Preprocessor`) and targets of its device with ``out_channels`` planes."""
+    device = preprocessor.device
+    in_shape = tuple(preprocessor.output_shape)
+    out_shape = tuple(device.target.shape)
+    h, w = out_shape
+    # a rotation-symmetric device sees a disk; otherwise the whole grid (a circle around it)
+    target_circle = (h / 2, w / 2, device.field_radius_px if device.rotation_symmetric else float(max(h, w)))
+    basis = fit.basis if fit.basis != "auto" else ("polar" if device.rotation_symmetric else "pixels")
+    input_circle = preprocessor.aperture_circle()
+    if basis == "pixels":
+        if not device.rotation_symmetric:
+            input_circle = (in_shape[0] / 2, in_shape[1] / 2, float(max(in_shape)))
+        return LinearSpec(basis="pixels", in_shape=in_shape, out_shape=out_shape, out_channels=out_channels,
+                          input_circle=input_circle, target_circle=target_circle, clip=clip)
+    if not device.rotation_symmetric:
+        raise RecipeError("the polar basis needs a rotation-symmetric device (a cannula); use basis: pixels")
+    n_in = fit.n_rings_input or max(2, int(round(input_circle[2])))
+    n_out = fit.n_rings_target or max(2, int(round(target_circle[2])))
+    n_angles = 4 * n_out
+    m_max = min(fit.max_frequency if fit.max_frequency is not None else n_angles // 2, n_angles // 2)
+    return LinearSpec(basis="polar", in_shape=in_shape, out_shape=out_shape, out_channels=out_channels,
+                      input_circle=input_circle, target_circle=target_circle, n_rings_input=n_in,
+                      n_rings_target=n_out, n_angles=n_angles, max_frequency=m_max, clip=clip)
+
+
+class _Moments:
+    """Running sums over (features a, targets b) for every frequency block, in double precision."""
+
+    def __init__(self):
+        self.n = 0
+        self.sa = self.sb = self.gram = self.cross = None
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.to(torch.complex128 if a.is_complex() else torch.float64), b.to(torch.complex128 if b.is_complex() else torch.float64)
+        terms = (a.sum(0), b.sum(0), torch.einsum("nmf,nmk->mfk", a.conj(), a), torch.einsum("nmf,nmg->mfg", a.conj(), b))
+        if self.sa is None:
+            self.sa, self.sb, self.gram, self.cross = terms
+        else:
+            self.sa, self.sb, self.gram, self.cross = (x + t for x, t in zip((self.sa, self.sb, self.gram, self.cross), terms))
+        self.n += len(a)
+
+
+def _complex(t: torch.Tensor) -> torch.Tensor:
+    """Polar features (…, 2) real/imaginary pairs → complex; pixel features pass through."""
+    return t if t.ndim == 3 else torch.view_as_complex(t.contiguous())
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to float16 precision (bundles store these weights at half precision)."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       val: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[LinearInverse, dict]:
+    """Fit a :class:`LinearInverse` by ridge regression.
+
+    ``train`` and ``val`` yield (x, y) batches: x (n, 1, H, W) float32 preprocessed frames, y
+    (n, D, h, w) float32 targets. The frames' covariance is eigendecomposed per frequency block;
+    each block's regularisation (``fit.alphas`` × its mean eigenvalue) is chosen on ``val``.
+    Returns the module and a report (chosen alphas, validation error per alpha).
+    """
+    model = LinearInverse(spec)
+    basis = model.basis
+    moments = _Moments()
+    with torch.no_grad():
+        for x, y in train:
+            moments.add(_complex(basis.features(x.float())), _complex(basis.target_features(y.float())))
+            if moments.n >= fit.max_frames:
+                break
+        if moments.n < 2:
+            raise RecipeError("the linear inverse needs at least 2 training pairs")
+        n = moments.n
+        mean_a, mean_b = moments.sa / n, moments.sb / n
+        cov = moments.gram / n - torch.einsum("mf,mk->mfk", mean_a.conj(), mean_a)
+        cross = moments.cross / n - torch.einsum("mf,mg->mfg", mean_a.conj(), mean_b)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        eigval = eigval.clamp(min=0)
+        projected = eigvec.conj().transpose(-1, -2) @ cross  # (M, F, G): V^H C
+        scale = eigval.mean(dim=-1, keepdim=True).clamp(min=1e-30)
+        alphas = torch.tensor(fit.alphas, dtype=torch.float64)
+
+        def filters(alpha):  # (M, F) spectral filter for one relative strength
+            lam = alpha * scale
+            if fit.method == "tikhonov":
+                return 1 / (eigval + lam)
+            return torch.where(eigval > lam, 1 / eigval.clamp(min=1e-300), torch.zeros_like(eigval))
+
+        errors = torch.zeros(len(alphas), eigval.shape[0], dtype=torch.float64)
+        n_val = 0
+        for x, y in val:
+            a = torch.einsum("nmf,mfk->nmk", _complex(basis.features(x.float())).to(projected.dtype) - mean_a, eigvec)  # eigenbasis
+            b = _complex(basis.target_features(y.float())).to(projected.dtype) - mean_b
+            for k, alpha in enumerate(alphas):
+                pred = torch.einsum("nmf,mfg->nmg", a * filters(alpha), projected)
+                errors[k] += ((pred - b).abs() ** 2 * basis.error_weight).sum(dim=(0, 2))
+            n_val += len(x)
+        if n_val == 0:
+            raise RecipeError("the linear inverse needs validation pairs to choose its regularisation")
+        best = errors.argmin(dim=0)  # per block
+        chosen = torch.stack([filters(alphas[k] * fit.alpha_factor)[i] for i, k in enumerate(best.tolist())])
+        weight = eigvec @ (chosen[..., None] * projected)
+        as_stored = (lambda t: torch.view_as_real(t.to(torch.complex64))) if spec.basis == "polar" else (lambda t: t.float())
+        model.mean_in.copy_(_fp16(as_stored(mean_a)))
+        model.mean_out.copy_(_fp16(as_stored(mean_b)))
+        model.weight.copy_(_fp16(as_stored(weight)))
+        model.refresh()
+    total = errors.sum(dim=1)
+    report = {"pairs": n, "validation_pairs": n_val, "method": fit.method, "basis": spec.basis,
+              "alphas": list(fit.alphas), "validation_error_per_alpha": (total / n_val).tolist(),
+              "chosen_alpha_per_block": [fit.alphas[k] for k in best.tolist()], "alpha_factor": fit.alpha_factor}
+    return model, report

@@ -1,0 +1,154 @@
+"""Raw frame → network input: the one preprocessing implementation.
+
+Training, batch reconstruction, the live pipeline and napari all call :class:`Preprocessor`, and a
+model bundle stores its :class:`PreprocessConfig` and arrays, so a frame is prepared the same way
+everywhere. Steps, in order:
+
+1. check the frames (shape of the device's sensor, integer or finite values);
+2. subtract the dark frame (ADU);
+3. divide by the flat field (relative pixel response, mean 1), if one is given;
+4. zero the pixels outside the device's aperture (for a cannula: outside the exit face, where a
+   camera records only read noise);
+5. crop to a window of the sensor, if configured;
+6. resize (area averaging) to the network's input shape, if configured;
+7. scale: divide by ``scale_adu`` (fitted on training frames as a high percentile of the
+   dark-subtracted signal), so typical inputs lie in [0, 1].
+
+Frames in: (N, H, W) or (H, W), uint16 ADU (or float). Out: (N, 1, h, w) float32.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ccm.devices import CannulaDevice, WindowDevice
+from ccm.errors import FrameError
+
+
+class PreprocessConfig(BaseModel):
+    """How raw frames become network inputs; stored in every model bundle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subtract_dark: bool = True
+    flat_field: bool = False
+    aperture: bool = True
+    crop: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
+    """(top, left, height, width) in raw pixels, or None for the whole frame."""
+    input_shape: tuple[Annotated[int, Field(ge=4)], Annotated[int, Field(ge=4)]] | None = None
+    """(h, w) the network takes, or None to keep the (cropped) frame's shape."""
+    scale_adu: float = Field(default=1.0, gt=0)
+    """Dark-subtracted ADU that maps to 1.0."""
+    scale_percentile: float = Field(default=99.9, gt=0, le=100)
+    """Percentile of training pixels (inside the aperture) that :meth:`Preprocessor.fit_scale` sets ``scale_adu`` to."""
+
+
+
+def aperture_mask(device: CannulaDevice | WindowDevice) -> np.ndarray:
+    """(H, W) float32, read-only: 1 where the sensor sees light through the device, 0 elsewhere."""
+    return device.sensor_aperture_mask()
+
+
+class Preprocessor:
+    """Apply a :class:`PreprocessConfig` for one device.
+
+    Parameters
+    ----------
+    config : the steps and their parameters.
+    device : the device the frames come from (sensor shape, aperture).
+    dark : (H, W) float32 mean dark frame in ADU; required if ``config.subtract_dark``.
+    flat : (H, W) float32 relative pixel response (mean 1); required if ``config.flat_field``.
+    """
+
+    def __init__(self, config: PreprocessConfig, device: CannulaDevice | WindowDevice,
+                 dark: np.ndarray | None = None, flat: np.ndarray | None = None):
+        self.config = config
+        self.device = device
+        shape = tuple(device.sensor.shape)
+        for name, array, needed in (("dark", dark, config.subtract_dark), ("flat", flat, config.flat_field)):
+            if needed and array is None:
+                raise FrameError(f"the preprocessing config asks for a {name} frame, but none was given")
+            if array is not None and np.shape(array) != shape:
+                raise FrameError(f"{name} frame has shape {np.shape(array)}, expected {shape} (the sensor of {device.name})")
+        self.dark = np.asarray(dark, np.float32) if config.subtract_dark else None
+        gain = np.ones(shape, np.float32)
+        if config.flat_field:
+            flat = np.asarray(flat, np.float32)
+            if not np.all(np.isfinite(flat)) or flat.min() <= 0:
+                raise FrameError("flat frame must be finite and positive")
+            gain /= flat
+        if config.aperture:
+            gain *= aperture_mask(device)
+        # steps 3, 4 and 7 are one multiplication by a per-pixel map
+        self._gain = gain / np.float32(config.scale_adu)
+        if config.crop is not None:
+            top, left, height, width = config.crop
+            if top + height > shape[0] or left + width > shape[1]:
+                raise FrameError(f"crop {config.crop} does not fit the {shape} sensor")
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """(h, w) of the network input."""
+        if self.config.input_shape is not None:
+            return tuple(self.config.input_shape)
+        return tuple(self.config.crop[2:]) if self.config.crop is not None else tuple(self.device.sensor.shape)
+
+    def aperture_circle(self) -> tuple[float, float, float]:
+        """(centre row, centre column, radius) of a cannula's exit face in network-input pixels
+        (continuous coordinates: pixel i spans [i, i + 1]); for a window, the inscribed circle."""
+        device, (h_in, w_in) = self.device, self.output_shape
+        height, width = device.sensor.shape
+        top, left, crop_h, crop_w = self.config.crop if self.config.crop is not None else (0, 0, height, width)
+        sy, sx = h_in / crop_h, w_in / crop_w
+        if not device.rotation_symmetric:  # a window: the inscribed circle
+            return h_in / 2, w_in / 2, min(h_in, w_in) / 2
+        radius = device.cannula.diameter_um / 2 / device.sensor.pixel_size_um
+        return (height / 2 - top) * sy, (width / 2 - left) * sx, radius * min(sy, sx)
+
+    def check(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:
+        """Validate frames; returns them as (N, H, W). ``source`` names where they came from in errors."""
+        frames = np.asarray(frames)
+        if frames.ndim == 2:
+            frames = frames[None]
+        expected = tuple(self.device.sensor.shape)
+        if frames.ndim != 3 or frames.shape[1:] != expected:
+            raise FrameError(f"{source}: expected frames of shape (N, {expected[0]}, {expected[1]}) from {self.device.name}'s "
+                             f"sensor, found {frames.shape}")
+        if frames.dtype.kind == "f":
+            if not np.all(np.isfinite(frames)):
+                raise FrameError(f"{source}: frames contain NaN or infinite values")
+        elif frames.dtype.kind not in "ui":
+            raise FrameError(f"{source}: expected integer ADU (uint16) or float frames, found dtype {frames.dtype}")
+        return frames
+
+    def __call__(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:
+        """(N, H, W) or (H, W) raw frames → (N, 1, h, w) float32 network input."""
+        frames = self.check(frames, source)
+        x = frames.astype(np.float32)
+        if self.dark is not None:
+            x -= self.dark
+        x *= self._gain
+        if self.config.crop is not None:
+            top, left, height, width = self.config.crop
+            x = x[:, top:top + height, left:left + width]
+        if self.config.input_shape is not None and tuple(x.shape[1:]) != tuple(self.config.input_shape):
+            h, w = self.config.input_shape
+            x = np.stack([cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA) for frame in x])
+        return np.ascontiguousarray(x[:, None])
+
+    def fit_scale(self, frames: np.ndarray) -> PreprocessConfig:
+        """A copy of the config whose ``scale_adu`` maps the ``scale_percentile`` of these frames'
+        dark-subtracted signal (inside the aperture) to 1.0. Use a sample of training frames."""
+        frames = self.check(frames, "training frames").astype(np.float32)
+        if self.dark is not None:
+            frames = frames - self.dark
+        inside = aperture_mask(self.device) > 0 if self.config.aperture else np.ones(self.device.sensor.shape, bool)
+        value = float(np.percentile(frames[:, inside], self.config.scale_percentile))
+        if not value > 0:
+            raise FrameError(f"cannot fit the input scale: the {self.config.scale_percentile}th percentile of the "
+                             f"dark-subtracted frames is {value:.3g} ADU (are the frames dark?)")
+        return self.config.model_copy(update={"scale_adu": value})

@@ -1,0 +1,58 @@
+"""Frames → volumes: the one inference path for bundles (networks and the linear baseline).
+
+Evaluation, the self-test, batch reconstruction (:mod:`ccm.infer.batch`), benchmarks and the live view
+all call :class:`Reconstructor`. It checks and preprocesses frames (:class:`ccm.infer.preprocess.Preprocessor`,
+the one implementation shared with training) and hands them, in batches, to a backend
+(:mod:`ccm.infer.backends`: PyTorch on CPU/GPU, ONNX Runtime fp32/int8).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ccm.infer.backends import InferenceOptions, make_backend
+from ccm.infer.bundle import Bundle
+
+
+class Reconstructor:
+    """A bundle on a backend: ``__call__(frames)`` → volumes.
+
+    Parameters
+    ----------
+    bundle : the model bundle (or linear baseline).
+    options : backend, device, precision, threads, compilation (:class:`ccm.infer.backends.InferenceOptions`);
+        default PyTorch fp32 on the CPU.
+    batch_size : frames per forward pass (1 is the low-latency live path; larger batches give throughput).
+    onnx_path : an ONNX file written by ``ccm export`` for the ``onnx`` backend (default: exported and cached).
+    calibration : (N, H, W) uint16 raw frames of the device, for an int8 ONNX export that is not cached yet.
+    """
+
+    def __init__(self, bundle: Bundle, options: InferenceOptions | None = None, batch_size: int = 32,
+                 onnx_path: str | os.PathLike | None = None, calibration: np.ndarray | None = None):
+        self.bundle = bundle
+        self.options = options or InferenceOptions()
+        self.preprocessor = bundle.preprocessor()
+        self.backend = make_backend(bundle, self.options, onnx_path, calibration)
+        self.batch_size = batch_size
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(D, h, w) of one reconstructed volume."""
+        return (len(self.bundle.depths_um), *self.bundle.device.target.shape)
+
+    def __call__(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:
+        """(N, H, W) or (H, W) raw frames (uint16 ADU) → (N, D, h, w) float32 volumes in [0, 1].
+
+        Frames of another shape, NaN frames, or non-numeric data raise :class:`ccm.infer.preprocess.FrameError`
+        naming ``source``.
+        """
+        return self.run_preprocessed(self.preprocessor(frames, source))
+
+    def run_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """(N, 1, H', W') float32 frames already through :attr:`preprocessor` → (N, D, h, w) float32."""
+        out = np.empty((len(x), *self.output_shape), np.float32)
+        for start in range(0, len(x), self.batch_size):
+            out[start:start + self.batch_size] = self.backend.run(x[start:start + self.batch_size])
+        return out

@@ -1,0 +1,363 @@
+"""Recorded raw frames, whatever the container: TIFF (multi-page, BigTIFF, OME, ImageJ, Micro-Manager
+OME-TIFF), a folder or glob of single-frame TIFFs, NDTiff datasets (pycromanager), HDF5.
+
+:func:`open_recording` returns a :class:`Recording`: ``n`` frames of (H, W) laid out on extra axes
+(time, channel, position, …; C order), read a few at a time — memory does not grow with the
+length of the recording. Contiguous uncompressed TIFF data is read with ``os.pread`` at computed
+offsets rather than memory-mapped, so resident memory stays flat however long the file is.
+
+Recordings pickle as their description (paths, axes, selection) and reopen their files lazily,
+so DataLoader workers and DDP processes each hold their own handles.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ccm.errors import RecordingError
+from ccm.portable import pread
+
+NDTIFF_AXES = {"time": "T", "channel": "C", "z": "Z", "position": "P", "row": "R", "column": "U"}
+"""NDTiff axis names → one-letter axes in outputs (unknown names keep their first letter, upper case)."""
+
+
+
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+@dataclass
+class Recording:
+    """Frames of one recording; see the module docstring.
+
+    kind : ``tiff``, ``tiff-folder``, ``ndtiff`` or ``hdf5``.
+    paths : the file(s) (for a folder, one per frame, in order).
+    axes : one letter per extra axis (e.g. ``"TC"``); ``shape`` their sizes; frame ``i`` is the C-order
+        flat index over them.
+    frame_shape, dtype : of one frame.
+    metadata : JSON-able description of the source, carried into outputs.
+    """
+
+    kind: str
+    paths: list[str]
+    axes: str
+    shape: tuple[int, ...]
+    frame_shape: tuple[int, int]
+    dtype: np.dtype
+    metadata: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    """HDF5: the dataset path; NDTiff: unused."""
+    series: int = 0
+    contiguous_offset: int | None = None
+    """TIFF: byte offset of frame 0 when the series is uncompressed and contiguous (read with pread)."""
+    ndtiff_axes: list[tuple[str, list]] = field(default_factory=list)
+    """NDTiff: (axis name, values) in the order of ``axes``."""
+    _handle: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        return state
+
+    @property
+    def n(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def description(self) -> str:
+        return self.paths[0] if len(self.paths) == 1 or self.kind != "tiff-folder" else f"{Path(self.paths[0]).parent}/ ({len(self.paths)} files)"
+
+    def identity(self) -> dict:
+        """What an interrupted job checks before resuming: the files, their sizes and modification times."""
+        files = self.paths if self.kind != "ndtiff" else sorted(glob.glob(os.path.join(self.paths[0], "*")))
+        return {"kind": self.kind, "files": [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p in files[:1000]],
+                "count": len(files), "axes": self.axes, "shape": list(self.shape), "dataset": self.dataset, "series": self.series}
+
+    def _open(self):
+        if self._handle is None:
+            if self.kind == "tiff":
+                import tifffile
+
+                self._handle = os.open(self.paths[0], os.O_RDONLY) if self.contiguous_offset is not None else tifffile.TiffFile(self.paths[0])
+            elif self.kind == "hdf5":
+                import h5py
+                import hdf5plugin  # noqa: F401  (registers the compression filters)
+
+                self._handle = h5py.File(self.paths[0], "r")[self.dataset]
+            elif self.kind == "ndtiff":
+                from ndtiff import Dataset
+
+                self._handle = Dataset(self.paths[0])
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            if isinstance(self._handle, int):
+                os.close(self._handle)
+            elif self.kind == "hdf5":
+                self._handle.file.close()
+            else:
+                self._handle.close()
+            self._handle = None
+
+    def timestamps_s(self, frames: np.ndarray) -> np.ndarray | None:
+        """Acquisition times of ``frames`` (flat indices), seconds after the first of them, when the
+        recording has them: ``timestamp_s`` of a ccm live recording (HDF5), ``ElapsedTime-ms`` of
+        Micro-Manager frames (NDTiff metadata, or the per-frame tag of Micro-Manager TIFFs); else None."""
+        try:
+            times = self._timestamps(np.asarray(frames))
+        except (OSError, KeyError, ValueError, TypeError, AttributeError):
+            return None  # timestamps are a courtesy: a recording without readable ones is still reconstructed
+        return None if times is None else np.asarray(times, np.float64) - float(times[0])
+
+    def _timestamps(self, frames: np.ndarray):
+        if self.kind == "hdf5":
+            import h5py
+
+            with h5py.File(self.paths[0], "r") as f:
+                if "timestamp_s" in f and len(f["timestamp_s"]) == self.n:
+                    return f["timestamp_s"][()][frames]
+            return None
+        if self.kind == "ndtiff":
+            dataset, times = self._open(), []
+            for index in frames:
+                coords = {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(int(index), self.shape))}
+                times.append(float(dataset.read_metadata(**coords)["ElapsedTime-ms"]) / 1000)
+            return times
+        if self.kind == "tiff":
+            import tifffile
+
+            with tifffile.TiffFile(self.paths[0]) as tif:
+                if 51123 not in tif.pages.first.tags:  # MicroManagerMetadata, one JSON per frame
+                    return None
+                series = tif.series[self.series]
+                return [float(json.loads(series.pages[int(i)].tags[51123].value)["ElapsedTime-ms"]) / 1000 for i in frames]
+        return None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start`` … ``stop − 1`` (flat indices) → (n, H, W) in the recording's dtype."""
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"frames {start}:{stop} outside the {self.n} frames of {self.description}")
+        try:
+            return self._read(start, stop)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err}") from err
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        h, w = self.frame_shape
+        if self.kind == "tiff" and self.contiguous_offset is not None:
+            size = h * w * self.dtype.itemsize
+            buffer = pread(self._open(), size * (stop - start), self.contiguous_offset + start * size)
+            if len(buffer) != size * (stop - start):
+                raise OSError(f"the file ends early (truncated?): {len(buffer)} of {size * (stop - start)} bytes")
+            return np.frombuffer(buffer, self.dtype).reshape(stop - start, h, w)
+        if self.kind == "tiff":
+            data = self._open().asarray(key=range(start, stop), series=self.series)
+            return np.asarray(data).reshape(stop - start, h, w)
+        if self.kind == "tiff-folder":
+            import tifffile
+
+            frames = []
+            for path in self.paths[start:stop]:
+                frame = tifffile.imread(path)
+                if frame.shape != (h, w):
+                    raise RecordingError(f"{path}: a frame of shape {frame.shape}, expected {(h, w)} like the folder's first file")
+                frames.append(frame)
+            return np.stack(frames).astype(self.dtype, copy=False)
+        if self.kind == "hdf5":
+            dataset = self._open()
+            if len(self.shape) <= 1:
+                return dataset[start:stop].reshape(stop - start, h, w)
+            return np.stack([dataset[np.unravel_index(i, self.shape)] for i in range(start, stop)])
+        dataset = self._open()
+        frames = []
+        for index in range(start, stop):
+            coords = {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(index, self.shape))}
+            if not dataset.has_image(**coords):
+                raise RecordingError(f"{self.paths[0]}: no image at {coords} (an incomplete acquisition?)")
+            frames.append(dataset.read_image(**coords))
+        return np.stack(frames)
+
+
+def _tiff(path: Path, series: int) -> Recording:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise RecordingError(f"{path}: not a readable TIFF file (no images in it)")
+            if series >= len(tif.series):
+                raise RecordingError(f"{path}: series {series} asked, the file has {len(tif.series)}")
+            s = tif.series[series]
+            axes, shape = s.axes, tuple(s.shape)
+            if "S" in axes or not axes.endswith("YX"):
+                raise RecordingError(f"{path}: series {series} has axes {axes!r} {shape}; expected grey-level frames "
+                                     "(…YX, one sample per pixel) from a camera")
+            meta: dict[str, Any] = {"format": s.kind, "file": str(path), "axes": axes, "shape": list(shape), "dtype": str(s.dtype)}
+            if tif.is_ome:
+                meta["ome_xml"] = tif.ome_metadata
+            if tif.is_imagej:
+                meta["imagej"] = {k: v for k, v in (tif.imagej_metadata or {}).items() if isinstance(v, (int, float, str))}
+            if tif.is_micromanager:
+                meta["micromanager"] = _jsonable((tif.micromanager_metadata or {}).get("Summary", {}))
+            offset = s.dataoffset if s.dtype.byteorder in ("=", "|", "<" if np.little_endian else ">") else None
+            if offset is not None and any(p.parent is not tif for p in s.pages[:1] if p is not None):
+                offset = None  # a multi-file series: read page by page
+    except tifffile.TiffFileError as err:
+        raise RecordingError(f"{path}: not a readable TIFF file ({err})") from err
+    extra = axes[:-2].replace("Q", "T").replace("I", "T")  # unnamed leading axes are frames in time
+    return Recording("tiff", [str(path)], extra, shape[:-2], shape[-2:], np.dtype(s.dtype), meta, series=series,
+                     contiguous_offset=offset)
+
+
+def _folder(paths: list[str], source: str) -> Recording:
+    import tifffile
+
+    if not paths:
+        raise RecordingError(f"{source}: no TIFF files")
+    paths = sorted(paths, key=_natural_key)
+    try:
+        first = tifffile.imread(paths[0])
+    except (tifffile.TiffFileError, OSError) as err:
+        raise RecordingError(f"{paths[0]}: not a readable TIFF file ({err})") from err
+    if first.ndim != 2:
+        raise RecordingError(f"{paths[0]}: a folder of TIFFs should hold one (H, W) frame per file, found shape {first.shape}")
+    meta = {"format": "tiff-folder", "folder": source, "files": len(paths), "first": paths[0], "last": paths[-1]}
+    return Recording("tiff-folder", paths, "T", (len(paths),), first.shape, first.dtype, meta)
+
+
+def _ndtiff(path: Path) -> Recording:
+    from ndtiff import Dataset
+
+    try:
+        dataset = Dataset(str(path))
+    except Exception as err:  # ndtiff raises plain Exceptions for broken indexes
+        raise RecordingError(f"{path}: not a readable NDTiff dataset ({err})") from err
+    try:
+        axes = [(name, sorted(values, key=str)) for name, values in dataset.axes.items()]
+        image = dataset.read_image(**{name: values[0] for name, values in axes})
+        summary = _jsonable(dataset.summary_metadata or {})
+    finally:
+        dataset.close()
+    letters = "".join(NDTIFF_AXES.get(name, name[:1].upper()) for name, _ in axes)
+    meta = {"format": "ndtiff", "folder": str(path), "axes": {n: [str(v) for v in vals] for n, vals in axes}, "summary": summary}
+    return Recording("ndtiff", [str(path)], letters, tuple(len(v) for _, v in axes), image.shape, image.dtype, meta,
+                     ndtiff_axes=axes)
+
+
+def _hdf5(path: Path, dataset: str | None) -> Recording:
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    try:
+        with h5py.File(path, "r") as f:
+            if dataset is None:
+                candidates = ["raw"] if "raw" in f else [k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim >= 2]
+                if len(candidates) != 1:
+                    raise RecordingError(f"{path}: name the dataset of raw frames as {path}:/NAME (found {candidates or 'none'})")
+                dataset = candidates[0]
+            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+                raise RecordingError(f"{path}: no dataset {dataset!r}")
+            ds = f[dataset]
+            if ds.ndim < 2:
+                raise RecordingError(f"{path}:{dataset}: shape {ds.shape}, expected frames (…, H, W)")
+            axes = ds.attrs.get("axes", "T" * (ds.ndim - 2) if ds.ndim == 3 else "")
+            if isinstance(axes, bytes):
+                axes = axes.decode()
+            if len(axes) != ds.ndim - 2:
+                axes = "".join("TCPQRS"[:ds.ndim - 2])
+            meta = {"format": "hdf5", "file": str(path), "dataset": dataset, "shape": list(ds.shape), "dtype": str(ds.dtype),
+                    "attrs": _jsonable({k: f.attrs[k] for k in f.attrs})}
+            shape, dtype = tuple(ds.shape), ds.dtype
+    except OSError as err:
+        raise RecordingError(f"{path}: not a readable HDF5 file ({err})") from err
+    return Recording("hdf5", [str(path)], str(axes), shape[:-2], shape[-2:], np.dtype(dtype), meta, dataset=dataset)
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata as JSON-able values (what does not convert becomes its string)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def open_recording(spec: str | os.PathLike, series: int = 0) -> Recording:
+    """A recording from a path: a TIFF file, a folder of TIFFs or an NDTiff dataset, a glob
+    (``frames/*.tif``), or an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``)."""
+    text = str(spec)
+    h5 = re.match(r"^(.*\.(?:h5|hdf5|he5))(?::(/?.+))?$", text)
+    if h5:
+        path = Path(h5.group(1))
+        if not path.exists():
+            raise RecordingError(f"{path}: no such file")
+        return _hdf5(path, h5.group(2).lstrip("/") if h5.group(2) else None)
+    if any(c in text for c in "*?["):
+        return _folder(glob.glob(text), text)
+    path = Path(text)
+    if not path.exists():
+        raise RecordingError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if any(path.glob("NDTiff.index")) or any(path.glob("*/NDTiff.index")):
+            return _ndtiff(path if (path / "NDTiff.index").exists() else next(path.glob("*/NDTiff.index")).parent)
+        tiffs = [str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff")]
+        if len(tiffs) == 1 or any(p.endswith(".ome.tif") and "MMStack" in p for p in tiffs):
+            stacks = sorted(p for p in tiffs if "MMStack" in p) or tiffs
+            return _tiff(Path(stacks[0]), series)  # a Micro-Manager OME-TIFF dataset folder
+        return _folder(tiffs, str(path))
+    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
+        return _tiff(path, series)
+    raise RecordingError(f"{path}: unknown format; expected a TIFF file, a folder of TIFFs, an NDTiff dataset or an HDF5 file")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which frames of a recording to reconstruct: per axis, one index (the axis is dropped) or a
+    range (the axis is kept). Written ``T=0:100 C=1`` on the command line."""
+
+    axes: dict[str, tuple[int, int] | int] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(items: list[str]) -> "Selection":
+        axes: dict[str, tuple[int, int] | int] = {}
+        for item in items:
+            m = re.fullmatch(r"\s*([A-Za-z])\s*=\s*(\d+)?\s*(:\s*(\d+)?)?\s*", item)
+            if not m or (m.group(2) is None and m.group(3) is None):
+                raise RecordingError(f"selection {item!r}: write AXIS=INDEX or AXIS=START:STOP, e.g. T=0:100 or C=1")
+            axis = m.group(1).upper()
+            if m.group(3) is None:
+                axes[axis] = int(m.group(2))
+            else:
+                axes[axis] = (int(m.group(2) or 0), int(m.group(4)) if m.group(4) else -1)
+        return Selection(axes)
+
+    def apply(self, recording: Recording) -> tuple[str, tuple[int, ...], np.ndarray]:
+        """(axes kept, their sizes, (n,) int64 flat frame indices in output order)."""
+        unknown = set(self.axes) - set(recording.axes)
+        if unknown:
+            raise RecordingError(f"{recording.description}: no axis {''.join(sorted(unknown))} to select "
+                                 f"(its axes are {recording.axes or 'none: one frame'})")
+        ranges, kept_axes, kept_shape = [], "", []
+        for axis, size in zip(recording.axes, recording.shape):
+            choice = self.axes.get(axis, (0, size))
+            if isinstance(choice, int):
+                if not 0 <= choice < size:
+                    raise RecordingError(f"{recording.description}: {axis}={choice} outside 0–{size - 1}")
+                ranges.append(np.array([choice]))
+            else:
+                start, stop = choice[0], size if choice[1] == -1 else choice[1]
+                if not 0 <= start < stop <= size:
+                    raise RecordingError(f"{recording.description}: {axis}={start}:{stop} outside 0:{size}")
+                ranges.append(np.arange(start, stop))
+                kept_axes += axis
+                kept_shape.append(stop - start)
+        if not ranges:
+            return "", (), np.zeros(1, np.int64)
+        grid = np.meshgrid(*ranges, indexing="ij")
+        flat = np.ravel_multi_index([g.ravel() for g in grid], recording.shape)
+        return kept_axes, tuple(kept_shape), flat.astype(np.int64)

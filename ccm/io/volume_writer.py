@@ -1,0 +1,258 @@
+"""Reconstructed volumes → OME-TIFF or HDF5, written safely and resumably.
+
+The output is created at full size under a temporary name next to the destination
+(``.NAME.partial``) and renamed when every volume is in it, so a reader never sees a half-written
+file under the real name. Volumes land at their place in the file in any order (several
+processes may write one OME-TIFF: uncompressed, contiguous, written with ``os.pwrite``). After
+each durability point (data flushed to disk) the positions written are appended to a progress
+file in ``.NAME.ccm-progress/``; re-running the same job reads them and does only what is left.
+A different job (other input, bundle, selection or options) over the same partial output is
+refused rather than mixed in.
+
+Layout: axes = the recording's kept extra axes + ``ZYX`` (e.g. ``TZYX``), physical sizes in µm,
+depth planes as Z; the source's metadata and the bundle's description are carried as JSON (OME
+``Description``; HDF5 attributes).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ccm.errors import OutputError
+from ccm.portable import datasync, pwrite
+
+OME_EXTRA_AXES = ("", "T", "C", "TC", "CT")
+"""Extra axes an OME-TIFF output can hold in front of ZYX (OME images are at most 5D: TCZYX)."""
+
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a batch reconstruction writes.
+
+    path : the destination (``.ome.tif``/``.tif`` → OME-TIFF; ``.h5``/``.hdf5`` → HDF5).
+    axes, shape : the kept extra axes of the recording and their sizes (C order; may be empty).
+    volume_shape : (D, h, w).
+    dtype : ``float32`` (values in [0, 1]) or ``uint16`` (× 65535, rounded).
+    pixel_size_um : lateral pixel size of the target grid; depths_um : the D planes.
+    metadata : JSON-able: source, bundle, software (carried into the file).
+    job : what identifies the job for resuming (input identity, bundle digest, selection, dtype).
+    """
+
+    path: Path
+    axes: str
+    shape: tuple[int, ...]
+    volume_shape: tuple[int, int, int]
+    dtype: Literal["float32", "uint16"] = "float32"
+    pixel_size_um: float = 1.0
+    depths_um: tuple[float, ...] = (0.0,)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    job: dict[str, Any] = field(default_factory=dict)
+    timestamps_s: np.ndarray | None = None
+    """(n,) acquisition time of each position's frame, s (OME Plane DeltaT; HDF5 ``timestamps_s``), if known."""
+
+    @property
+    def format(self) -> str:
+        name = self.path.name.lower()
+        if name.endswith((".h5", ".hdf5")):
+            return "hdf5"
+        if name.endswith((".tif", ".tiff")):
+            return "ome-tiff"
+        raise OutputError(f"{self.path}: name the output .ome.tif (OME-TIFF) or .h5 (HDF5)")
+
+    @property
+    def n(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def tmp(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.partial")
+
+    @property
+    def progress_dir(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.ccm-progress")
+
+    def validate(self) -> "OutputSpec":
+        if self.format == "ome-tiff" and self.axes not in OME_EXTRA_AXES:
+            raise OutputError(f"{self.path}: an OME-TIFF holds at most time and channel axes in front of ZYX; the input keeps "
+                              f"axes {self.axes!r} — select single positions/planes (e.g. --select P=0) or write HDF5 (.h5)")
+        return self
+
+
+def _as_dtype(volumes: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "uint16":
+        return np.rint(np.clip(volumes, 0, 1) * 65535).astype(np.uint16)
+    return np.ascontiguousarray(volumes, np.float32)
+
+
+def _runs(positions: np.ndarray) -> list[tuple[int, int, int]]:
+    """Sorted-or-not positions → (first index in ``positions``, start, stop) runs of consecutive values."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(positions)]])
+    return [(int(a), int(positions[a]), int(positions[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def prepare(spec: OutputSpec, restart: bool = False, overwrite: bool = False) -> np.ndarray:
+    """Create the partial output (or find the one an interrupted run of this job left); returns the
+    (n,) bool array of positions already written. Call once, in one process, before writing."""
+    spec.validate()
+    if spec.path.exists() and not overwrite:
+        raise OutputError(f"{spec.path} exists; choose another name or pass --overwrite")
+    job_file = spec.progress_dir / "job.json"
+    if spec.tmp.exists() and job_file.exists() and not restart:
+        if json.loads(job_file.read_text()) != json.loads(json.dumps(spec.job)):
+            raise OutputError(f"{spec.tmp} is the partial output of a different job (other input, bundle, selection or "
+                              "options); re-run that job to finish it, or pass --restart to discard it")
+        return written_positions(spec)
+    for stale in (spec.tmp, spec.progress_dir):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    spec.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _create(spec)
+        spec.progress_dir.mkdir()
+        job_file.write_text(json.dumps(spec.job, indent=1))
+    except OSError as err:
+        raise OutputError(f"cannot create {spec.tmp} ({err.strerror or err}); nothing was written") from err
+    return np.zeros(spec.n, bool)
+
+
+def _create(spec: OutputSpec) -> None:
+    d, h, w = spec.volume_shape
+    full_shape = (*spec.shape, d, h, w)
+    description = json.dumps(spec.metadata, default=str)
+    if spec.format == "hdf5":
+        import h5py
+
+        with h5py.File(spec.tmp, "w") as f:
+            ds = f.create_dataset("volumes", full_shape, spec.dtype, chunks=(*([1] * len(spec.shape)), d, h, w))
+            ds.attrs.update(axes=spec.axes + "ZYX", pixel_size_um=spec.pixel_size_um, depths_um=list(spec.depths_um),
+                            unit="µm", value_range="[0, 1]" if spec.dtype == "float32" else "[0, 65535] for [0, 1]")
+            f.attrs["metadata_json"] = description
+            if spec.timestamps_s is not None:
+                f.create_dataset("timestamps_s", data=np.asarray(spec.timestamps_s, np.float64).reshape(spec.shape))
+        return
+    import tifffile
+
+    metadata = {"axes": spec.axes + "ZYX", "PhysicalSizeX": spec.pixel_size_um, "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": spec.pixel_size_um, "PhysicalSizeYUnit": "µm", "Name": spec.path.name, "Description": description}
+    if spec.timestamps_s is not None:  # one OME Plane per (frame, depth), in page order
+        times = np.repeat(np.asarray(spec.timestamps_s, np.float64), d).tolist()
+        metadata["Plane"] = {"DeltaT": times, "DeltaTUnit": ["s"] * len(times)}
+    steps = np.diff(spec.depths_um)
+    if len(steps) and np.allclose(steps, steps[0]) and steps[0] > 0:
+        metadata.update(PhysicalSizeZ=float(steps[0]), PhysicalSizeZUnit="µm")
+    tifffile.imwrite(spec.tmp, shape=full_shape, dtype=spec.dtype, bigtiff=True, ome=True, metadata=metadata)
+
+
+def written_positions(spec: OutputSpec) -> np.ndarray:
+    """(n,) bool: positions recorded as durably written by any process of any earlier run."""
+    done = np.zeros(spec.n, bool)
+    for progress in spec.progress_dir.glob("rank*.txt"):
+        for line in progress.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:  # a torn last line (power cut mid-append) is ignored: those frames are redone
+                done[int(parts[0]):int(parts[1])] = True
+    return done
+
+
+class VolumeWriter:
+    """Writes volumes at their positions into the partial output that :func:`prepare` created.
+
+    One per process (``rank`` names its progress file). ``write`` may be called from one thread at a
+    time; ``sync`` is a durability point; ``close`` syncs and releases the file.
+    """
+
+    def __init__(self, spec: OutputSpec, rank: int = 0):
+        self.spec = spec
+        self._pending: list[tuple[int, int]] = []
+        self._progress = open(spec.progress_dir / f"rank{rank}.txt", "a")
+        d, h, w = spec.volume_shape
+        self._volume_bytes = d * h * w * np.dtype(spec.dtype).itemsize
+        if spec.format == "hdf5":
+            import h5py
+
+            self._h5 = h5py.File(spec.tmp, "r+")
+            self._dataset = self._h5["volumes"]
+            self._fd = None
+        else:
+            import tifffile
+
+            with tifffile.TiffFile(spec.tmp) as tif:
+                self._offset = tif.series[0].dataoffset
+            if self._offset is None:
+                raise OutputError(f"{spec.tmp}: not a contiguous OME-TIFF (was it written by ccm?)")
+            self._fd = os.open(spec.tmp, os.O_WRONLY)
+            self._h5 = None
+
+    def write(self, positions: np.ndarray, volumes: np.ndarray) -> None:
+        """positions (n,) int64 output positions (C-order flat over ``spec.shape``); volumes (n, D, h, w) float32."""
+        data = _as_dtype(volumes, self.spec.dtype)
+        try:
+            for first, start, stop in _runs(np.asarray(positions)):
+                block = data[first:first + stop - start]
+                if self._fd is not None:
+                    view = memoryview(block).cast("B")
+                    offset = self._offset + start * self._volume_bytes
+                    while view:  # pwrite may write less than asked
+                        written = pwrite(self._fd, view, offset)
+                        view, offset = view[written:], offset + written
+                else:
+                    for k, position in enumerate(range(start, stop)):
+                        self._dataset[np.unravel_index(position, self.spec.shape) if self.spec.shape else ()] = block[k]
+                self._pending.append((start, stop))
+        except OSError as err:
+            self._fail(err)
+
+    def sync(self) -> None:
+        """Flush the data written so far to disk, then record its positions as done."""
+        if not self._pending:
+            return
+        try:
+            if self._fd is not None:
+                datasync(self._fd)
+            else:
+                self._h5.flush()
+            self._progress.write("".join(f"{a} {b}\n" for a, b in self._pending))
+            self._progress.flush()
+            os.fsync(self._progress.fileno())
+        except OSError as err:
+            self._fail(err)
+        self._pending.clear()
+
+    def _fail(self, err: OSError) -> None:
+        hint = "the disk is full: free space" if err.errno == errno.ENOSPC else "fix the cause"
+        raise OutputError(f"writing {self.spec.tmp} failed ({err.strerror or err}); what was written so far is kept — "
+                          f"{hint} and re-run the same command to resume") from err
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if self._h5 is not None:
+                self._h5.close()
+                self._h5 = None
+            self._progress.close()
+
+
+def finish(spec: OutputSpec) -> bool:
+    """Rename the partial output to its destination if every position is written; returns whether it was."""
+    if not written_positions(spec).all():
+        return False
+    os.replace(spec.tmp, spec.path)
+    shutil.rmtree(spec.progress_dir, ignore_errors=True)
+    return True

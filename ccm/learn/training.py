@@ -1,0 +1,262 @@
+"""Train a bundle from a calibration stack: ``ccm train --data stack.h5 --recipe NAME -o BUNDLE``.
+
+Steps: validate the stack against the recipe → split deterministically → fit the input scale →
+fit the linear inverse (the baseline itself, or a network's first stage) → train the U-Net with
+Lightning (checkpoints, early stopping, resume, CSV logs, TensorBoard when installed) → score
+the test split through the :class:`ccm.infer.reconstruct.Reconstructor` → write the bundle.
+
+A work folder (default ``BUNDLE.training/``) keeps checkpoints and logs; running the same
+command again resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ccm.errors import UsageError
+from ccm.infer.bundle import Bundle, build_model
+from ccm.infer.linear import fit_linear_inverse, resolve_spec
+from ccm.infer.nets import UNetConfig
+from ccm.infer.preprocess import Preprocessor
+from ccm.infer.reconstruct import Reconstructor
+from ccm.io.stack import CalibrationStack, StackError
+from ccm.learn.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
+from ccm.learn.metrics import MetricAccumulator, mean_over_occupied, psnr, ssim
+from ccm.learn.recipe import LossConfig, OptimConfig, Recipe
+from ccm.provenance import versions
+
+SCALE_FRAMES = 256
+"""Training frames used to fit the input scale."""
+
+
+class ReconstructionModule(pl.LightningModule):
+    """Lightning wrapper of a reconstruction network: loss, augmentation, SSIM/PSNR every validation."""
+
+    def __init__(self, net: torch.nn.Module, loss: LossConfig, optim: OptimConfig, augment: Augment, total_steps: int):
+        super().__init__()
+        self.net = net
+        self.loss_config, self.optim, self.augment = loss, optim, augment
+        self.total_steps = total_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pred.device.type, enabled=False):
+            return self._loss_fp32(pred.float(), y.float())
+
+    def _loss_fp32(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.loss_config
+        loss = pred.new_zeros(())
+        if c.l1:
+            loss = loss + c.l1 * F.l1_loss(pred, y)
+        if c.mse:
+            loss = loss + c.mse * F.mse_loss(pred, y)
+        if c.ssim:
+            loss = loss + c.ssim * (1 - ssim(pred, y).mean())
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.augment(*batch)
+        loss = self._loss(self.net(x.contiguous(memory_format=torch.channels_last)), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def _score(self, batch, stage: str):
+        x, y = batch
+        pred = self.net(x.contiguous(memory_format=torch.channels_last)).float()
+        self.log(f"{stage}_loss", self._loss(pred, y), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}_ssim", mean_over_occupied(ssim(pred, y), y), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}_psnr", mean_over_occupied(psnr(pred, y), y), sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._score(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._score(batch, "test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.optim.lr, total_steps=self.total_steps + 1,
+                                                       pct_start=0.05)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (the training-data hash stored in bundles)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_stack_fits(recipe: Recipe, stack: CalibrationStack) -> None:
+    """Refuse a stack the recipe cannot train on, saying what does not fit."""
+    n = len(stack)
+    minimum = 8
+    if n < minimum:
+        raise StackError(f"{stack.path}: {n} pairs; training needs at least {minimum}")
+    crop = recipe.preprocess.crop
+    h, w = stack.device.sensor.shape
+    if crop is not None and (crop[0] + crop[2] > h or crop[1] + crop[3] > w):
+        raise StackError(f"{stack.path}: recipe {recipe.name!r} crops {crop} (top, left, height, width) but the stack's "
+                         f"frames are {h}×{w}")
+    model = recipe.model
+    if model.kind == "unet" and model.input_stage != "linear":
+        preprocessor = Preprocessor(recipe.preprocess, stack.device, dark=stack.dark)
+        try:
+            UNetConfig(in_shape=preprocessor.output_shape, out_shape=stack.device.target.shape, widths=model.widths,
+                       input_stage=model.input_stage, downscale=model.downscale)
+        except ValueError as err:
+            raise StackError(f"{stack.path}: recipe {recipe.name!r} does not fit this stack's shapes "
+                             f"(network input {preprocessor.output_shape}, targets {stack.device.target.shape}): {err}") from None
+
+
+def _loggers(work: Path) -> list:
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers = [CSVLogger(work, name="logs")]  # a new version per (resumed) run: earlier logs are kept
+    try:
+        import tensorboard  # noqa: F401
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(work, name="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, restart: bool = False,
+          progress: bool = True, log=print) -> Bundle:
+    """Train a bundle from the calibration stack ``data`` and write it to ``output`` (.safetensors)."""
+    data, output = Path(data), Path(output)
+    work = Path(work) if work is not None else output.with_name(output.name.removesuffix(".safetensors") + ".training")
+    if recipe.trainer.threads:
+        torch.set_num_threads(recipe.trainer.threads)
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    started = time.perf_counter()
+    with CalibrationStack(data) as stack:
+        check_stack_fits(recipe, stack)
+        device, depths, dark, n = stack.device, tuple(float(d) for d in stack.depths_um), stack.dark, len(stack)
+        split = split_indices(n, recipe.split)
+        train_sample = split["train"][:SCALE_FRAMES]
+        scale_frames = stack.raw[np.sort(train_sample).tolist()]
+        provenance = stack.provenance
+    log(f"{data}: {n} pairs from {device.name}, {len(depths)} plane(s); split train {len(split['train'])} / "
+        f"val {len(split['val'])} / test {len(split['test'])}")
+    preprocess = Preprocessor(recipe.preprocess, device, dark=dark).fit_scale(scale_frames)
+    preprocessor = Preprocessor(preprocess, device, dark=dark)
+
+    linear_report = None
+    linear_needed = recipe.model.kind == "linear" or recipe.model.input_stage == "linear"
+    if linear_needed:
+        spec = resolve_spec(recipe.linear, preprocessor, len(depths), clip=recipe.model.kind == "linear")
+        t = time.perf_counter()
+        linear, linear_report = fit_linear_inverse(spec, recipe.linear, iterate_pairs(data, split["train"], preprocessor),
+                                                   iterate_pairs(data, split["val"], preprocessor))
+        log(f"linear inverse ({spec.basis} basis, {recipe.linear.method}) fitted on {linear_report['pairs']} pairs "
+            f"in {time.perf_counter() - t:.1f} s")
+
+    if recipe.model.kind == "linear":
+        architecture, state, fit_info = linear.spec, linear.state_dict(), {"linear_fit": linear_report}
+    else:
+        m = recipe.model
+        architecture = UNetConfig(in_shape=preprocessor.output_shape, out_shape=device.target.shape, out_channels=len(depths),
+                                  widths=m.widths, norm=m.norm, residual=m.residual, input_stage=m.input_stage,
+                                  output=m.output, downscale=m.downscale, linear=spec if linear_needed else None)
+        net = build_model(architecture)
+        if linear_needed:
+            net.linear.load_state_dict(linear.state_dict())
+        state, fit_info = _fit_network(recipe, net, data, preprocessor, split, work, restart, progress, log)
+        fit_info["linear_fit"] = linear_report
+
+    sample = int(split["test"][0]) if len(split["test"]) else int(split["val"][0])
+    with CalibrationStack(data) as stack:
+        sample_raw, sample_target = stack.raw[sample], stack.target[sample]
+    bundle = Bundle(name=recipe.name, architecture=architecture, state=state, preprocess=preprocess, device=device,
+                    depths_um=depths, sample_raw=sample_raw, sample_output=np.zeros_like(sample_target),
+                    sample_target=sample_target, dark=dark, split={**recipe.split.model_dump(), **split},
+                    description=recipe.description)
+    bundle.split.pop("train")
+    reconstructor = Reconstructor(bundle)
+    bundle.sample_output = reconstructor(sample_raw)[0]
+    test_part = "test" if len(split["test"]) else "val"
+    scores = MetricAccumulator()
+    for x, y in iterate_pairs(data, split[test_part], preprocessor):
+        scores.update(torch.from_numpy(reconstructor.run_preprocessed(x.numpy())), y)
+    bundle.metrics = {f"{test_part}_split": scores.result(depths)}
+    bundle.training = {"recipe": recipe.model_dump(mode="json"), "data": {"file": data.name, "sha256": file_sha256(data),
+                       "pairs": n, "provenance": provenance}, "seconds": round(time.perf_counter() - started, 1),
+                       "versions": versions(), **fit_info}
+    bundle.save(output)
+    overall = bundle.metrics[f"{test_part}_split"]["overall"]
+    log(f"wrote {output}: {test_part} split SSIM {overall['ssim']:.3f}, PSNR {overall['psnr']:.2f} dB "
+        f"({bundle.training['seconds']:.0f} s)")
+    return bundle
+
+
+def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor: Preprocessor, split: dict,
+                 work: Path, restart: bool, progress: bool, log) -> tuple[dict, dict]:
+    """Lightning fit with checkpoints in ``work``; returns the best weights and what happened."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    o, t = recipe.optim, recipe.trainer
+    steps_per_epoch = max(1, len(split["train"]) // o.batch_size)
+    total_steps = o.max_steps or o.max_epochs * steps_per_epoch
+    max_epochs = math.ceil(total_steps / steps_per_epoch)
+    stamp = work / "recipe.json"
+    ckpt_dir = work / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    # the time limit may change between sittings (it counts all of them): extend a run that hit it
+    recipe_json = json.dumps(recipe.model_dump(mode="json", exclude={"optim": {"max_minutes"}}), sort_keys=True)
+    if restart and work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    if stamp.exists() and stamp.read_text() != recipe_json:
+        raise UsageError(f"{work} holds a run of a different recipe; pass --restart to discard it, or --workdir elsewhere")
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(recipe_json)
+
+    module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps)
+    datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
+    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False)]
+    if progress:
+        from pytorch_lightning.callbacks import TQDMProgressBar
+
+        callbacks.append(TQDMProgressBar(refresh_rate=20))
+    val_every = {"val_check_interval": min(o.val_every_steps, steps_per_epoch)} if o.val_every_steps else {}
+    trainer = pl.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,
+        max_epochs=max_epochs, max_steps=total_steps,
+        max_time={"minutes": o.max_minutes} if o.max_minutes else None, callbacks=callbacks, logger=_loggers(work),
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=20, deterministic=False, **val_every)
+    resume = last if last.exists() else None
+    if resume:
+        log(f"resuming from {resume}")
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    best = checkpoint.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {k[len("net."):]: v.contiguous() for k, v in state.items() if k.startswith("net.")}
+    # the last steps may come after the last validation: score the final weights too, keep the better
+    final = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_loss"]
+    if checkpoint.best_model_score is None or final < float(checkpoint.best_model_score):
+        weights = {k: v.detach().clone().contiguous() for k, v in module.net.state_dict().items()}
+        log(f"final weights (val_loss {final:.4f}) beat the best checkpoint; keeping them")
+    info = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
+            "fit_seconds": round(time.perf_counter() - t0, 1), "best_val_loss": float(checkpoint.best_model_score or float("nan")),
+            "work_folder": str(work), "stopped_early": bool(trainer.should_stop and trainer.global_step < total_steps)}
+    return weights, info

@@ -1,0 +1,212 @@
+"""Ground-truth fluorescence scenes on a device's target grid.
+
+Every generator returns a float32 volume (D, h, w) with values in [0, 1] — relative fluorophore
+brightness per target pixel — restricted to the device's field of view. D is the number of
+depth planes (1 for 2D). Randomness comes only from the ``rng`` argument.
+
+Scene classes:
+
+- ``beads``   — sub-resolution point beads and 4 µm beads, scattered over the planes;
+- ``neurons`` — cultured-neuron-like cells: somata 10–20 µm, branching neurites ~2 µm wide;
+- ``digits``  — real handwritten digits (UCI optical digits, see ``datasets/README.md``), for
+  the see-through window's display;
+- ``files``   — any user image or TIFF stack (:class:`ImageScenes`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Literal
+
+import cv2
+import numpy as np
+
+from ccm.devices import CannulaDevice, WindowDevice
+from ccm.errors import NotFoundError, SceneError
+from ccm.resources import shipped_path
+
+SceneKind = Literal["beads", "neurons", "digits"]
+SCENE_KINDS: tuple[str, ...] = ("beads", "neurons", "digits")
+_AA_SHIFT = 4  # OpenCV fixed-point sub-pixel bits for drawing
+_SCALE = 1 << _AA_SHIFT
+
+
+def field_of_view_mask(device: CannulaDevice | WindowDevice) -> np.ndarray:
+    """(h, w) float32 mask of the target pixels the device can see (1 inside, 0 outside). Read-only."""
+    return device.field_of_view_mask()
+
+
+def _fixed(points: np.ndarray) -> np.ndarray:
+    return np.round(points * _SCALE).astype(np.int32)
+
+
+def _draw_neuron(canvas: np.ndarray, rng: np.random.Generator, pixel_um: float) -> None:
+    """Draw one neuron (uint8 canvas, values 0..255) at a random position.
+
+    Neurites are persistent random walks (~3 µm steps) that branch up to two levels deep; each
+    level is drawn with one call.
+    """
+    h, w = canvas.shape
+    centre = (0.1 + 0.8 * rng.random(2)) * (w, h)
+    brightness = 0.6 + 0.4 * rng.random()
+    step = 3.0 / pixel_um
+    k = int(rng.integers(2, 6))
+    starts = np.repeat(centre[None], k, axis=0)
+    headings = rng.uniform(0, 2 * np.pi, k)
+    lengths = rng.uniform(40, 110, k) / pixel_um
+    for level in range(3):
+        n_steps = np.maximum(2, (lengths / step).astype(int))
+        longest = int(n_steps.max())
+        turns = headings[:, None] + np.cumsum(rng.normal(0, 0.22, (k, longest)), axis=1)
+        paths = np.empty((k, longest + 1, 2))
+        paths[:, 0] = starts
+        paths[:, 1:, 0] = np.cos(turns)
+        paths[:, 1:, 1] = np.sin(turns)
+        paths[:, 1:] *= step
+        np.cumsum(paths, axis=1, out=paths)
+        fixed = _fixed(paths)
+        value = int(255 * brightness * rng.uniform(0.35, 0.7) * 0.8**level)
+        cv2.polylines(canvas, [fixed[j, :n_steps[j] + 1] for j in range(k)], False, value,
+                      thickness=1, lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+        if level == 2:
+            break
+        # side branches leave from random points along each walk, at 0.4–1.1 rad
+        j, s = np.nonzero((rng.random((k, longest)) < 0.04) & (np.arange(longest) < n_steps[:, None]))
+        if len(j) == 0:
+            break
+        k = len(j)
+        starts = paths[j, s + 1]
+        headings = turns[j, s] + np.where(rng.random(k) < 0.5, -1.0, 1.0) * rng.uniform(0.4, 1.1, k)
+        lengths = lengths[j] * 0.5
+    axes = np.array([1.0, 0.6 + 0.4 * rng.random()]) * rng.uniform(10, 20) / 2 / pixel_um  # soma 10–20 µm
+    cv2.ellipse(canvas, tuple(int(v) for v in _fixed(centre)), tuple(int(v) for v in _fixed(axes)), 180 * rng.random(),
+                0, 360, int(255 * brightness), thickness=-1, lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+
+
+def neurons(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """Cultured-neuron-like scene: 1–4 neurons per plane in 2D; in 3D 2–6 neurons, each on a random plane."""
+    h, w = device.target.shape
+    volume = np.zeros((n_planes, h, w), np.uint8)
+    count = rng.integers(1, 5) if n_planes == 1 else rng.integers(2, 7)
+    for _ in range(count):
+        _draw_neuron(volume[rng.integers(n_planes)], rng, device.target.pixel_size_um)
+    return _finish(volume, device, sigma_px=0.5)
+
+
+def beads(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """Fluorescent beads: a mix of sub-resolution points (~0.5 µm) and 4 µm spheres, 3–30 in all."""
+    h, w = device.target.shape
+    px = device.target.pixel_size_um
+    volume = np.zeros((n_planes, h, w), np.uint8)
+    for _ in range(rng.integers(3, 31)):
+        plane = volume[rng.integers(n_planes)]
+        centre = _fixed(rng.uniform([0, 0], [w, h]) - 0.5)
+        radius_um = 2.0 if rng.random() < 0.5 else 0.25
+        radius = max(1, int(round(radius_um / px * _SCALE)))
+        cv2.circle(plane, tuple(int(v) for v in centre), radius, int(255 * rng.uniform(0.5, 1.0)), thickness=-1,
+                   lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+    return _finish(volume, device, sigma_px=0.5)
+
+
+@lru_cache(maxsize=1)
+def _uci_digits() -> np.ndarray:
+    with np.load(shipped_path("datasets", "uci-digits-8x8.npz")) as data:
+        return data["images"]
+
+
+def digits(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """A real handwritten digit (UCI optical digits, 8×8, 0..16), upscaled to ~70 % of the grid at a random offset."""
+    h, w = device.target.shape
+    images = _uci_digits()
+    digit = images[rng.integers(len(images))].astype(np.float32) / 16.0
+    size = int(round(0.7 * min(h, w)))
+    big = cv2.resize(digit, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    volume = np.zeros((n_planes, h, w), np.float32)
+    y0 = rng.integers(0, h - size + 1)
+    x0 = rng.integers(0, w - size + 1)
+    volume[rng.integers(n_planes), y0:y0 + size, x0:x0 + size] = big * rng.uniform(0.6, 1.0)
+    return volume * field_of_view_mask(device)
+
+
+def _finish(volume_u8: np.ndarray, device: CannulaDevice | WindowDevice, sigma_px: float) -> np.ndarray:
+    """uint8 drawing → float32 in [0, 1], slightly smoothed, masked to the field of view."""
+    volume = np.zeros(volume_u8.shape, np.float32)
+    mask = field_of_view_mask(device)
+    for drawn, plane in zip(volume_u8, volume):
+        if drawn.any():
+            cv2.GaussianBlur(drawn.astype(np.float32), (0, 0), sigmaX=sigma_px, dst=plane)
+            cv2.multiply(plane, mask, dst=plane, scale=1.0 / 255.0)
+    return volume
+
+
+GENERATORS: dict[str, Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]] = {
+    "beads": beads, "neurons": neurons, "digits": digits,
+}
+
+
+class ImageScenes:
+    """Scenes from user files: 2D images (PNG, JPEG, TIFF) or TIFF stacks, resampled to the target grid.
+
+    A 2D image becomes one plane (for 3D volumes, it is placed on the plane chosen by ``rng``).
+    A 3D TIFF stack (Z, Y, X) must have as many planes as the volume. Intensities are scaled to
+    [0, 1] per file. Files are read lazily and cycled through in order.
+    """
+
+    def __init__(self, paths: list[Path]):
+        if not paths:
+            raise SceneError("no scene files given")
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise NotFoundError(f"scene files not found: {missing}")
+        self.paths = [Path(p) for p in paths]
+        self._next = 0
+
+    def check(self, n_planes: int) -> None:
+        """Read every file once and raise if any cannot serve as a scene with ``n_planes`` planes."""
+        for path in self.paths:
+            image = read_scene_file(path)
+            if image.ndim == 3 and image.shape[0] != n_planes:
+                raise SceneError(f"{path}: a 3D scene stack needs {n_planes} planes (Z, Y, X), found shape {image.shape}")
+
+    def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+        path = self.paths[self._next % len(self.paths)]
+        self._next += 1
+        image = read_scene_file(path)
+        h, w = device.target.shape
+        if image.ndim == 2:
+            plane = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+            volume = np.zeros((n_planes, h, w), np.float32)
+            volume[rng.integers(n_planes)] = plane
+        elif image.shape[0] == n_planes:
+            volume = np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_AREA) for p in image])
+        else:
+            raise SceneError(f"{path}: a 3D scene stack needs {n_planes} planes (Z, Y, X), found shape {image.shape}")
+        return volume.clip(0, 1) * field_of_view_mask(device)
+
+
+def read_scene_file(path: Path) -> np.ndarray:
+    """Read an image or stack as float32 scaled to [0, 1]: (Y, X) or (Z, Y, X)."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            data = tifffile.imread(path)
+        except Exception as err:  # tifffile raises several types for corrupt files
+            raise SceneError(f"{path}: not a readable image ({err})") from None
+    else:
+        data = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+        if data is None:
+            raise SceneError(f"{path}: not a readable image (expected PNG, JPEG, BMP or TIFF)")
+    data = np.squeeze(np.asarray(data)).astype(np.float32)
+    if data.size == 0:
+        raise SceneError(f"{path}: not a readable image (no pixel data)")
+    if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
+        data = data[..., :3].mean(axis=-1)  # RGB(A) → grey
+    if data.ndim not in (2, 3):
+        raise SceneError(f"{path}: expected a 2D image (Y, X) or a stack (Z, Y, X), found shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise SceneError(f"{path}: contains NaN or infinite values")
+    lo, hi = float(data.min()), float(data.max())
+    return (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)

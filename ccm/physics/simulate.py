@@ -1,0 +1,202 @@
+"""Simulated devices end to end: scenes → forward model → photon budget and background → camera.
+
+:class:`Simulator` turns volumes into noisy raw frames for one device and one plane set;
+:func:`simulate_stack` streams a whole calibration stack to disk. Chunk k of a stack draws its
+scenes from ``default_rng([seed, k, 0])`` and its noise from ``default_rng([seed, k, 1])``, so the same seed gives the same bytes whatever
+the machine, and an interrupted run resumes at a chunk boundary with identical results.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ccm.devices import CannulaDevice, WindowDevice
+from ccm.errors import UsageError
+from ccm.io.stack import StackWriter
+from ccm.physics.optics import forward_model
+from ccm.physics.optics.camera import EXPOSE_BLOCK, camera_generator, dark_frame, expose, pixel_gain_map
+from ccm.physics.scene_worker import SceneWorker
+from ccm.physics.scenes import GENERATORS, ImageScenes, field_of_view_mask
+
+Mode = Literal["2d", "3d"]
+SceneSource = Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]
+REFERENCE_SCENES = 64
+"""Number of typical scenes whose median brightest pixel defines the photon budget."""
+
+
+def reference_scene_kind(device: CannulaDevice | WindowDevice) -> str:
+    """The scene class that 'a typical scene' means for this kind of device."""
+    return device.typical_scene
+
+
+def typical_frames(device: CannulaDevice | WindowDevice, planes_um: Sequence[float], n: int, seed: int = 0) -> np.ndarray:
+    """(n, H, W) uint16 raw frames of typical scenes (:func:`reference_scene_kind`) simulated through
+    ``device`` at depth planes ``planes_um`` (µm): check frames for exports, int8 calibration sets."""
+    from ccm.physics.scenes import GENERATORS
+
+    simulator = Simulator(device, planes_um=tuple(planes_um))
+    rng = np.random.default_rng(seed)
+    generate = GENERATORS[reference_scene_kind(device)]
+    volumes = np.stack([generate(device, len(planes_um), rng) for _ in range(n)]).astype(np.float32)
+    return simulator.frames(volumes, rng)
+
+
+def photon_scale(device: CannulaDevice | WindowDevice) -> float:
+    """Photo-electrons per unit of forward-model output, from the device's photon budget.
+
+    ``sensor.peak_signal_e`` is the brightest pixel of a typical scene in the 2D configuration;
+    the same scale holds for every plane set (a fluorophore is as bright in a 3D volume), so
+    deep planes are dimmer, as they are in tissue.
+    """
+    forward = forward_model(device, device.target.planes("2d"))
+    rng = np.random.default_rng([device.seed, 41])
+    generate = GENERATORS[reference_scene_kind(device)]
+    ref = np.stack([generate(device, 1, rng) for _ in range(REFERENCE_SCENES)])
+    return float(device.sensor.peak_signal_e / np.median(forward(ref).max(axis=(1, 2))))
+
+
+class Simulator:
+    """Raw frames of one device for volumes on one set of depth planes.
+
+    Parameters
+    ----------
+    device : the device to simulate.
+    mode : ``"2d"`` (one plane at ``target.depth_2d_um``) or ``"3d"`` (all ``target.depths_um``).
+    planes_um : other depths (µm) instead of the mode's, e.g. for the axial-sectioning probe.
+    """
+
+    def __init__(self, device: CannulaDevice | WindowDevice, mode: Mode = "2d", planes_um: tuple[float, ...] | None = None):
+        self.device = device
+        self.mode = mode
+        self.planes_um = tuple(planes_um) if planes_um is not None else device.target.planes(mode)
+        self.forward = forward_model(device, self.planes_um)
+        self.gain_map = pixel_gain_map(device.sensor, device.seed)
+        mask = field_of_view_mask(device)
+        uniform = self.forward(np.broadcast_to(mask, (1, len(self.planes_um), *mask.shape)).copy())[0]
+        lit = uniform > 0
+        self.background = (uniform / uniform[lit].mean() * device.sensor.background_e).astype(np.float32)
+        self.photons_per_unit = photon_scale(device)
+        """Photo-electrons per unit of forward-model output: sets the photon budget."""
+        self._electrons_per_unit = (self.photons_per_unit * self.gain_map).astype(np.float32)
+        self._background_electrons = (self.background * self.gain_map).astype(np.float32)
+
+    def expected_electrons(self, volumes: np.ndarray) -> np.ndarray:
+        """Noise-free photo-electrons: (N, D, h, w) float32 volumes → (N, H, W) float32."""
+        return self._to_electrons(self.forward(volumes))
+
+    def _to_electrons(self, light: np.ndarray) -> np.ndarray:
+        """Irradiance → expected photo-electrons, in place."""
+        light *= self._electrons_per_unit
+        light += self._background_electrons
+        return light
+
+    def frames(self, volumes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noisy raw frames: (N, D, h, w) float32 volumes → (N, H, W) uint16."""
+        return self._expose(self.forward(volumes), rng)
+
+    def frames_from_encoded(self, encoded: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noisy raw frames from volumes already passed through ``forward.encode``."""
+        return self._expose(self.forward.decode(encoded), rng)
+
+    def _expose(self, light: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Irradiance (N, H, W) → uint16 frames, a few frames at a time so each pass stays in cache."""
+        generator = camera_generator(rng)
+        out = np.empty(light.shape, np.uint16)
+        for start in range(0, len(light), EXPOSE_BLOCK):
+            block = light[start:start + EXPOSE_BLOCK]
+            out[start:start + EXPOSE_BLOCK] = expose(self._to_electrons(block), self.device.sensor, rng, generator)
+        return out
+
+    def dark(self) -> np.ndarray:
+        """Mean dark frame (H, W) float32 ADU, as a lab records it before calibrating."""
+        return dark_frame(self.device.sensor, np.random.default_rng([self.device.seed, 51]))
+
+
+class ScaledScenes:
+    """A scene source whose fluorophore density is multiplied by ``factor`` (a dimmer sample: the
+    ground truth and the light it sends scale together)."""
+
+    def __init__(self, source: SceneSource, factor: float):
+        self.source, self.factor = source, float(factor)
+
+    def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+        return self.source(device, n_planes, rng) * np.float32(self.factor)
+
+
+def scene_sources(kinds: Sequence[str], files: Sequence[Path] = (), brightness: float = 1.0) -> list[SceneSource]:
+    """Scene generators for named classes (``beads``, ``neurons``, ``digits``) and user files,
+    scaled by ``brightness`` (1 = as drawn: the brightest structures reach 1)."""
+    unknown = [k for k in kinds if k not in GENERATORS]
+    if unknown:
+        raise UsageError(f"unknown scene class {unknown}; choose from {sorted(GENERATORS)}")
+    if not 0 < brightness <= 1:
+        raise UsageError(f"brightness must be in (0, 1], got {brightness}")
+    sources: list[SceneSource] = [GENERATORS[k] for k in kinds]
+    if files:
+        sources.append(ImageScenes(list(files)))
+    if not sources:
+        raise UsageError("no scenes: name at least one scene class or give scene files")
+    return sources if brightness == 1 else [ScaledScenes(source, brightness) for source in sources]
+
+
+def chunk_noise_rng(seed: int, chunk_index: int) -> np.random.Generator:
+    """Generator for the camera noise of one chunk (scenes have their own stream, see ccm.physics.scene_worker)."""
+    return np.random.default_rng([seed, chunk_index, 1])
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run torch (and scipy.fft, which follows it here) on ``n`` threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
+                   scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
+                   chunk_size: int = 32, progress: bool = True, command: str = "",
+                   simulator: Simulator | None = None, brightness: float = 1.0) -> Path:
+    """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
+
+    Scenes are drawn (and passed through the forward model's scene-side half) in a worker
+    process, while this one applies the operator and the camera and writes, chunk by chunk of
+    ``chunk_size`` frames; memory is bounded by a few chunks whatever ``n``. An interrupted run with the same
+    arguments resumes from its last complete chunk. Pass a ``simulator`` built for the same
+    device and mode to skip its set-up (loading the operator, calibrating the photon budget).
+    """
+    if n < 1:
+        raise UsageError(f"n must be at least 1, got {n}")
+    sources = scene_sources(scenes, scene_files, brightness)
+    for source in sources:  # bad scene files stop the run before any output exists
+        source = getattr(source, "source", source)
+        if isinstance(source, ImageScenes):
+            source.check(len(device.target.planes(mode)))
+    if simulator is None:
+        simulator = Simulator(device, mode)
+    elif simulator.device != device or simulator.mode != mode:
+        raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}), not {device.name} ({mode})")
+    provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
+                  "seed": seed, "brightness": brightness, "chunk_size": chunk_size, "photons_per_unit": simulator.photons_per_unit, "command": command}
+    with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True) as writer:
+        first = writer.written // chunk_size
+        chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, -(-n // chunk_size))]
+        # scenes are drawn and encoded in a worker process while this one applies the operator,
+        # the camera, and writes: two stages on two cores,
+        # so the operator runs single-threaded here
+        with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, _torch_threads(1), \
+                tqdm(total=n, initial=writer.written, unit="frame", desc=f"simulate {Path(path).name}", disable=not progress) as bar:
+            for volumes, encoded, index, slot in drawn:
+                raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
+                writer.append(raw, volumes)
+                drawn.release(slot)
+                bar.update(len(raw))
+    return Path(path)
