@@ -15,7 +15,7 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import yaml
@@ -87,7 +87,7 @@ class CannulaGeometry(_Strict):
     """Emission wavelength; the scattering length below is quoted at it."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CannulaGeometry":
+    def _consistent(self) -> CannulaGeometry:
         if self.na >= self.n_medium:
             raise ValueError(f"na={self.na} must be below n_medium={self.n_medium} (no such ray exists in the medium)")
         if self.field_of_view_um > self.diameter_um:
@@ -183,7 +183,7 @@ class CannulaDevice(_DeviceBase):
         return self.cannula.field_of_view_um / 2 / self.target.pixel_size_um
 
     @model_validator(mode="after")
-    def _fits(self) -> "CannulaDevice":
+    def _fits(self) -> CannulaDevice:
         face = self.cannula.diameter_um
         sensor_span = min(self.sensor.shape) * self.sensor.pixel_size_um
         if sensor_span < face * 0.98:
@@ -228,7 +228,7 @@ class WindowDevice(_DeviceBase):
     typical_scene: ClassVar[str] = "digits"
 
     @model_validator(mode="after")
-    def _fits(self) -> "WindowDevice":
+    def _fits(self) -> WindowDevice:
         height_um = self.sensor.shape[0] * self.sensor.pixel_size_um
         if height_um > 4 * self.window.thickness_um:
             raise ValueError(f"sensor is {height_um:.0f} µm tall against a {self.window.thickness_um} µm thick edge")
@@ -237,7 +237,7 @@ class WindowDevice(_DeviceBase):
         return self
 
 
-Device = Annotated[Union[CannulaDevice, WindowDevice], Field(discriminator="kind")]
+Device = Annotated[CannulaDevice | WindowDevice, Field(discriminator="kind")]
 
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import napari_ccm
 import numpy as np
 import pytest
 import yaml
+
+import napari_ccm
 
 
 def test_manifest_commands_resolve():

@@ -21,9 +21,10 @@ command; targets are drawn per index from the seed, so a resumed run shows the s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np

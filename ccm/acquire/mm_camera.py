@@ -13,7 +13,7 @@ Properties: ``Exposure`` (ms; frames come at one per exposure, as from a free-ru
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pymmcore_plus.experimental.unicore import CameraDevice, pymm_property

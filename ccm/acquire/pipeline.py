@@ -21,9 +21,9 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -209,7 +209,7 @@ class LivePipeline:
 
     # --- control ---------------------------------------------------------------------------------
 
-    def start(self) -> "LivePipeline":
+    def start(self) -> LivePipeline:
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._reconstruct_loop, name="ccm-live-reconstruct", daemon=True)
         self._thread.start()

@@ -112,7 +112,7 @@ def run_inference_case(case: dict) -> dict:
     for batch in case["batches"]:
         reconstructor = Reconstructor(bundle, options, batch_size=batch, calibration=frames)
         x = reconstructor.preprocessor(np.resize(frames, (batch, *frames.shape[1:])))
-        times = _timed(lambda: reconstructor.backend.run(x), max(3, THROUGHPUT_FRAMES * case["repeats"] // batch))
+        times = _timed(lambda r=reconstructor, x=x: r.backend.run(x), max(3, THROUGHPUT_FRAMES * case["repeats"] // batch))
         throughput[str(batch)] = batch / statistics.median(times)
     best = max(throughput, key=throughput.get)
     result["throughput_frames_per_s"] = throughput
@@ -228,7 +228,8 @@ def run(output: Path | None = None, bundles: tuple[str, ...] = ("cannula-220um-2
                         f"+ worker {result.get('peak_rss_worker_mb', 0):.0f} MB {result.get('error', '')}")
     if output is None:
         machine = report["machine"]
-        output = Path("benchmarks/results") / f"inference-{platform.machine()}-{machine['cores']}cpu{'-gpu' if gpu else ''}{'-quick' if quick else ''}.json"
+        tag = f"{platform.machine()}-{machine['cores']}cpu{'-gpu' if gpu else ''}{'-quick' if quick else ''}"
+        output = Path("benchmarks/results") / f"inference-{tag}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1))
     return output

@@ -204,7 +204,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     summaries = []
     for source, output in zip(args.inputs, outputs):
         summary = reconstruct_recording(source, bundle, output, options, selection, dtype=args.dtype, batch_size=args.batch_size,
-                                        num_workers=args.workers, devices=int(args.devices) if args.devices.isdigit() else args.devices, num_nodes=args.num_nodes,
+                                        num_workers=args.workers, devices=int(args.devices) if args.devices.isdigit() else args.devices,
+                                        num_nodes=args.num_nodes,
                                         strategy=args.strategy, restart=args.restart, overwrite=args.overwrite,
                                         progress=not args.no_progress and not args.json, series=args.series)
         summaries.append(summary)

@@ -66,7 +66,7 @@ class InferenceOptions:
     def device_type(self) -> str:
         return torch.device(self.device).type
 
-    def validate(self) -> "InferenceOptions":
+    def validate(self) -> InferenceOptions:
         if self.device_type not in ("cpu", "cuda"):
             raise BackendError(f"device {self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
         allowed = PRECISIONS[(self.backend, self.device_type)]

@@ -20,7 +20,8 @@ precision (rounded when fitted) so bundles stay small and load bit-exactly.
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch

@@ -53,7 +53,7 @@ class UNetConfig(BaseModel):
     the fast CPU path — at some cost in fine detail."""
 
     @model_validator(mode="after")
-    def _fits(self) -> "UNetConfig":
+    def _fits(self) -> UNetConfig:
         (hi, wi), (ho, wo) = self.in_shape, self.out_shape
         if self.input_stage == "linear":
             if self.linear is not None and (self.linear.in_shape != self.in_shape or self.linear.out_shape != self.out_shape):

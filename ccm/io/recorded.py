@@ -323,7 +323,7 @@ class Selection:
     axes: dict[str, tuple[int, int] | int] = field(default_factory=dict)
 
     @staticmethod
-    def parse(items: list[str]) -> "Selection":
+    def parse(items: list[str]) -> Selection:
         axes: dict[str, tuple[int, int] | int] = {}
         for item in items:
             m = re.fullmatch(r"\s*([A-Za-z])\s*=\s*(\d+)?\s*(:\s*(\d+)?)?\s*", item)

@@ -125,7 +125,7 @@ class StackWriter:
         self._file.attrs["frames_written"] = start + k
         self._file.flush()  # the resume point: what is flushed survives an interruption
 
-    def __enter__(self) -> "StackWriter":
+    def __enter__(self) -> StackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -207,7 +207,7 @@ class CalibrationStack:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "CalibrationStack":
+    def __enter__(self) -> CalibrationStack:
         return self
 
     def __exit__(self, *exc) -> None:

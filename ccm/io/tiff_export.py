@@ -7,8 +7,8 @@ temporary name and renamed when complete. Axes and physical pixel sizes (µm) ar
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import tifffile

@@ -80,7 +80,7 @@ class OutputSpec:
     def progress_dir(self) -> Path:
         return self.path.with_name(f".{self.path.name}.ccm-progress")
 
-    def validate(self) -> "OutputSpec":
+    def validate(self) -> OutputSpec:
         if self.format == "ome-tiff" and self.axes not in OME_EXTRA_AXES:
             raise OutputError(f"{self.path}: an OME-TIFF holds at most time and channel axes in front of ZYX; the input keeps "
                               f"axes {self.axes!r} — select single positions/planes (e.g. --select P=0) or write HDF5 (.h5)")

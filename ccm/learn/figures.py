@@ -128,7 +128,8 @@ def evaluation_figure(report: dict, bundles: list, data: Path, examples, path: P
     ax = fig.add_subplot(grid[-1, 0])
     for entry in report["bundles"]:
         per_plane = entry["metrics"]["per_plane"]
-        ax.plot(depths, [np.nan if p["ssim"] is None else p["ssim"] for p in per_plane], "o-", label=f"{entry['name']} (PSNR {entry['metrics']['overall']['psnr']:.1f} dB)")
+        label = f"{entry['name']} (PSNR {entry['metrics']['overall']['psnr']:.1f} dB)"
+        ax.plot(depths, [np.nan if p["ssim"] is None else p["ssim"] for p in per_plane], "o-", label=label)
     ax.set_xlabel("depth (µm)"), ax.set_ylabel("SSIM (occupied planes)"), ax.set_title("SSIM per plane", fontsize=9)
     ax.legend(fontsize=6)
     if all("resolution" in e for e in report["bundles"]):

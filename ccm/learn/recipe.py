@@ -44,7 +44,7 @@ class LossConfig(_Strict):
     ssim: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
-    def _some(self) -> "LossConfig":
+    def _some(self) -> LossConfig:
         if self.l1 + self.mse + self.ssim <= 0:
             raise RecipeError("at least one loss weight must be positive")
         return self

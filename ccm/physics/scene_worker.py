@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+from collections.abc import Iterator, Sequence
 from multiprocessing import shared_memory
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -119,7 +119,7 @@ class SceneWorker:
     def release(self, slot: int) -> None:
         self._free.put(slot)
 
-    def __enter__(self) -> "SceneWorker":
+    def __enter__(self) -> SceneWorker:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,9 +15,10 @@ Scene classes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import cv2
 import numpy as np

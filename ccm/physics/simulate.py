@@ -8,9 +8,10 @@ the machine, and an interrupted run resumes at a chunk boundary with identical r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -185,7 +186,8 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     elif simulator.device != device or simulator.mode != mode:
         raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}), not {device.name} ({mode})")
     provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
-                  "seed": seed, "brightness": brightness, "chunk_size": chunk_size, "photons_per_unit": simulator.photons_per_unit, "command": command}
+                  "seed": seed, "brightness": brightness, "chunk_size": chunk_size,
+                  "photons_per_unit": simulator.photons_per_unit, "command": command}
     with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True) as writer:
         first = writer.written // chunk_size
         chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, -(-n // chunk_size))]

@@ -20,13 +20,13 @@ class PolarGrid:
     radius_um: float
 
     @classmethod
-    def for_image(cls, shape: tuple[int, int], pixel_size_um: float) -> "PolarGrid":
+    def for_image(cls, shape: tuple[int, int], pixel_size_um: float) -> PolarGrid:
         """The grid inscribed in an (H, W) image: one ring per pixel of radius, 4·n_r angles."""
         n_r = min(shape) // 2
         return cls(n_r=n_r, n_phi=4 * n_r, radius_um=n_r * pixel_size_um)
 
     @classmethod
-    def for_disk(cls, radius_um: float, pixel_size_um: float, n_phi: int) -> "PolarGrid":
+    def for_disk(cls, radius_um: float, pixel_size_um: float, n_phi: int) -> PolarGrid:
         return cls(n_r=max(2, int(round(radius_um / pixel_size_um))), n_phi=n_phi, radius_um=radius_um)
 
     @property
