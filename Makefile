@@ -6,23 +6,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast benchmark models clean
+.PHONY: demo test test-fast lint benchmark models clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# constraints pin torch to the CPU build; the package itself accepts a range
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,micromanager]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,micromanager,napari]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/ccm demo -o out/demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -n 2
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -n 2 -m "not slow"
+
+# Style (ruff), the import contracts of the layout (import-linter, pyproject.toml) and types (mypy)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ccm tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 benchmark: $(STAMP)
 	$(VENV)/bin/ccm benchmark

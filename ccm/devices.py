@@ -147,9 +147,14 @@ class _DeviceBase(_Strict):
     typical_scene: ClassVar[str] = "neurons"
     """The scene class that "a typical scene" means for this kind of device (checks, calibration)."""
 
+    @property
+    def sensor_aperture_diameter_um(self) -> float:
+        """Diameter of the disk on the sensor that receives light (µm); infinite where all of it does."""
+        return float("inf")
+
     def sensor_aperture_mask(self) -> np.ndarray:
         """(H, W) float32, read-only: 1 where the sensor sees light through the device, 0 elsewhere."""
-        return disk_mask(self.sensor.shape, 1.0, np.inf)
+        return disk_mask(self.sensor.shape, self.sensor.pixel_size_um, self.sensor_aperture_diameter_um)
 
     def field_of_view_mask(self) -> np.ndarray:
         """(h, w) float32, read-only: 1 for the target pixels the device can see, 0 elsewhere."""
@@ -170,9 +175,10 @@ class CannulaDevice(_DeviceBase):
     rotation_symmetric: ClassVar[bool] = True
     typical_scene: ClassVar[str] = "neurons"
 
-    def sensor_aperture_mask(self) -> np.ndarray:
-        """(H, W) float32, read-only: the cannula's exit face on the sensor."""
-        return disk_mask(self.sensor.shape, self.sensor.pixel_size_um, self.cannula.diameter_um)
+    @property
+    def sensor_aperture_diameter_um(self) -> float:
+        """The cannula's exit face, imaged onto the sensor (µm)."""
+        return self.cannula.diameter_um
 
     def field_of_view_mask(self) -> np.ndarray:
         """(h, w) float32, read-only: the disk of ``cannula.field_of_view_um`` on the target grid."""

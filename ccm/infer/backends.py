@@ -106,7 +106,7 @@ class TorchBackend:
             self._autocast = dtype
         model = model.to(self.device)
         if options.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
         self.model = torch.compile(model, mode=options.compile) if options.compile != "none" else model
 
     def run(self, x: np.ndarray) -> np.ndarray:

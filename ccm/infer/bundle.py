@@ -56,7 +56,7 @@ def architecture_to_dict(architecture: Architecture) -> dict:
 
 
 def architecture_from_dict(data: dict) -> Architecture:
-    kinds = {"unet": UNetConfig, "linear": LinearSpec}
+    kinds: dict[str, type[UNetConfig] | type[LinearSpec]] = {"unet": UNetConfig, "linear": LinearSpec}
     if data.get("kind") not in kinds:
         raise BundleError(f"unknown architecture kind {data.get('kind')!r}; expected one of {sorted(kinds)}")
     return kinds[data["kind"]].model_validate(data["config"])

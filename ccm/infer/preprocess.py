@@ -94,8 +94,12 @@ class Preprocessor:
     def output_shape(self) -> tuple[int, int]:
         """(h, w) of the network input."""
         if self.config.input_shape is not None:
-            return tuple(self.config.input_shape)
-        return tuple(self.config.crop[2:]) if self.config.crop is not None else tuple(self.device.sensor.shape)
+            h, w = self.config.input_shape
+        elif self.config.crop is not None:
+            h, w = self.config.crop[2:]
+        else:
+            h, w = self.device.sensor.shape
+        return int(h), int(w)
 
     def aperture_circle(self) -> tuple[float, float, float]:
         """(centre row, centre column, radius) of a cannula's exit face in network-input pixels
@@ -106,7 +110,7 @@ class Preprocessor:
         sy, sx = h_in / crop_h, w_in / crop_w
         if not device.rotation_symmetric:  # a window: the inscribed circle
             return h_in / 2, w_in / 2, min(h_in, w_in) / 2
-        radius = device.cannula.diameter_um / 2 / device.sensor.pixel_size_um
+        radius = device.sensor_aperture_diameter_um / 2 / device.sensor.pixel_size_um
         return (height / 2 - top) * sy, (width / 2 - left) * sx, radius * min(sy, sx)
 
     def check(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:

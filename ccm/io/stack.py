@@ -73,7 +73,7 @@ class StackWriter:
                  dark: np.ndarray, provenance: dict, resume: bool = False):
         self.path = Path(path)
         self.tmp = partial_path(self.path)
-        self.layout = StackLayout(n, tuple(device.sensor.shape), (len(depths_um), *device.target.shape))
+        self.layout = StackLayout(n, device.sensor.shape, (len(depths_um), *device.target.shape))
         if resume and self.tmp.exists():
             self._file = h5py.File(self.tmp, "r+")
             self._check_resumable(device, n, depths_um, provenance)
