@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import sys
 import threading
+import time
 
 _SEEK_LOCK = threading.Lock()
 
@@ -98,3 +99,23 @@ def peak_rss_mb(children: bool = False) -> float | None:
         return getattr(info, "peak_wset", info.rss) / 2**20
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     return usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+
+
+def process_uptime_s() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included); None where unknown."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except ImportError:
+        pass
+    if sys.platform == "linux":
+        try:
+            with open("/proc/self/stat") as f:
+                start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            with open("/proc/uptime") as f:
+                uptime = float(f.read().split()[0])
+            return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+    return None

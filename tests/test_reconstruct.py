@@ -15,7 +15,7 @@ import torch
 
 from ccm.cli.main import main
 from ccm.infer.backends import BackendError, InferenceOptions
-from ccm.infer.batch import PredictModule, reconstruct_recording
+from ccm.infer.batch import reconstruct_recording
 from ccm.infer.bundle import BundleError
 from ccm.infer.preprocess import FrameError
 from ccm.infer.reconstruct import Reconstructor
@@ -191,20 +191,20 @@ def test_interrupted_run_resumes_where_it_stopped(tiny, inputs, tmp_path, monkey
     bundle = tiny[0]
     spec, _, frames = inputs["multipage"]
     out = tmp_path / "resumed.ome.tif"
-    original = PredictModule.predict_step
+    original = Reconstructor.run_preprocessed
     calls = {"n": 0}
 
-    def failing(self, batch, batch_idx):
+    def failing(self, x):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return original(self, batch, batch_idx)
+        return original(self, x)
 
-    monkeypatch.setattr(PredictModule, "predict_step", failing)
+    monkeypatch.setattr(Reconstructor, "run_preprocessed", failing)
     with pytest.raises(KeyboardInterrupt):
         reconstruct_recording(spec, bundle, out, batch_size=5, num_workers=0, progress=False)
     assert not out.exists() and (tmp_path / ".resumed.ome.tif.partial").exists()
-    monkeypatch.setattr(PredictModule, "predict_step", original)
+    monkeypatch.setattr(Reconstructor, "run_preprocessed", original)
     summary = reconstruct_recording(spec, bundle, out, batch_size=5, num_workers=0, progress=False)
     assert summary["resumed_with_done"] == 15 and summary["frames_done"] == len(frames) - 15
     np.testing.assert_allclose(tifffile.imread(out), _reference(bundle, frames)[:, 0], atol=1e-5)
@@ -214,7 +214,7 @@ def test_interrupted_run_resumes_where_it_stopped(tiny, inputs, tmp_path, monkey
 def test_a_different_job_does_not_mix_into_a_partial_output(tiny, inputs, tmp_path, monkeypatch):
     bundle = tiny[0]
     out = tmp_path / "x.ome.tif"
-    monkeypatch.setattr(PredictModule, "predict_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(Reconstructor, "run_preprocessed", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         reconstruct_recording(inputs["multipage"][0], bundle, out, num_workers=0, progress=False)
     monkeypatch.undo()
@@ -274,7 +274,7 @@ def test_truncated_tiff_is_named(tiny, tmp_path):
     recording = open_recording(path)
     with open(path, "r+b") as f:
         f.truncate(recording.contiguous_offset + 10 * raw[0].nbytes)
-    with pytest.raises(RecordingError, match="cut.tif.*ends early|cut.tif: not a readable"):
+    with pytest.raises(RecordingError, match="cut.tif: corrupt or inconsistent TIFF.*frames 0–9 of 40 can be read"):
         reconstruct_recording(path, bundle, tmp_path / "o.ome.tif", num_workers=0, progress=False)
 
 

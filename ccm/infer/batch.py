@@ -1,13 +1,14 @@
 """``ccm reconstruct``: recorded stacks → reconstructed volumes, streamed, resumable, on one or many devices.
 
-The loop is Lightning's prediction loop (``Trainer.predict``): DataLoader workers read and
-preprocess chunks of frames (reading overlaps inference), :class:`PredictModule` runs the
-:class:`ccm.infer.reconstruct.Reconstructor` on them, and :class:`WriterCallback` (a Lightning
-``BasePredictionWriter``) hands the volumes to a writer thread (writing overlaps inference too).
-Lightning's strategies spread the chunks over several GPUs or nodes (``--devices``,
-``--num-nodes``, ``--strategy ddp``); every process writes its own volumes into the one partial
-output file (:mod:`ccm.io.volume_writer`). Predictions are not collected in memory, so memory does not
-grow with the length of the recording.
+One process (the default): reader threads read and preprocess chunks of frames ahead of the model
+(:class:`FrameChunks`), the :class:`ccm.infer.reconstruct.Reconstructor` runs them, and a writer
+thread (:class:`ccm.io.background.BackgroundWriter`) writes the volumes — reading, inference and
+writing overlap, and Lightning is never imported (it costs seconds of start-up).
+
+Several GPUs or nodes (``--devices``, ``--num-nodes``, ``--strategy ddp``) go through Lightning's
+prediction loop (:mod:`ccm.infer.distributed`); every process writes its own volumes into the one
+partial output file (:mod:`ccm.io.volume_writer`). Either way predictions are not collected in
+memory, so memory does not grow with the length of the recording.
 
 Before anything is written, the recording is checked against the bundle: frame shape, a numeric
 dtype, the first frame through the preprocessor (NaNs, …) and, where the file names its device,
@@ -17,31 +18,29 @@ the device fingerprint.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
-import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
 
 from ccm.infer.backends import InferenceOptions
 from ccm.infer.bundle import Bundle, BundleError
 from ccm.infer.reconstruct import Reconstructor
+from ccm.io.background import BackgroundWriter
 from ccm.io.recorded import Recording, RecordingError, Selection, open_recording
 from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, prepare
-from ccm.portable import peak_rss_mb
+from ccm.portable import peak_rss_mb, process_uptime_s
 
 SYNC_SECONDS = 2.0
 """How often written volumes are made durable (fdatasync + progress record)."""
 
 
-class FrameChunks(torch.utils.data.Dataset):
-    """Chunk k → (output positions (n,) int64, preprocessed frames (n, 1, H', W') float32)."""
+class FrameChunks:
+    """Chunk k → (output positions (n,) int64, preprocessed frames (n, 1, H', W') float32).
+
+    A sequence (``len`` and indexing), so it also serves as a map-style dataset for torch's DataLoader."""
 
     def __init__(self, recording: Recording, frame_indices: np.ndarray, positions: np.ndarray, bundle: Bundle, chunk: int):
         self.recording, self.frame_indices, self.positions, self.chunk = recording, frame_indices, positions, chunk
@@ -61,103 +60,6 @@ class FrameChunks(torch.utils.data.Dataset):
 def _index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(indices) != 1) + 1
     return [(int(r[0]), int(r[-1]) + 1) for r in np.split(indices, breaks)]
-
-
-class PredictModule(pl.LightningModule):
-    """Runs a bundle's Reconstructor on each process's device (created in ``setup``: backends such
-    as ONNX Runtime sessions do not travel between processes)."""
-
-    def __init__(self, bundle: Bundle, options: InferenceOptions, batch_size: int, calibration: np.ndarray | None = None):
-        super().__init__()
-        self.bundle, self.options, self.batch_size, self.calibration = bundle, options, batch_size, calibration
-        self.reconstructor: Reconstructor | None = None
-
-    def setup(self, stage: str) -> None:
-        device = self.trainer.strategy.root_device
-        options = replace(self.options, device=str(device) if device.type == "cuda" else "cpu", spin=False)
-        self.reconstructor = Reconstructor(self.bundle, options, self.batch_size, calibration=self.calibration)
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # the backend moves frames itself (pinned memory on GPUs, numpy for ONNX Runtime)
-
-    def predict_step(self, batch, batch_idx):
-        positions, x = batch
-        return np.asarray(positions), self.reconstructor.run_preprocessed(np.asarray(x))
-
-
-class WriterCallback(BasePredictionWriter):
-    """Volumes → a writer thread (bounded queue) → :class:`VolumeWriter`; finishes the output on rank 0."""
-
-    def __init__(self, spec: OutputSpec, total: int, done_before: int, progress: bool):
-        super().__init__(write_interval="batch")
-        self.spec, self.total, self.done_before, self.show_progress = spec, total, done_before, progress
-        self.interrupted = False
-
-    def setup(self, trainer, pl_module, stage):
-        self.writer = VolumeWriter(self.spec, rank=trainer.global_rank)
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._drain, name="ccm-volume-writer", daemon=True)
-        self.thread.start()
-        self.bar = None
-        if self.show_progress and trainer.is_global_zero:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=self.done_before, unit="frame", desc=f"reconstruct → {self.spec.path.name}",
-                            dynamic_ncols=True)
-
-    def _drain(self) -> None:
-        last_sync = time.monotonic()
-        while True:
-            item = self.queue.get()
-            if item is None:
-                break
-            if self.error is not None:
-                continue
-            try:
-                self.writer.write(*item)
-                if time.monotonic() - last_sync > SYNC_SECONDS:
-                    self.writer.sync()
-                    last_sync = time.monotonic()
-            except BaseException as err:  # reported on the main thread at the next batch
-                self.error = err
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        if self.error is not None:
-            raise self.error
-        positions, volumes = prediction
-        self.queue.put((positions, volumes))
-        if self.bar is not None:
-            self.bar.update(len(positions) * trainer.world_size)
-
-    def _stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.bar is not None:
-            self.bar.close()
-
-    def on_predict_end(self, trainer, pl_module):
-        self._stop()
-        self.writer.close()
-        if self.error is not None:
-            raise self.error
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            finish(self.spec)  # renames the output when every position is written (checked again by the caller)
-
-    def on_exception(self, trainer, pl_module, exception):
-        self.interrupted = isinstance(exception, KeyboardInterrupt)
-        if self.thread.is_alive():
-            self._stop()
-        self.writer.close()  # what was written is made durable and recorded: a re-run resumes
-
-
-def _quiet_lightning() -> None:
-    """Lightning's start-up banner (GPU/TPU availability, tips) says nothing to someone reconstructing a file."""
-    import logging
-
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_recording(recording: Recording, bundle: Bundle, frame_indices: np.ndarray) -> None:
@@ -199,7 +101,9 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
                           restart: bool = False, overwrite: bool = False, progress: bool = True, series: int = 0) -> dict:
     """Reconstruct one recording into ``output``; returns a summary (frames, seconds, frames/s, …).
 
-    A re-run of the same command after an interruption resumes where the last durable write left off.
+    ``seconds`` is this call's wall time, ``wall_s`` the process's since it started (imports included),
+    ``model_s`` the time spent in the model (one process). A re-run of the same command after an
+    interruption resumes where the last durable write left off.
     """
     options = options or InferenceOptions()
     started = time.perf_counter()
@@ -217,34 +121,78 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     # int8 needs calibration frames when its export is not cached: the recording's own first frames
     calibration = recording.read(0, min(recording.n, 64)) if options.precision == "int8" else None
     recording.close()
+    model_s = 0.0
     if len(todo):
-        data = torch.utils.data.DataLoader(FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size), batch_size=None,
-                                           num_workers=num_workers, persistent_workers=False,
-                                           prefetch_factor=4 if num_workers else None)
-        writer = WriterCallback(spec, spec.n, int(done.sum()), progress)
-        _quiet_lightning()
-        trainer = pl.Trainer(accelerator="gpu" if options.device_type == "cuda" else "cpu", devices=devices, num_nodes=num_nodes,
-                             strategy=strategy, callbacks=[writer], logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False, inference_mode=True)
-        with warnings.catch_warnings():  # chunks are formed by the dataset, not by a batch sampler: nothing to infer
-            warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # a deprecation inside Lightning itself
-            try:
-                trainer.predict(PredictModule(bundle, options, batch_size, calibration), data, return_predictions=False)
-            except SystemExit:  # Lightning turns Ctrl-C into SystemExit after its callbacks ran
-                if writer.interrupted:
-                    raise KeyboardInterrupt from None
-                raise
-        if not trainer.is_global_zero:
-            return summary
+        chunks = FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size)
+        if num_nodes > 1 or devices not in (1, "1") or strategy != "auto":
+            from ccm.infer.distributed import predict_distributed
+
+            if not predict_distributed(chunks, spec, bundle, options, int(done.sum()), calibration, batch_size=batch_size,
+                                       num_workers=num_workers, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                                       progress=progress):
+                return summary  # not the main process
+        else:
+            model_s = _predict_in_process(chunks, spec, bundle, options, int(done.sum()), calibration, batch_size,
+                                          max(1, num_workers), progress)
     elif not finish(spec):
         raise OutputError(f"{spec.tmp}: recorded as complete but cannot be finished")
     if not spec.path.exists() and not finish(spec):
         raise OutputError(f"{spec.tmp}: some volumes are missing after the run; re-run the same command to complete it")
     seconds = time.perf_counter() - started
     rss, rss_workers = peak_rss_mb(), peak_rss_mb(children=True)
+    uptime = process_uptime_s()
     summary.update(frames_done=int(len(todo)), seconds=round(seconds, 2), frames_per_s=round(len(todo) / seconds, 1) if len(todo) else None,
+                   wall_s=round(uptime, 2) if uptime is not None else None, model_s=round(model_s, 2) or None,
                    bytes=spec.path.stat().st_size,
                    peak_rss_mb=round(rss) if rss is not None else None,
                    peak_rss_workers_mb=round(rss_workers) if rss_workers is not None else None)
     return summary
+
+
+def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, bundle: Bundle, options: InferenceOptions, done_before: int,
+                        calibration: np.ndarray | None, batch_size: int, readers: int, progress: bool) -> float:
+    """Read ahead on ``readers`` threads, run the model here, write on a writer thread; returns seconds in the model.
+
+    An interruption (Ctrl-C, an error) closes the writer cleanly: what was written is durable and recorded,
+    and a re-run resumes after it.
+    """
+    # ONNX Runtime threads stop spinning between calls: readers and the writer need the cores
+    reconstructor = Reconstructor(bundle, replace(options, spin=False), batch_size, calibration=calibration)
+    writer = VolumeWriter(spec)
+    background = BackgroundWriter(lambda item: writer.write(*item), writer.sync, sync_every_s=SYNC_SECONDS,
+                                  name="ccm-volume-writer")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=spec.n, initial=done_before, unit="frame", desc=f"reconstruct → {spec.path.name}", dynamic_ncols=True)
+    model_s = 0.0
+    prefetch = readers + 2
+    try:
+        with ThreadPoolExecutor(readers, thread_name_prefix="ccm-reader") as pool:
+            pending = [pool.submit(chunks.__getitem__, k) for k in range(min(prefetch, len(chunks)))]
+            for k in range(len(chunks)):
+                positions, x = pending[k].result()
+                if k + prefetch < len(chunks):
+                    pending.append(pool.submit(chunks.__getitem__, k + prefetch))
+                pending[k] = None  # free the chunk once it is consumed
+                start = time.perf_counter()
+                volumes = reconstructor.run_preprocessed(x)
+                model_s += time.perf_counter() - start
+                background.put((positions, volumes))
+                if bar is not None:
+                    bar.update(len(positions))
+    except BaseException:
+        for future in pending:
+            if future is not None:
+                future.cancel()
+        background.close(raise_error=False)
+        writer.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    background.close()
+    writer.close()
+    finish(spec)
+    return model_s
