@@ -3,8 +3,13 @@ OME-TIFF), a folder or glob of single-frame TIFFs, NDTiff datasets (pycromanager
 
 :func:`open_recording` returns a :class:`Recording`: ``n`` frames of (H, W) laid out on extra axes
 (time, channel, position, …; C order), read a few at a time — memory does not grow with the
-length of the recording. Contiguous uncompressed TIFF data is read with ``os.pread`` at computed
-offsets rather than memory-mapped, so resident memory stays flat however long the file is.
+length of the recording. Contiguous uncompressed TIFF data in the machine's byte order is read with
+``os.pread`` at computed offsets rather than memory-mapped, so resident memory stays flat however
+long the file is; big-endian (ImageJ's default) and compressed data go through tifffile's decoding.
+
+A TIFF that tifffile only warns about (truncated, compressed data cut short, an ImageJ or shaped
+header claiming more frames than the file holds) is refused with a :class:`RecordingError` naming
+the frames that can be read; ``salvage=True`` opens exactly those frames instead.
 
 Recordings pickle as their description (paths, axes, selection) and reopen their files lazily,
 so DataLoader workers and DDP processes each hold their own handles.
@@ -14,10 +19,14 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
@@ -58,6 +67,10 @@ class Recording:
     series: int = 0
     contiguous_offset: int | None = None
     """TIFF: byte offset of frame 0 when the series is uncompressed and contiguous (read with pread)."""
+    byteorder: str = "="
+    """TIFF read with pread: the byte order of the data in the file (``<`` or ``>``; ``=`` native)."""
+    pages: bool = False
+    """TIFF: read page by page (a salvaged file whose series is broken) rather than through the series."""
     ndtiff_axes: list[tuple[str, list]] = field(default_factory=list)
     """NDTiff: (axis name, values) in the order of ``axes``."""
     _handle: Any = field(default=None, repr=False, compare=False)
@@ -158,10 +171,18 @@ class Recording:
             buffer = pread(self._open(), size * (stop - start), self.contiguous_offset + start * size)
             if len(buffer) != size * (stop - start):
                 raise OSError(f"the file ends early (truncated?): {len(buffer)} of {size * (stop - start)} bytes")
-            return np.frombuffer(buffer, self.dtype).reshape(stop - start, h, w)
+            data = np.frombuffer(buffer, self.dtype.newbyteorder(self.byteorder)).reshape(stop - start, h, w)
+            return data if self.byteorder == "=" else data.astype(self.dtype)
         if self.kind == "tiff":
-            data = self._open().asarray(key=range(start, stop), series=self.series)
-            return np.asarray(data).reshape(stop - start, h, w)
+            with tifffile_problems() as problems:
+                tif = self._open()
+                if self.pages:
+                    data = np.stack([tif.pages[i].asarray() for i in range(start, stop)])
+                else:
+                    data = tif.asarray(key=range(start, stop), series=self.series)
+            if problems:
+                raise OSError(f"tifffile: {problems[0]}")
+            return np.asarray(data, self.dtype).reshape(stop - start, h, w)
         if self.kind == "tiff-folder":
             import tifffile
 
@@ -187,11 +208,81 @@ class Recording:
         return np.stack(frames)
 
 
-def _tiff(path: Path, series: int) -> Recording:
+class _TifffileLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("<tifffile.read_"):  # a metadata reader (Micro-Manager summary, …): not about the frames
+            return
+        self.messages.append(re.sub(r"^<tifffile\.\w+ [^>]*> ", "", message))
+
+
+@contextmanager
+def tifffile_problems() -> Iterator[list[str]]:
+    """Collect what tifffile logs (warnings about corrupt or inconsistent files) instead of printing it."""
+    logger = logging.getLogger("tifffile")
+    handler = _TifffileLog()
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _frames_in(shape) -> int:
+    return int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) >= 2 else 0
+
+
+def _tiff_extent(tif, s, path: Path, frame_shape: tuple[int, int], dtype: np.dtype) -> tuple[int, int, int | None]:
+    """(frames the file's headers claim, leading frames whose data is wholly in the file, byte offset of
+    frame 0 when the frames are stored contiguously and uncompressed, else None)."""
+    size = os.path.getsize(path)
+    claimed = _frames_in(s.shape)
+    if tif.is_imagej:
+        claimed = max(claimed, int((tif.imagej_metadata or {}).get("images", 0) or 0))
+    if tif.is_shaped:
+        shaped = (tif.shaped_metadata or ({},))[0].get("shape")
+        if shaped and tuple(shaped[-2:]) == tuple(frame_shape):
+            claimed = max(claimed, _frames_in(shaped))
+    first = tif.pages.first
+    frame_bytes = frame_shape[0] * frame_shape[1] * dtype.itemsize
+    if first.compression == 1 and first.is_contiguous and (s.dataoffset is not None or tif.is_imagej or tif.is_shaped):
+        contiguous = int(first.dataoffsets[0])  # frames follow each other from here (as the writer declared)
+        by_size = max(0, size - contiguous) // frame_bytes
+        if by_size < claimed:  # short: the end of the file may hold the other pages' headers, not frames
+            with tifffile_problems():
+                pages = tif.pages
+                pages.useframes = True
+                after = [page.offset for page in pages if page is not None and page.offset > contiguous]
+            if after:
+                by_size = min(by_size, (min(after) - contiguous) // frame_bytes)
+        return claimed, min(claimed, by_size), contiguous
+
+    def whole(page) -> bool:
+        return (page is not None and tuple(page.shape[-2:]) == tuple(frame_shape) and bool(page.databytecounts)
+                and all(0 < o and o + c <= size for o, c in zip(page.dataoffsets, page.databytecounts)))
+
+    if claimed == _frames_in(s.shape) and whole(s.pages[len(s.pages) - 1]):
+        return claimed, claimed, None  # the last frame is in the file: so are the others
+    readable = 0
+    with tifffile_problems():
+        pages = tif.pages
+        pages.useframes = True
+        for page in pages:
+            if not whole(page):
+                break
+            readable += 1
+    return claimed, min(readable, claimed), None
+
+
+def _tiff(path: Path, series: int, salvage: bool = False) -> Recording:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile_problems() as problems, tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise RecordingError(f"{path}: not a readable TIFF file (no images in it)")
             if series >= len(tif.series):
@@ -208,13 +299,34 @@ def _tiff(path: Path, series: int) -> Recording:
                 meta["imagej"] = {k: v for k, v in (tif.imagej_metadata or {}).items() if isinstance(v, (int, float, str))}
             if tif.is_micromanager:
                 meta["micromanager"] = _jsonable((tif.micromanager_metadata or {}).get("Summary", {}))
-            offset = s.dataoffset if s.dtype.byteorder in ("=", "|", "<" if np.little_endian else ">") else None
+            dtype = np.dtype(s.dtype).newbyteorder("=")
+            frame_shape = shape[-2:]
+            native = tif.byteorder == ("<" if np.little_endian else ">") or dtype.itemsize == 1
+            uncompressed = all(p is None or p.compression == 1 for p in s.pages[:1])
+            # the fast path only for native-order uncompressed contiguous data; tifffile decodes the rest
+            offset = s.dataoffset if native and uncompressed else None
             if offset is not None and any(p.parent is not tif for p in s.pages[:1] if p is not None):
                 offset = None  # a multi-file series: read page by page
+            multi_file = any(p is not None and p.parent is not tif for p in s.pages[:1])
+            claimed, readable, contiguous = (_frames_in(shape), _frames_in(shape), None) if multi_file else \
+                _tiff_extent(tif, s, path, frame_shape, dtype)
     except tifffile.TiffFileError as err:
         raise RecordingError(f"{path}: not a readable TIFF file ({err})") from err
+    except (OSError, ValueError, IndexError, KeyError, struct_error) as err:
+        raise RecordingError(f"{path}: not a readable TIFF file ({type(err).__name__}: {err})") from err
+    if problems or readable < claimed:
+        why = problems[0] if problems else f"the header declares {claimed} frames, the file holds {readable}"
+        found = f"frames 0–{readable - 1} of {claimed} can be read" if readable else f"none of its {claimed} frames can be read"
+        if not salvage or not readable or series != 0:
+            raise RecordingError(f"{path}: corrupt or inconsistent TIFF ({why}); {found}"
+                                 + (" — pass --salvage to reconstruct exactly those" if readable else ""))
+        meta["salvaged"] = {"readable": int(readable), "claimed": int(claimed), "problem": why}
+        if contiguous is not None:
+            return Recording("tiff", [str(path)], "T", (readable,), frame_shape, dtype, meta, series=series,
+                             contiguous_offset=contiguous, byteorder="=" if native else tif.byteorder)
+        return Recording("tiff", [str(path)], "T", (readable,), frame_shape, dtype, meta, series=series, pages=True)
     extra = axes[:-2].replace("Q", "T").replace("I", "T")  # unnamed leading axes are frames in time
-    return Recording("tiff", [str(path)], extra, shape[:-2], shape[-2:], np.dtype(s.dtype), meta, series=series,
+    return Recording("tiff", [str(path)], extra, shape[:-2], frame_shape, dtype, meta, series=series,
                      contiguous_offset=offset)
 
 
@@ -287,9 +399,12 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def open_recording(spec: str | os.PathLike, series: int = 0) -> Recording:
+def open_recording(spec: str | os.PathLike, series: int = 0, salvage: bool = False) -> Recording:
     """A recording from a path: a TIFF file, a folder of TIFFs or an NDTiff dataset, a glob
-    (``frames/*.tif``), or an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``)."""
+    (``frames/*.tif``), or an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``).
+
+    A corrupt or inconsistent TIFF raises :class:`RecordingError` naming the frames that can be read;
+    with ``salvage`` the recording is those frames (``metadata["salvaged"]`` says how many of how many)."""
     text = str(spec)
     h5 = re.match(r"^(.*\.(?:h5|hdf5|he5))(?::(/?.+))?$", text)
     if h5:
@@ -308,10 +423,10 @@ def open_recording(spec: str | os.PathLike, series: int = 0) -> Recording:
         tiffs = [str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff")]
         if len(tiffs) == 1 or any(p.endswith(".ome.tif") and "MMStack" in p for p in tiffs):
             stacks = sorted(p for p in tiffs if "MMStack" in p) or tiffs
-            return _tiff(Path(stacks[0]), series)  # a Micro-Manager OME-TIFF dataset folder
+            return _tiff(Path(stacks[0]), series, salvage)  # a Micro-Manager OME-TIFF dataset folder
         return _folder(tiffs, str(path))
     if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
-        return _tiff(path, series)
+        return _tiff(path, series, salvage)
     raise RecordingError(f"{path}: unknown format; expected a TIFF file, a folder of TIFFs, an NDTiff dataset or an HDF5 file")
 
 
