@@ -1,31 +1,23 @@
-"""The napari plugin's contributions work without napari installed; the manifest points at real functions."""
+"""The napari plugin in a real viewer (napari's ``make_napari_viewer``, pytest-qt, an X display from
+pytest-xvfb): discovery through npe2, the Live and Reconstruct widgets, readers, writer and samples.
+
+Screenshots go to a temporary folder; ``CCM_UPDATE_SCREENSHOTS=1`` writes them to docs/screenshots/
+(the README's pictures). Each is checked to show the image, not a blank canvas.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 import napari_ccm
 
-
-def test_manifest_commands_resolve():
-    manifest = yaml.safe_load((Path(napari_ccm.__file__).parent / "napari.yaml").read_text())
-    commands = {c["id"]: c["python_name"] for c in manifest["contributions"]["commands"]}
-    for sample in manifest["contributions"]["sample_data"]:
-        module, name = commands[sample["command"]].split(":")
-        assert callable(getattr(importlib.import_module(module), name))
-
-
-@pytest.mark.slow
-def test_sample_data_layers():
-    (raw, raw_meta, raw_kind), (truth, truth_meta, truth_kind) = napari_ccm.simulated_cannula_2d()
-    assert raw.shape == (16, 256, 256) and raw.dtype == np.uint16 and raw_kind == "image"
-    assert truth.shape == (16, 128, 128) and truth.dtype == np.float32 and truth.max() > 0.3
-    assert raw_meta["scale"][1] == pytest.approx(0.86) and truth_meta["scale"][1] == pytest.approx(1.72)
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 
 def test_ccm_does_not_import_qt_or_napari():
@@ -36,3 +28,292 @@ def test_ccm_does_not_import_qt_or_napari():
            "('napari', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'pycromanager', 'pymmcore_plus', 'onnxruntime')]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@pytest.mark.slow
+def test_sample_data_layers():
+    (raw, raw_meta, raw_kind), (truth, truth_meta, truth_kind) = napari_ccm.simulated_cannula_2d()
+    assert raw.shape == (16, 256, 256) and raw.dtype == np.uint16 and raw_kind == "image"
+    assert truth.shape == (16, 128, 128) and truth.dtype == np.float32 and truth.max() > 0.3
+    assert raw_meta["scale"][1] == pytest.approx(0.86) and truth_meta["scale"][1] == pytest.approx(1.72)
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+def test_npe2_discovers_the_plugin_and_every_contribution():
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    assert "ccm" in {m.name for m in pm.iter_manifests()}, "npe2 did not discover the ccm plugin (manifest name ≠ distribution name?)"
+    manifest = pm.get_manifest("ccm")
+    assert manifest.package_metadata.name == "ccm"
+    contributions = manifest.contributions
+    assert {w.display_name for w in contributions.widgets} == {"Live reconstruction", "Reconstruct recordings"}
+    assert [r.command for r in contributions.readers] == ["ccm.get_reader"]
+    assert [w.command for w in contributions.writers] == ["ccm.write_image"]
+    assert {s.key for s in contributions.sample_data} >= {"cannula-2d-reconstructed", "cannula-3d-reconstructed", "cannula-2d"}
+    for command in contributions.commands:  # every command's python_name is importable
+        module, name = command.python_name.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), command.id
+    # napari's own lookup by file name: ccm's reader is offered for ccm's files
+    assert any(r.plugin_name == "ccm" for r in pm.iter_compatible_readers(["recon.ome.tif"]))
+
+
+def test_bundle_samples_load_instantly_with_um_scale():
+    layers = napari_ccm.bundle_sample_3d()
+    (raw, raw_kw, _), (recon, recon_kw, _) = layers[:2]
+    assert raw.shape == (256, 256) and recon.shape == (8, 128, 128)
+    assert raw_kw["scale"] == pytest.approx((0.86, 0.86)) and recon_kw["scale"] == pytest.approx((100.0, 1.72, 1.72))
+    assert recon_kw["units"] == ("µm", "µm", "µm")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _screenshot(image: np.ndarray | None, widget, name: str, tmp_path: Path) -> Path:
+    """Save a viewer screenshot (``image``) or a widget's grab; checks that it is not blank."""
+    folder = SCREENSHOTS if os.environ.get("CCM_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    if image is not None:
+        from imageio.v3 import imwrite
+
+        imwrite(path, image)
+        assert image[..., :3].std() > 5, f"{name}: blank screenshot"
+    else:
+        assert widget.grab().save(str(path))
+    return path
+
+
+def _live_widget(viewer):
+    viewer.window._qt_window.resize(1500, 850)  # a laptop screen's worth: the canvas beside the dock
+    viewer.scale_bar.visible = True
+    _, widget = viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")
+    widget.backend.setCurrentText("torch")  # no ONNX export in the tests: fast start
+    return widget
+
+
+def _ccm_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("ccm-") and t.is_alive()]
+
+
+@pytest.fixture
+def errors():
+    """Error notifications napari shows while the test runs."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    seen: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.ERROR:
+            seen.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield seen
+    notification_manager.notification_ready.disconnect(collect)
+
+
+# --- Live ----------------------------------------------------------------------------------------
+
+def test_live_simulated_camera(make_napari_viewer, qtbot, tmp_path):
+    import ccm
+
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    widget.record_folder.setText(str(tmp_path / "recordings"))
+    widget.start()
+    qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
+    assert widget.last_error is None
+    raw, recon = viewer.layers["raw"], viewer.layers["reconstruction"]
+    assert raw.data.shape == (256, 256) and raw.data.dtype == np.uint16
+    assert recon.data.shape == (128, 128)
+    assert tuple(raw.scale) == pytest.approx((0.86, 0.86)) and tuple(recon.scale) == pytest.approx((1.72, 1.72))
+    assert [str(u) for u in raw.units] == ["micrometer", "micrometer"] and [str(u) for u in recon.units] == ["micrometer"] * 2
+    limits = tuple(raw.contrast_limits)
+
+    # the layer shows what the Reconstructor gives for the raw frame shown
+    shown_raw, shown_recon = np.array(raw.data), np.array(recon.data)
+    reconstructor = ccm.Reconstructor(widget.pipeline.reconstructor.bundle)
+    np.testing.assert_allclose(reconstructor(shown_raw)[0, 0], shown_recon, atol=1e-4)
+
+    # recording: a file ccm reconstruct reads
+    widget.record_button.setChecked(True)
+    qtbot.waitUntil(lambda: widget.pipeline.stats().recorded >= 20, timeout=20000)
+    widget.record_button.setChecked(False)
+    recording = ccm.open_recording(widget.recording_path)
+    assert recording.n >= 20 and tuple(recording.frame_shape) == (256, 256)
+    recording.close()
+
+    # the display keeps up, the contrast does not move, nothing is dropped
+    first = widget.pipeline.stats().reconstructed
+    qtbot.waitUntil(lambda: widget.pipeline.stats().reconstructed >= first + 150, timeout=20000)
+    stats = widget.pipeline.stats()
+    display_fps = widget.display_fps()
+    print(f"live: {stats.line()}  display {display_fps:.1f} fps")
+    assert stats.dropped == 0 and display_fps > 1 and tuple(raw.contrast_limits) == limits
+    _screenshot(viewer.screenshot(canvas_only=False, flash=False), None, "napari-live", tmp_path)
+    _screenshot(None, widget, "widget-live", tmp_path)
+    snapshot = widget.snapshot()
+    assert snapshot is not None and np.array_equal(snapshot[1].data, recon.data)
+    widget.stop()
+    assert not widget.running and _ccm_threads() == []
+
+
+def test_live_refuses_a_bundle_of_another_device(make_napari_viewer, qtbot, errors):
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    widget.bundle.setCurrentText("window-see-through-2d")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.last_error is not None, timeout=60000)
+    assert not widget.running and not widget.starting
+    assert "window" in widget.last_error and "expects" in widget.last_error
+    assert any("ccm live" in e for e in errors)
+    assert widget.message.text() == widget.last_error and _ccm_threads() == []
+
+
+def test_live_camera_disconnect_is_a_notification_and_keeps_the_recording(make_napari_viewer, qtbot, errors, tmp_path):
+    import ccm
+
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    widget.camera.setCurrentIndex(1)  # Micro-Manager configuration: the shipped python camera through UniMMCore
+    widget.exposure.setValue(10)
+    widget.record_folder.setText(str(tmp_path))
+    widget.start()
+    qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
+    assert viewer.layers["raw"].data.shape == (256, 256) and widget.pipeline.source.name.startswith("Micro-Manager")
+    widget.record_button.setChecked(True)
+    qtbot.waitUntil(lambda: widget.pipeline.stats().recorded >= 5, timeout=20000)
+    core = widget._core
+    core.setProperty(core.getCameraDevice(), "FailAfterFrames", 1)  # the camera "disconnects"
+    qtbot.waitUntil(lambda: widget.last_error is not None, timeout=20000)
+    assert not widget.running and any("ccm live" in e for e in errors)
+    qtbot.waitUntil(lambda: not widget.closing, timeout=20000)  # the pipeline closes the recording on its own thread
+    assert "recording kept" in widget.message.text()
+    recording = ccm.open_recording(widget.recording_path)
+    assert recording.n >= 5
+    recording.close()
+    assert _ccm_threads() == []
+
+
+def test_live_on_a_core_already_in_the_window(make_napari_viewer, qtbot, monkeypatch):
+    import weakref
+
+    from pymmcore_plus.core import _mmcore_plus
+
+    from ccm.acquire.mmcore import load_core, release_core
+    from napari_ccm._live import existing_core
+
+    core = load_core()  # as napari-micromanager would: the process's core, loaded before ccm starts
+    monkeypatch.setattr(_mmcore_plus, "_instance", weakref.ref(core))  # the instance even if an earlier test made one
+    try:
+        assert existing_core() is core
+        viewer = make_napari_viewer()
+        widget = _live_widget(viewer)
+        widget.camera.setCurrentIndex(2)
+        widget.start()
+        qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
+        widget.stop()
+        assert widget.last_error is None and _ccm_threads() == []
+        assert core.getCameraDevice() and not core.isSequenceRunning()  # the core is left loaded, as found
+    finally:
+        release_core(core)
+
+
+# --- Reconstruct ---------------------------------------------------------------------------------
+
+def test_reconstruct_widget_on_a_layer(make_napari_viewer, qtbot, tmp_path):
+    import ccm
+
+    bundle = ccm.load_bundle("cannula-220um-2d")
+    frames = np.stack([bundle.sample_raw, np.flipud(bundle.sample_raw), np.fliplr(bundle.sample_raw)])
+    viewer = make_napari_viewer()
+    viewer.add_image(frames, name="frames")
+    _, widget = viewer.window.add_plugin_dock_widget("ccm", "Reconstruct recordings")
+    widget.source.setCurrentText("frames")
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    assert widget.last_error is None
+    (layer,) = widget.result_layers
+    expected = ccm.Reconstructor(bundle, batch_size=16)(frames)[:, 0]
+    np.testing.assert_array_equal(np.asarray(layer.data), expected)
+    assert tuple(layer.scale) == pytest.approx((1.0, 1.72, 1.72))
+    _screenshot(None, widget, "widget-reconstruct", tmp_path)
+
+
+@pytest.mark.slow
+def test_reconstruct_widget_on_a_file_and_cancel(make_napari_viewer, qtbot, tmp_path):
+    import tifffile
+
+    import ccm
+
+    bundle = ccm.load_bundle("cannula-220um-2d")
+    rng = np.random.default_rng(0)
+    frames = np.clip(bundle.sample_raw[None].astype(np.int32) + rng.integers(-50, 50, (24, 256, 256)), 0, 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "movie.tif", frames)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("ccm", "Reconstruct recordings")
+    widget.source.setCurrentText("File or folder…")
+    widget.path.setText(str(tmp_path / "movie.tif"))
+    widget.output.setText(str(tmp_path / "movie-recon.ome.tif"))
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120000)
+    assert widget.last_error is None, widget.last_error
+    (layer,) = widget.result_layers
+    expected = ccm.Reconstructor(bundle)(frames)[:, 0]
+    np.testing.assert_allclose(np.asarray(layer.data), expected, atol=1e-5)
+    assert tuple(layer.scale)[-2:] == pytest.approx((1.72, 1.72)) and str(layer.units[-1]) == "micrometer"
+
+
+# --- readers and writer --------------------------------------------------------------------------
+
+def test_writer_and_reader_round_trip_um_scale(tmp_path):
+    from napari_ccm._reader import get_reader
+    from napari_ccm._writer import write_image
+
+    volume = np.random.default_rng(1).random((4, 8, 16), dtype=np.float32)
+    (path,) = write_image(str(tmp_path / "v.ome.tif"), volume, {"scale": (50.0, 1.72, 1.72), "translate": (100.0, 0, 0),
+                                                                "units": ("µm", "µm", "µm"), "name": "v"})
+    reader = get_reader(path)
+    assert reader is not None
+    ((data, kwargs, kind),) = reader(path)
+    np.testing.assert_array_equal(np.asarray(data), volume)
+    assert kwargs["scale"] == pytest.approx((50.0, 1.72, 1.72)) and kwargs["translate"][0] == pytest.approx(100.0)
+    assert kwargs["units"] == ("µm", "µm", "µm")
+
+
+def test_reader_opens_recordings_and_stacks_in_um(tiny_cannula, tmp_path):
+    import h5py
+
+    import ccm
+    from napari_ccm._reader import get_reader
+
+    stack = ccm.simulate_stack(tiny_cannula, tmp_path / "stack.h5", 4, mode="3d", seed=0, progress=False)
+    (raw, raw_kw, _), (target, target_kw, _) = get_reader(str(stack))(str(stack))
+    assert raw.shape == (4, 48, 48) and target.shape == (4, 4, 24, 24)
+    assert raw_kw["scale"][-1] == pytest.approx(220 / 48) and target_kw["scale"][-1] == pytest.approx(220 / 24)
+    assert raw_kw["units"][-1] == "µm" and target_kw["translate"][1] == 0.0
+    with h5py.File(stack) as f:
+        np.testing.assert_array_equal(np.asarray(target), f["target"][()])
+    assert get_reader(str(tmp_path / "nothing.txt")) is None
+
+
+def test_reader_opens_a_live_recording(make_napari_viewer, qtbot, tmp_path):
+    """A recording made by the Live widget opens as raw + reconstruction with µm scale and frame times."""
+    from napari_ccm._reader import get_reader
+
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    widget.record_folder.setText(str(tmp_path))
+    widget.start()
+    qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
+    widget.record_button.setChecked(True)
+    qtbot.waitUntil(lambda: widget.pipeline.stats().recorded >= 10, timeout=20000)
+    widget.stop()
+    path = str(widget.recording_path)
+    (raw, raw_kw, _), (recon, recon_kw, _) = get_reader(path)(path)
+    assert raw.shape[1:] == (256, 256) and recon.shape[1:] == (128, 128) and raw.shape[0] == recon.shape[0] >= 10
+    assert raw_kw["scale"][-1] == pytest.approx(0.86) and recon_kw["scale"][-1] == pytest.approx(1.72)
+    assert len(recon_kw["metadata"]["timestamp_s"]) == raw.shape[0]
+    layers = viewer.open(path, plugin="ccm")
+    assert [layer.name for layer in layers][:2] == [Path(path).name.split(".")[0] + " raw", Path(path).name.split(".")[0] + " reconstruction"]

@@ -1,0 +1,87 @@
+"""What the widgets share: the shipped devices and bundles, a bundle picker, backend options, and
+how a reconstruction becomes a layer (scale and units in µm, depth planes as Z)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+RECONSTRUCTION_COLORMAP = "green"
+"""Fluorescence: reconstructions are intensities of a green fluorophore scene, in [0, 1]."""
+
+
+def shipped_devices() -> list[str]:
+    from ccm.resources import shipped_path
+
+    names = sorted(p.stem for p in shipped_path("calibration").glob("*.yaml"))
+    return sorted(names, key=lambda n: n != "cannula-220um")  # the default first
+
+
+def shipped_bundles() -> list[str]:
+    from ccm.resources import shipped_path
+
+    names = sorted(p.stem for p in shipped_path("models").glob("*.safetensors"))
+    return sorted(names, key=lambda n: n != "cannula-220um-2d")
+
+
+def add_bundle_picker(parent, combo):
+    """A row with ``combo`` (bundle names) and a "…" button that adds a .safetensors file to it."""
+    from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton
+
+    combo.setEditable(True)
+    button = QPushButton("…")
+    button.setToolTip("a bundle file (.safetensors) written by `ccm train`")
+
+    def browse() -> None:
+        path, _ = QFileDialog.getOpenFileName(parent, "Model bundle", str(Path.home()), "ccm bundle (*.safetensors)")
+        if path:
+            combo.addItem(path)
+            combo.setCurrentText(path)
+
+    button.clicked.connect(browse)
+    row = QHBoxLayout()
+    row.addWidget(combo, 1)
+    row.addWidget(button)
+    return row
+
+
+def bundle_choice(combo) -> str:
+    return combo.currentText().strip()
+
+
+def options_from(backend: str, precision: str):
+    import ccm
+
+    return ccm.InferenceOptions(backend=backend, precision=precision).validate()
+
+
+def depth_axis(depths_um) -> tuple[float, float]:
+    """(step, first) of the depth planes in µm, as a layer's Z scale and translate (step 1 for one plane)."""
+    depths = np.asarray(depths_um, np.float64)
+    if len(depths) < 2:
+        return 1.0, float(depths[0]) if len(depths) else 0.0
+    return float(np.diff(depths).mean()), float(depths[0])
+
+
+def reconstruction_layer_kwargs(bundle, volumes: np.ndarray, leading: int = 0) -> tuple[np.ndarray, dict]:
+    """Data and ``add_image`` keywords for reconstructions of ``bundle``: ``volumes`` is (..., D, h, w)
+    with ``leading`` axes (T, …) before D. 2D bundles drop D; 3D keep it as Z, spaced by the depth planes."""
+    px = float(bundle.device.target.pixel_size_um)
+    depths = tuple(bundle.depths_um)
+    lead_scale, lead_units = (1.0,) * leading, ("",) * leading
+    if len(depths) == 1:
+        data = volumes[..., 0, :, :]
+        scale, translate, units = (*lead_scale, px, px), (0.0,) * (leading + 2), (*lead_units, "µm", "µm")
+    else:
+        step, first = depth_axis(depths)
+        data = volumes
+        scale, translate, units = (*lead_scale, step, px, px), (*(0.0,) * leading, first, 0.0, 0.0), (*lead_units, "µm", "µm", "µm")
+    kwargs = {"scale": scale, "translate": translate, "units": _units(units), "colormap": RECONSTRUCTION_COLORMAP,
+              "contrast_limits": (0.0, 1.0), "metadata": {"bundle": bundle.name, "depths_um": list(depths), "units": "µm"}}
+    return data, kwargs
+
+
+def _units(units: tuple[str, ...]) -> tuple[str, ...]:
+    """napari wants a unit per axis; an unnamed (time or index) axis is "pixel"."""
+    return tuple(u or "pixel" for u in units)

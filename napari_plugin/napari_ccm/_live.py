@@ -1,0 +1,483 @@
+"""The Live dock widget: a camera → ccm's live pipeline → two napari layers, redrawn on a timer.
+
+The camera and the reconstruction run in :class:`ccm.LivePipeline`'s threads; this widget never
+waits for them. A ``QTimer`` (``DISPLAY_HZ``) reads :meth:`ccm.LivePipeline.latest` — the newest
+(frame, volume) pair — and sets the layers' data when it changed, so a slow screen drops
+redraws, never camera frames. Everything slow at start (bundle self-test, ONNX export, a
+device's ray trace, loading a Micro-Manager configuration) runs in a napari ``thread_worker``.
+Any error (a bundle of another device, frames of the wrong shape or type, a camera that stops)
+becomes a napari notification and a red line in the widget, and the pipeline is stopped with
+what was recorded closed and readable.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
+
+from napari_ccm._common import (
+    add_bundle_picker,
+    bundle_choice,
+    options_from,
+    reconstruction_layer_kwargs,
+    shipped_bundles,
+    shipped_devices,
+)
+
+DISPLAY_HZ = 30
+"""Redraws per second at most (the camera may run faster; the newest result is shown)."""
+
+CAMERAS = ("Simulated device", "Micro-Manager configuration (pymmcore-plus)", "Micro-Manager core in this window")
+RAW_GAP_UM = 20.0
+"""Space between the raw frame (left) and the reconstruction (right), in µm."""
+
+
+def existing_core():
+    """The ``CMMCorePlus`` already running in this process (napari-micromanager, pymmcore-widgets), or None."""
+    try:
+        from pymmcore_plus.core import _mmcore_plus
+    except ImportError:
+        return None
+    ref = getattr(_mmcore_plus, "_instance", None)
+    return ref() if ref is not None else None
+
+
+class LiveWidget(QWidget):
+    """Acquire and reconstruct live. ``viewer``: the napari viewer (npe2 passes it)."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.pipeline = None
+        self.raw_layer = None
+        self.recon_layer = None
+        self.last_error: str | None = None
+        self.recording_path: Path | None = None
+        self._core = None
+        self._own_core = False
+        self._worker = None
+        self._shown_index: int | None = None
+        self._draws: collections.deque[float] = collections.deque(maxlen=120)
+        self._last_status = 0.0
+        self.status_numbers: dict = {}
+
+        self.camera = QComboBox()
+        self.camera.addItems(CAMERAS)
+        self.device = QComboBox()
+        self.device.addItems(shipped_devices())
+        self.fps = QDoubleSpinBox(minimum=1, maximum=2000, value=100, suffix=" frames/s", decimals=1)
+        self.exposure = QDoubleSpinBox(minimum=0.1, maximum=10000, value=10, suffix=" ms", decimals=1)
+        self.config = QLineEdit(str(_shipped_config()))
+        config_browse = QPushButton("…")
+        config_browse.clicked.connect(self._browse_config)
+        config_row = QHBoxLayout()
+        config_row.addWidget(self.config)
+        config_row.addWidget(config_browse)
+        self.bundle = QComboBox()
+        self.bundle.addItems(shipped_bundles())
+        bundle_row = add_bundle_picker(self, self.bundle)
+        self.backend = QComboBox()
+        self.backend.addItems(["onnx", "torch"])
+        self.precision = QComboBox()
+        self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self._toggle)
+        self.record_button = QPushButton("Record")
+        self.record_button.setCheckable(True)
+        self.record_button.setEnabled(False)
+        self.record_button.toggled.connect(self._toggle_record)
+        self.record_folder = QLineEdit(str(Path.home() / "ccm-recordings"))
+        self.snapshot_button = QPushButton("Snapshot")
+        self.snapshot_button.setEnabled(False)
+        self.snapshot_button.clicked.connect(self.snapshot)
+        self.status = QLabel("stopped")
+        self.status.setWordWrap(True)
+        self.message = QLabel("")
+        self.message.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Camera", self.camera)
+        form.addRow("Device", self.device)
+        form.addRow("Frame rate", self.fps)
+        form.addRow("Exposure", self.exposure)
+        form.addRow("MM config", config_row)
+        form.addRow("Bundle", bundle_row)
+        form.addRow("Backend", self.backend)
+        form.addRow("Precision", self.precision)
+        form.addRow("Record to", self.record_folder)
+        buttons = QHBoxLayout()
+        for button in (self.start_button, self.record_button, self.snapshot_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addWidget(self.message)
+        layout.addStretch(1)
+        self.camera.currentIndexChanged.connect(self._camera_changed)
+        self._camera_changed()
+
+        self.timer = QTimer(self)
+        self.timer.setInterval(int(1000 / DISPLAY_HZ))
+        self.timer.timeout.connect(self._tick)
+        self._closing = None
+        self._closing_timer = QTimer(self)
+        self._closing_timer.setInterval(100)
+        self._closing_timer.timeout.connect(self._check_closed)
+        # the viewer closing (or the dock being deleted) stops the camera and closes a recording
+        holder = self._holder = {"widget": self}
+        self.destroyed.connect(lambda *_: _stop_quietly(holder))
+
+    # --- controls --------------------------------------------------------------------------------
+
+    def _camera_changed(self) -> None:
+        simulated = self.camera.currentIndex() == 0
+        for w in (self.device, self.fps):
+            w.setEnabled(simulated)
+        self.config.setEnabled(self.camera.currentIndex() == 1)
+
+    def _browse_config(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Micro-Manager configuration", str(Path(self.config.text()).parent),
+                                              "Micro-Manager configuration (*.cfg)")
+        if path:
+            self.config.setText(path)
+
+    def _toggle(self) -> None:
+        if self.running or self._worker is not None:
+            self.stop()
+        else:
+            self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def starting(self) -> bool:
+        return self._worker is not None
+
+    def start(self) -> None:
+        """Open the camera and the bundle off the GUI thread, then start the pipeline and the display."""
+        if self.running or self.starting or self.closing:
+            return
+        self.last_error = None
+        self._set_message("")
+        settings = {"camera": self.camera.currentIndex(), "device": self.device.currentText(), "fps": self.fps.value(),
+                    "exposure_ms": self.exposure.value(), "config": self.config.text(), "bundle": bundle_choice(self.bundle),
+                    "backend": self.backend.currentText(), "precision": self.precision.currentText()}
+        if settings["camera"] == 2:
+            self._core, self._own_core = existing_core(), False
+            if self._core is None:
+                self._fail("no Micro-Manager core is running in this window (start napari-micromanager or load a "
+                           "CMMCorePlus first), or choose another camera")
+                return
+        self.start_button.setText("Starting…")
+        self.status.setText(f"opening {settings['bundle']} and the camera…")
+        worker = create_worker(self._open, settings, self._core, _ignore_errors=True)
+        worker.returned.connect(self._opened)
+        worker.errored.connect(self._open_failed)
+        self._worker = worker
+        worker.start()
+
+    @staticmethod
+    def _open(settings: dict, core):
+        """Worker thread: (pipeline, core it loaded or None)."""
+        import ccm
+
+        options = options_from(settings["backend"], settings["precision"])
+        bundle = ccm.load_bundle(settings["bundle"])
+        loaded = None
+        if settings["camera"] == 0:
+            device = ccm.load_device(settings["device"])
+            exposure = min(settings["exposure_ms"], 1000.0 / settings["fps"])
+            source = ccm.SimulatedSource(device, fps=settings["fps"], exposure_ms=exposure, seed=0)
+        else:
+            from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+
+            if settings["camera"] == 1:
+                core = loaded = load_core(settings["config"])
+                core.setExposure(settings["exposure_ms"])
+            try:
+                source = MMCoreSource(core)
+            except BaseException:
+                if loaded is not None:
+                    release_core(loaded)
+                raise
+        try:
+            reconstructor = ccm.Reconstructor(bundle, options, batch_size=16)
+            reconstructor(source.snap().image if settings["camera"] else bundle.sample_raw)  # warm up; checks pixel type
+            return ccm.LivePipeline(source, reconstructor), loaded
+        except BaseException:
+            if loaded is not None:
+                release_core(loaded)
+            raise
+
+    def _opened(self, result) -> None:
+        self._worker = None
+        pipeline, loaded = result
+        if loaded is not None:
+            self._core, self._own_core = loaded, True
+        self._setup_layers(pipeline)
+        self._shown_index = None
+        self._draws.clear()
+        try:
+            pipeline.start()
+        except Exception as err:  # noqa: BLE001  (a camera that will not start a sequence)
+            self.pipeline = pipeline
+            self._fail(str(err))
+            return
+        self.pipeline = pipeline
+        self.start_button.setText("Stop")
+        self.record_button.setEnabled(True)
+        self.snapshot_button.setEnabled(True)
+        self.timer.start()
+
+    def _open_failed(self, err: BaseException) -> None:
+        self._worker = None
+        self._fail(_describe(err))
+
+    def stop(self) -> None:
+        """Stop the display, the camera and the reconstruction; close a recording."""
+        self.timer.stop()
+        if self._worker is not None:  # still opening: let it finish, then discard what it opened
+            worker, self._worker = self._worker, None
+            worker.returned.disconnect(self._opened)
+            worker.returned.connect(lambda result: _discard(result))
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            stats = pipeline.stop()
+            self._status_line(pipeline, stats)
+            if pipeline.recorder is None and self.recording_path is not None and self.record_button.isChecked():
+                self._set_message(f"recorded {stats.recorded} frames → {self.recording_path}")
+        self._release_core()
+        self._reset_controls()
+
+    def _reset_controls(self) -> None:
+        self.record_button.blockSignals(True)
+        self.record_button.setChecked(False)
+        self.record_button.blockSignals(False)
+        self.record_button.setText("Record")
+        self.record_button.setEnabled(False)
+        self.snapshot_button.setEnabled(False)
+        self.start_button.setText("Start")
+
+    @property
+    def closing(self) -> bool:
+        """A pipeline that stopped on an error is still closing its camera and recording."""
+        return self._closing is not None
+
+    def _wind_down(self, pipeline) -> None:
+        """The pipeline stopped itself on an error (its own thread closes the camera and the recording):
+        say so at once, and release what the widget opened once the pipeline has finished stopping."""
+        self.timer.stop()
+        self.pipeline = None
+        self._reset_controls()
+        message = _describe(pipeline.error)
+        self.last_error = message
+        self._set_message(message, error=True)
+        show_error(f"ccm live: {message}")
+        self._closing = pipeline
+        self._closing_timer.start()
+
+    def _check_closed(self) -> None:
+        pipeline = self._closing
+        if pipeline is None or pipeline.wait(0.001):  # wait() is False once the pipeline has stopped
+            return
+        self._closing_timer.stop()
+        self._closing = None
+        self._release_core()
+        self._status_line(pipeline, pipeline.stats())
+        if self.recording_path is not None and self.recording_path.exists():
+            self._set_message(f"{self.last_error} — recording kept: {self.recording_path}", error=True)
+
+    def _release_core(self) -> None:
+        if self._core is not None and self._own_core:
+            from ccm.acquire.mmcore import release_core
+
+            release_core(self._core)
+        self._core, self._own_core = None, False
+
+    def _fail(self, message: str) -> None:
+        """One error: a napari notification, the widget's red line, everything stopped."""
+        self.last_error = message
+        self.stop()
+        self._set_message(message, error=True)
+        self.status.setText("stopped")
+        show_error(f"ccm live: {message}")
+
+    def _set_message(self, text: str, error: bool = False) -> None:
+        self.message.setText(text)
+        self.message.setStyleSheet("color: #ff6060" if error else "")
+
+    # --- recording and snapshots ------------------------------------------------------------------
+
+    def _toggle_record(self, on: bool) -> None:
+        if self.pipeline is None:
+            return
+        if on:
+            folder = Path(self.record_folder.text()).expanduser()
+            path = _new_recording_path(folder)
+            try:
+                self.pipeline.record(path)
+            except Exception as err:  # noqa: BLE001  (an unwritable folder)
+                self._set_message(f"cannot record to {path}: {err}", error=True)
+                show_error(f"ccm live: cannot record to {path}: {err}")
+                self.record_button.blockSignals(True)
+                self.record_button.setChecked(False)
+                self.record_button.blockSignals(False)
+                return
+            self.recording_path = path
+            self.record_button.setText("Recording…")
+            self._set_message(f"recording → {path}")
+        else:
+            self.pipeline.stop_recording()
+            self.record_button.setText("Record")
+            self._set_message(f"recorded {self.pipeline.stats().recorded} frames → {self.recording_path}")
+            show_info(f"ccm: recording written to {self.recording_path}")
+
+    def snapshot(self) -> tuple | None:
+        """The raw frame and reconstruction on screen now, as two new layers."""
+        if self.raw_layer is None or self.recon_layer is None:
+            return None
+        n = sum(layer.name.startswith("snapshot raw") for layer in self.viewer.layers) + 1
+        raw = self.viewer.add_image(np.array(self.raw_layer.data), name=f"snapshot raw {n}", scale=self.raw_layer.scale,
+                                    translate=self.raw_layer.translate, units=self.raw_layer.units, colormap="gray",
+                                    contrast_limits=self.raw_layer.contrast_limits, visible=False)
+        recon = self.viewer.add_image(np.array(self.recon_layer.data), name=f"snapshot reconstruction {n}",
+                                      scale=self.recon_layer.scale, translate=self.recon_layer.translate,
+                                      units=self.recon_layer.units, colormap=self.recon_layer.colormap,
+                                      contrast_limits=self.recon_layer.contrast_limits, visible=False)
+        return raw, recon
+
+    # --- display ---------------------------------------------------------------------------------
+
+    def _setup_layers(self, pipeline) -> None:
+        bundle = pipeline.reconstructor.bundle
+        h, w = pipeline.source.frame_shape
+        raw_um = float(bundle.device.sensor.pixel_size_um)
+        raw_kwargs = {"name": "raw", "scale": (raw_um, raw_um), "units": ("µm", "µm"), "colormap": "gray",
+                      "translate": (0.0, -(w * raw_um + RAW_GAP_UM))}
+        raw_kwargs["contrast_limits"] = (0.0, float(2 ** bundle.device.sensor.bit_depth - 1)) \
+            if hasattr(bundle.device.sensor, "bit_depth") else (0.0, 65535.0)  # until the first frame sets them
+        blank = np.zeros((h, w), np.uint16)
+        self.raw_layer = _replace_layer(self.viewer, blank, raw_kwargs)
+        data, kwargs = reconstruction_layer_kwargs(bundle, np.zeros(pipeline.reconstructor.output_shape, np.float32))
+        kwargs["name"] = "reconstruction"
+        self.recon_layer = _replace_layer(self.viewer, data, kwargs)
+        self.viewer.scale_bar.visible = True
+        self.viewer.reset_view()
+
+    def _tick(self) -> None:
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        if pipeline.error is not None:
+            self._wind_down(pipeline)
+            return
+        latest = pipeline.latest()
+        now = time.monotonic()
+        if latest is not None and latest[0].index != self._shown_index:
+            frame, volume = latest
+            if self._shown_index is None:  # the first frame fixes the raw contrast (no flicker after it)
+                low, high = np.percentile(frame.image, [0.1, 99.9])
+                self.raw_layer.contrast_limits = (float(low), float(max(low + 1, low + 1.2 * (high - low))))
+            self.raw_layer.data = frame.image
+            self.recon_layer.data = volume[0] if self.recon_layer.ndim == 2 else volume
+            self._shown_index = frame.index
+            self._draws.append(now)
+        if now - self._last_status > 0.5:
+            self._last_status = now
+            self._status_line(pipeline, pipeline.stats())
+
+    def display_fps(self) -> float:
+        draws = [t for t in self._draws if t > time.monotonic() - 2.0]
+        return (len(draws) - 1) / (draws[-1] - draws[0]) if len(draws) > 2 else 0.0
+
+    def _status_line(self, pipeline, stats) -> None:
+        camera_fps = stats.received / stats.seconds if stats.seconds > 0 else 0.0
+        self.status_numbers = {"seconds": round(stats.seconds, 2), "camera_fps": round(camera_fps, 1),
+                               "reconstruction_fps": round(stats.frames_per_s, 1), "received": stats.received,
+                               "reconstructed": stats.reconstructed, "dropped": stats.dropped,
+                               "latency_ms_median": stats.latency_ms_median, "latency_ms_p95": stats.latency_ms_p95,
+                               "display_fps": round(self.display_fps(), 1), "recorded": stats.recorded,
+                               "source": pipeline.source.name, "bundle": pipeline.reconstructor.bundle.name}
+        latency = (f"latency {stats.latency_ms_median:.1f} ms (p95 {stats.latency_ms_p95:.1f})"
+                   if stats.latency_ms_median is not None else "latency –")
+        line = (f"camera {camera_fps:.0f} fps · reconstruction {stats.frames_per_s:.0f} fps · dropped {stats.dropped} · "
+                f"{latency} · display {self.display_fps():.0f} fps · recorded {stats.recorded}")
+        self.status.setText(line)
+        self.viewer.status = f"ccm live: {line}"
+
+
+def _replace_layer(viewer, data, kwargs):
+    """The layer named ``kwargs['name']`` with new data and settings (re-created when its dimensionality changes)."""
+    name = kwargs["name"]
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if layer.ndim == data.ndim:
+            layer.data = data
+            for key in ("scale", "translate", "units", "contrast_limits", "colormap"):
+                if key in kwargs:
+                    setattr(layer, key, kwargs[key])
+            return layer
+        viewer.layers.remove(layer)
+    return viewer.add_image(data, **kwargs)
+
+
+def _new_recording_path(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, k = folder / f"live-{stamp}.h5", 1
+    while path.exists():
+        path, k = folder / f"live-{stamp}-{k}.h5", k + 1
+    return path
+
+
+def _describe(err: BaseException) -> str:
+    import ccm
+
+    return str(err) if isinstance(err, ccm.CcmError) else f"{type(err).__name__}: {err}"
+
+
+def _discard(result) -> None:
+    """What a start cancelled while opening had opened: close it."""
+    pipeline, loaded = result
+    if loaded is not None:
+        from ccm.acquire.mmcore import release_core
+
+        release_core(loaded)
+
+
+def _stop_quietly(holder: dict) -> None:
+    widget = holder.get("widget")
+    holder.clear()
+    pipeline = getattr(widget, "pipeline", None) if widget is not None else None
+    if pipeline is not None:
+        try:
+            pipeline.stop()
+        except Exception:  # noqa: BLE001  (the viewer is closing)
+            pass
+
+
+def _shipped_config() -> Path:
+    from ccm.resources import shipped_path
+
+    return shipped_path("calibration", "ccm-simulated-cannula.cfg")
