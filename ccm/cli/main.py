@@ -369,6 +369,19 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {inference_benchmark.run_live(seconds=10 if args.quick else 60)}")
 
 
+def _cmd_napari(args: argparse.Namespace) -> None:
+    from importlib import import_module
+
+    try:  # the plugin imports napari and Qt: only here, never when ccm is imported
+        launch = import_module("napari_ccm._launch")
+    except ImportError as err:
+        raise UsageError(f"napari is not installed ({err}); install it with: pip install \"ccm[napari]\"") from None
+    code = launch.run(bundle=args.bundle, device=args.device, backend=args.backend, seconds=args.seconds, out=args.output,
+                      headless=True if args.headless else None)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccm", description="Computational cannula microscopy and see-through cameras.")
     parser.add_argument("--version", action="version", version=f"ccm {__version__}")
@@ -531,6 +544,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="raw frames for int8 calibration (any INPUT of reconstruct; default: simulated)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("napari", help="open napari with the Live widget running (simulated cannula, shipped 2D bundle)",
+                       description="Open napari with ccm's Live widget docked and started. With no display, say so and run "
+                                   "the viewer headless (Xvfb if installed, else Qt offscreen) for --seconds, then write a "
+                                   "screenshot and the live numbers to --output.")
+    p.add_argument("--bundle", default="cannula-220um-2d", help="bundle name or .safetensors file (default: cannula-220um-2d)")
+    _device_arg(p)
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="inference backend (default: onnx)")
+    p.add_argument("--seconds", type=float, default=5.0, help="headless: how long to run (default: 5)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out/napari"), help="headless: folder for the screenshot and JSON")
+    p.add_argument("--headless", action="store_true", help="run headless even with a display")
+    p.set_defaults(func=_cmd_napari)
 
     p = sub.add_parser("models", help="list the shipped model bundles")
     p.set_defaults(func=_cmd_models)
