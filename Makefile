@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/ccm demo -o out/demo
+	@echo "Live in napari: $(VENV)/bin/ccm napari   (no display: runs headless, screenshot to out/napari/)"
 
 test: lint
 	$(PY) -m pytest -n 2
