@@ -28,10 +28,28 @@ from torch import nn
 from ccm.infer.linear import LinearInverse, LinearSpec
 
 
-class UNetConfig(BaseModel):
-    """Architecture of a reconstruction U-Net; stored in model bundles."""
+class UNetLayout(BaseModel):
+    """The choices that define a U-Net, independent of any device's shapes: what a recipe's ``model``
+    section sets (:class:`ccm.learn.recipe.ModelRecipe` extends it) and :class:`UNetConfig` completes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    widths: tuple[int, ...] = Field(default=(16, 32, 64, 128), min_length=2, max_length=7)
+    """Channels at each resolution level, finest first."""
+    norm: Literal["batch", "group", "instance", "none"] = "batch"
+    residual: bool = True
+    input_stage: Literal["unshuffle", "stride", "resize", "linear"] = "linear"
+    """How frames reach the U-Net: the fitted linear inverse (``linear``), or a space-to-depth
+    (``unshuffle``), strided convolution (``stride``) or area resize (``resize``) of the input."""
+    output: Literal["sigmoid", "none"] = "sigmoid"
+    downscale: int = Field(default=1, ge=1, le=4)
+    """The U-Net runs at 1/downscale of the target grid (after a ``linear`` or ``resize`` input
+    stage): space-to-depth before the stem, depth-to-space after the head. 2 cuts the work ~4× —
+    the fast CPU path — at some cost in fine detail."""
+
+
+class UNetConfig(UNetLayout):
+    """Architecture of a reconstruction U-Net: a :class:`UNetLayout` on a device's shapes; stored in model bundles."""
 
     in_shape: tuple[int, int] = (256, 256)
     """(H, W) of the preprocessed input."""
@@ -39,18 +57,9 @@ class UNetConfig(BaseModel):
     """(h, w) of the target grid."""
     out_channels: int = Field(default=1, ge=1, le=64)
     """Depth planes D."""
-    widths: tuple[int, ...] = Field(default=(16, 32, 64, 128), min_length=2, max_length=7)
-    """Channels at each resolution level, finest first."""
-    norm: Literal["batch", "group", "instance", "none"] = "batch"
-    residual: bool = True
     input_stage: Literal["unshuffle", "stride", "resize", "linear"] = "unshuffle"
-    output: Literal["sigmoid", "none"] = "sigmoid"
     linear: LinearSpec | None = None
     """The linear stage's shape, for ``input_stage: linear`` (filled in when it is fitted)."""
-    downscale: int = Field(default=1, ge=1, le=4)
-    """The U-Net runs at 1/downscale of the target grid (after a ``linear`` or ``resize`` input
-    stage): space-to-depth before the stem, depth-to-space after the head. 2 cuts the work ~4× —
-    the fast CPU path — at some cost in fine detail."""
 
     @model_validator(mode="after")
     def _fits(self) -> UNetConfig:

@@ -13,7 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ccm.errors import RecipeError
-from ccm.infer.linear import LinearFit
+from ccm.infer.linear import LinearFit, LinearSpec
+from ccm.infer.nets import UNetConfig, UNetLayout
 from ccm.infer.preprocess import PreprocessConfig
 from ccm.learn.data import Augment, SplitConfig
 from ccm.resources import resolve_shipped
@@ -23,17 +24,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelRecipe(_Strict):
-    """The network (``unet``) or the classical baseline (``linear``)."""
+class ModelRecipe(UNetLayout):
+    """The network (``unet``: a :class:`ccm.infer.nets.UNetLayout`) or the classical baseline (``linear``)."""
 
     kind: Literal["unet", "linear"] = "unet"
-    widths: tuple[int, ...] = (16, 32, 64, 128)
-    norm: Literal["batch", "group", "instance", "none"] = "batch"
-    residual: bool = True
-    input_stage: Literal["unshuffle", "stride", "resize", "linear"] = "linear"
-    output: Literal["sigmoid", "none"] = "sigmoid"
-    downscale: int = Field(default=1, ge=1, le=4)
-    """Run the U-Net at 1/downscale of the target grid (see :class:`ccm.infer.nets.UNetConfig`)."""
+
+    def unet_config(self, in_shape: tuple[int, int], out_shape: tuple[int, int], out_channels: int = 1,
+                    linear: LinearSpec | None = None) -> UNetConfig:
+        """This layout on a device's shapes: preprocessed input (H, W), target grid (h, w), D planes."""
+        return UNetConfig(**self.model_dump(exclude={"kind"}), in_shape=in_shape, out_shape=out_shape,
+                          out_channels=out_channels, linear=linear)
 
 
 class LossConfig(_Strict):
