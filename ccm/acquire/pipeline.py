@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import queue
 import threading
 import time
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ccm.acquire.source import Frame, FrameSource, SourceError
+from ccm.errors import OutputError
 from ccm.infer.reconstruct import Reconstructor
+from ccm.io.atomic import ensure_room, fsync_path, partial_path, refuse_existing
 
 LATENCY_WINDOW = 20000
 """Latencies kept for the statistics (the most recent ones)."""
@@ -76,17 +79,27 @@ class LiveRecorder:
     float32, ``frame_index``, ``timestamp_s`` (since the first frame), ``exposure_ms``; attributes:
     the device description and fingerprint (when known), the bundle, ``frames_written``. Flushed
     every second and on close, so a crash loses at most the last second.
+
+    The file is written as ``.NAME.partial`` and renamed to ``path`` when the recording closes
+    cleanly (a camera that stops with an error still ends a whole recording); a crash or a recorder
+    error leaves the partial file, readable up to its last flush. An existing ``path`` is refused
+    unless ``overwrite`` (and replaced only by the finished recording). The recorder stops with an
+    :class:`~ccm.errors.OutputError` before the disk is full rather than during a write.
     """
 
     FLUSH_SECONDS = 1.0
 
-    def __init__(self, path: Path, frame_shape: tuple[int, int], volume_shape: tuple[int, ...], attrs: dict):
+    def __init__(self, path: Path, frame_shape: tuple[int, int], volume_shape: tuple[int, ...], attrs: dict,
+                 overwrite: bool = False):
         import h5py
 
         path = Path(path)
+        refuse_existing(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = h5py.File(path, "w")
+        self.tmp = partial_path(path)
+        ensure_room(self.tmp, 64 * 1024)
+        self._file = h5py.File(self.tmp, "w")
         f = self._file
         self._raw = f.create_dataset("raw", (0, *frame_shape), np.uint16, maxshape=(None, *frame_shape), chunks=(1, *frame_shape))
         self._volumes = f.create_dataset("volumes", (0, *volume_shape), np.float32, maxshape=(None, *volume_shape),
@@ -99,6 +112,7 @@ class LiveRecorder:
         f.attrs["frames_written"] = 0
         f.attrs["complete"] = False
         self._queue: queue.Queue = queue.Queue(maxsize=1024)
+        self._broken = False
         self._t0: float | None = None
         self.error: BaseException | None = None
         self.written = 0
@@ -116,15 +130,28 @@ class LiveRecorder:
             item = self._queue.get()
             if item is None:
                 break
+            if self.error is not None:
+                continue
             try:
                 self._write(*item)
                 if time.monotonic() - last_flush > self.FLUSH_SECONDS:
                     self._flush()
                     last_flush = time.monotonic()
+            except (OSError, RuntimeError) as err:  # a failed HDF5 flush
+                self._broken = True
+                self.error = OutputError(f"writing {self.tmp} failed ({err}); the frames flushed before are in it")
             except BaseException as err:
                 self.error = err
 
     def _write(self, frames: list[Frame], volumes: np.ndarray) -> None:
+        ensure_room(self.tmp, sum(f.image.nbytes for f in frames) + np.asarray(volumes).nbytes + 20 * len(frames))
+        try:
+            self._append(frames, volumes)
+        except (OSError, RuntimeError) as err:  # h5py reports a failed write as either
+            self._broken = True
+            raise OutputError(f"writing {self.tmp} failed ({err}); the frames flushed before are in it") from None
+
+    def _append(self, frames: list[Frame], volumes: np.ndarray) -> None:
         if self._t0 is None:
             self._t0 = frames[0].timestamp_s
         n0, n = self.written, len(frames)
@@ -145,12 +172,16 @@ class LiveRecorder:
         """Write what is queued, record why the recording ended (``stop_reason``) and close the file."""
         self._queue.put(None)
         self._thread.join()
+        if self._broken:  # HDF5 can crash closing a file whose write failed: leave it as it is
+            raise self.error
         self._file.attrs["stop_reason"] = stop_reason if self.error is None else f"recorder error: {self.error}"
         self._file.attrs["complete"] = self.error is None
         self._flush()
         self._file.close()
         if self.error is not None:
             raise self.error
+        fsync_path(self.tmp)
+        os.replace(self.tmp, self.path)
 
 
 @dataclass
@@ -236,8 +267,9 @@ class LivePipeline:
                 report(self.stats())
         return True
 
-    def record(self, path: Path) -> LiveRecorder:
-        """Start recording raw frames and reconstructions to ``path`` (HDF5)."""
+    def record(self, path: Path, overwrite: bool = False) -> LiveRecorder:
+        """Start recording raw frames and reconstructions to ``path`` (HDF5); an existing file is refused
+        unless ``overwrite``."""
         from ccm.devices import device_to_json, fingerprint
 
         bundle = self.reconstructor.bundle
@@ -245,7 +277,7 @@ class LivePipeline:
                  "pixel_size_um": bundle.device.target.pixel_size_um, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if self.source.device is not None:
             attrs.update(device_json=device_to_json(self.source.device), device_fingerprint=fingerprint(self.source.device))
-        recorder = LiveRecorder(path, self.source.frame_shape, self.reconstructor.output_shape, attrs)
+        recorder = LiveRecorder(path, self.source.frame_shape, self.reconstructor.output_shape, attrs, overwrite=overwrite)
         with self._lock:
             self.recorder = recorder
         return recorder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import shlex
 import sys
@@ -47,7 +48,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     device = load_device(args.device)
     out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
                          seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv),
-                         brightness=args.brightness)
+                         brightness=args.brightness, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -113,11 +114,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from ccm.learn.figures import examples_figure, psf_figure
     from ccm.learn.recipe import load_recipe
     from ccm.learn.training import train
-    from ccm.physics.simulate import simulate_stack
+    from ccm.physics.simulate import simulate_stack as simulate
     from ccm.resources import shipped_path
 
     out = Path(args.output)
     cannula, window = load_device("cannula-220um"), load_device("window-see-through")
+    simulate_stack = functools.partial(simulate, overwrite=True)  # the demo's own folder: a re-run replaces its stacks
     steps = [
         ("cannula 2D calibration set", lambda: simulate_stack(cannula, out / "cannula-2d.h5", args.n, "2d", ["neurons", "beads"], seed=101)),
         ("cannula 3D calibration set", lambda: simulate_stack(cannula, out / "cannula-3d.h5", args.n // 2, "3d", ["neurons", "beads"], seed=102)),
@@ -197,22 +199,24 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle)
     options = _options(args)
     selection = Selection.parse(args.select)
-    outputs = [args.output]
-    if len(args.inputs) > 1 or args.output.is_dir() or str(args.output).endswith("/"):
-        suffix = ".h5" if args.format == "hdf5" else ".ome.tif"
-        outputs = [args.output / (Path(str(i).rstrip("/")).name.split(".")[0].replace("*", "") + "-recon" + suffix) for i in args.inputs]
+    outputs = _reconstruct_outputs(args)
     summaries = []
     for source, output in zip(args.inputs, outputs):
         summary = reconstruct_recording(source, bundle, output, options, selection, dtype=args.dtype, batch_size=args.batch_size,
                                         num_workers=args.workers, devices=int(args.devices) if args.devices.isdigit() else args.devices,
                                         num_nodes=args.num_nodes,
                                         strategy=args.strategy, restart=args.restart, overwrite=args.overwrite,
-                                        progress=not args.no_progress and not args.json, series=args.series)
+                                        progress=not args.no_progress and not args.json, series=args.series,
+                                        convert_from=args.convert_from, salvage=args.salvage)
         summaries.append(summary)
         if not args.json and "seconds" in summary:
             rate = f", {summary['frames_per_s']} frames/s" if summary["frames_per_s"] else ""
             print(f"wrote {summary['output']} ({summary['axes']} {summary['shape']}; {summary['frames_done']} frames in "
                   f"{summary['seconds']} s{rate})")
+        if not args.json and "salvaged" in summary:
+            s = summary["salvaged"]
+            print(f"salvaged {source}: reconstructing the {s['readable']} readable frames (0–{s['readable'] - 1}) of the "
+                  f"{s['claimed']} its header declares ({s['problem']})", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
 
@@ -221,6 +225,33 @@ def _open_source(args: argparse.Namespace):
     """(source, cleanup) for ``--source``."""
     if args.source == "sim":
         from ccm.acquire.source import SimulatedSource
+def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
+    """One output per input; refused before anything is written when two inputs would share an output
+    or an output is one of the inputs (the same file, a hard link or a symlink; --overwrite or not)."""
+    import re
+
+    from ccm.io.atomic import refuse_output_over_inputs, same_file
+
+    h5_dataset = re.compile(r"(\.(?:h5|hdf5|he5)):/?.*$", re.I)
+    outputs = [args.output]
+    if len(args.inputs) > 1 or args.output.is_dir() or str(args.output).endswith("/"):
+        suffix = ".h5" if args.format == "hdf5" else ".ome.tif"
+        outputs = []
+        for source in args.inputs:  # a/run.1.tif → OUT/run.1-recon.ome.tif
+            name = Path(h5_dataset.sub(r"\1", str(source).rstrip("/"))).name
+            stem = re.sub(r"\.(?:ome\.tiff?|tiff?|btf|tf8|h5|hdf5|he5)$", "", name, flags=re.I)
+            outputs.append(args.output / (re.sub(r"[*?\[\]]", "", stem) + "-recon" + suffix))
+    for i, output in enumerate(outputs):
+        for j in range(i):
+            if same_file(outputs[j], output):
+                raise UsageError(f"inputs {args.inputs[j]} and {args.inputs[i]} would both be written to {output}; "
+                                 "reconstruct them separately, each with its own -o FILE")
+    files = [h5_dataset.sub(r"\1", str(source)) for source in args.inputs if not any(c in str(source) for c in "*?[")]
+    for output in outputs:
+        refuse_output_over_inputs(output, files)
+    return outputs
+
+
         from ccm.devices import load_device
 
         return SimulatedSource(load_device(args.device), fps=args.fps, exposure_ms=args.exposure_ms, seed=args.seed), lambda: None
@@ -253,7 +284,8 @@ def _cmd_live(args: argparse.Namespace) -> None:
         pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch)
         pipeline.start()
         if args.record is not None:
-            recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record)
+            recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record,
+                                       overwrite=args.overwrite)
             print(f"recording raw frames and reconstructions to {recorder.path}", file=sys.stderr)
         report = None if args.json else (lambda stats: print(stats.line(), file=sys.stderr, flush=True))
         try:
@@ -424,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stack", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTPUT (only once the new stack is complete)")
 
     p = sub.add_parser("export-tiff", help="export a stack's raw frames (and targets) to OME-TIFF")
     p.add_argument("stack", type=Path)
@@ -487,7 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-nodes", type=int, default=1, help="machines (default: 1)")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp or ddp_spawn (default: auto)")
     p.add_argument("--restart", action="store_true", help="discard a partial output of another job instead of refusing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (once the new one is complete; never an input of the run)")
+    p.add_argument("--convert-from", choices=["uint8", "uint16", "int32", "float32"],
+                   help="accept frames of this pixel type and convert them to the camera's ADU (by default only its uint16 "
+                        "ADU are): uint8 × 2^(bit depth − 8); uint16 full-range ÷ 2^(16 − bit depth); int32 and float32 "
+                        "values taken as ADU (rounded; must lie within the camera's range)")
+    p.add_argument("--salvage", action="store_true",
+                   help="a corrupt or truncated TIFF (refused by default): reconstruct exactly the frames that can be read")
     p.add_argument("--json", action="store_true", help="print a JSON summary (no progress bar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _backend_args(p)
@@ -517,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_live)
 
     p = sub.add_parser("calibrate", help="capture a calibration stack from a live device (display targets or a reference camera)",
+    p.add_argument("--overwrite", action="store_true", help="--record may replace an existing file (once the recording ends)")
                        description="Build a calibration stack (raw frame, known target) from a live device: known images "
                                    "shown on a display (--method display) or a registered reference camera (--method reference). "
                                    "Dark frames first, N frames averaged per target; re-running the same command resumes.")

@@ -28,6 +28,7 @@ import numpy as np
 from ccm.infer.backends import InferenceOptions
 from ccm.infer.bundle import Bundle, BundleError
 from ccm.infer.reconstruct import Reconstructor
+from ccm.io.atomic import refuse_output_over_inputs
 from ccm.io.background import BackgroundWriter
 from ccm.io.recorded import Recording, RecordingError, Selection, open_recording
 from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, prepare
@@ -42,9 +43,10 @@ class FrameChunks:
 
     A sequence (``len`` and indexing), so it also serves as a map-style dataset for torch's DataLoader."""
 
-    def __init__(self, recording: Recording, frame_indices: np.ndarray, positions: np.ndarray, bundle: Bundle, chunk: int):
+    def __init__(self, recording: Recording, frame_indices: np.ndarray, positions: np.ndarray, bundle: Bundle, chunk: int,
+                 convert_from: str | None = None):
         self.recording, self.frame_indices, self.positions, self.chunk = recording, frame_indices, positions, chunk
-        self.preprocessor = bundle.preprocessor()
+        self.preprocessor = bundle.preprocessor(convert_from)
 
     def __len__(self) -> int:
         return -(-len(self.positions) // self.chunk)
@@ -62,7 +64,7 @@ def _index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r[0]), int(r[-1]) + 1) for r in np.split(indices, breaks)]
 
 
-def check_recording(recording: Recording, bundle: Bundle, frame_indices: np.ndarray) -> None:
+def check_recording(recording: Recording, bundle: Bundle, frame_indices: np.ndarray, convert_from: str | None = None) -> None:
     """Refuse a recording that does not fit ``bundle`` before anything is written."""
     expected = tuple(bundle.device.sensor.shape)
     if tuple(recording.frame_shape) != expected:
@@ -75,7 +77,7 @@ def check_recording(recording: Recording, bundle: Bundle, frame_indices: np.ndar
         raise BundleError(f"{recording.description} was recorded with device fingerprint {fingerprint}, but bundle {bundle.label} "
                           f"was trained for {bundle.device.name!r} (fingerprint {bundle.fingerprint}); each device needs its own bundle")
     first = int(frame_indices[0])
-    bundle.preprocessor()(recording.read(first, first + 1), f"{recording.description}, frame {first}")
+    bundle.preprocessor(convert_from)(recording.read(first, first + 1), f"{recording.description}, frame {first}")
 
 
 def output_spec(recording: Recording, selection: Selection, bundle: Bundle, path: Path, dtype: str) -> tuple[OutputSpec, np.ndarray]:
@@ -98,32 +100,41 @@ def output_spec(recording: Recording, selection: Selection, bundle: Bundle, path
 def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Path, options: InferenceOptions | None = None,
                           selection: Selection | None = None, dtype: str = "float32", batch_size: int = 32,
                           num_workers: int = 1, devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
-                          restart: bool = False, overwrite: bool = False, progress: bool = True, series: int = 0) -> dict:
+                          restart: bool = False, overwrite: bool = False, progress: bool = True, series: int = 0,
+                          convert_from: str | None = None, salvage: bool = False) -> dict:
     """Reconstruct one recording into ``output``; returns a summary (frames, seconds, frames/s, …).
 
     ``seconds`` is this call's wall time, ``wall_s`` the process's since it started (imports included),
     ``model_s`` the time spent in the model (one process). A re-run of the same command after an
-    interruption resumes where the last durable write left off.
+    interruption resumes where the last durable write left off. ``convert_from`` accepts frames of
+    another pixel type (:data:`ccm.infer.preprocess.CONVERSIONS`); ``salvage`` reconstructs exactly the
+    readable frames of a corrupt TIFF (the summary's ``salvaged`` says how many). An output that is
+    one of the input's files (or a link to it) is refused, ``overwrite`` or not.
     """
     options = options or InferenceOptions()
     started = time.perf_counter()
-    recording = open_recording(source, series)
+    recording = open_recording(source, series, salvage=salvage)
+    refuse_output_over_inputs(output, recording.paths)
     spec, frame_indices = output_spec(recording, selection or Selection(), bundle, Path(output), dtype)
+    if convert_from is not None:
+        spec.job["convert_from"] = convert_from
     if spec.format == "hdf5" and (num_nodes > 1 or devices not in (1, "1")):
         raise OutputError(f"{spec.path}: several processes cannot write one HDF5 file; write OME-TIFF (.ome.tif) with "
                           "--devices/--num-nodes, or HDF5 from one process")
-    check_recording(recording, bundle, frame_indices)
+    check_recording(recording, bundle, frame_indices, convert_from)
     done = prepare(spec, restart=restart, overwrite=overwrite)
     todo = np.flatnonzero(~done)
     summary = {"input": recording.description, "output": str(spec.path), "format": spec.format, "axes": spec.axes + "ZYX",
                "shape": [*spec.shape, *spec.volume_shape], "frames": spec.n, "resumed_with_done": int(done.sum()),
                "backend": options.backend, "precision": options.precision, "device": options.device}
+    if "salvaged" in recording.metadata:
+        summary["salvaged"] = recording.metadata["salvaged"]
     # int8 needs calibration frames when its export is not cached: the recording's own first frames
     calibration = recording.read(0, min(recording.n, 64)) if options.precision == "int8" else None
     recording.close()
     model_s = 0.0
     if len(todo):
-        chunks = FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size)
+        chunks = FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size, convert_from)
         if num_nodes > 1 or devices not in (1, "1") or strategy != "auto":
             from ccm.infer.distributed import predict_distributed
 
