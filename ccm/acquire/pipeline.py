@@ -234,6 +234,8 @@ class LivePipeline:
         self._received = self._reconstructed = 0
         self._recorded_before = 0
         self._started: float | None = None
+        self.first_result_at: float | None = None
+        """``time.monotonic()`` when the first reconstruction was ready (None before)."""
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -330,6 +332,8 @@ class LivePipeline:
                 self._latencies.extend(done - f.timestamp_s for f in frames)
                 self._reconstructed += len(frames)
                 self._latest = (frames[-1], volumes[-1])
+                if self.first_result_at is None:
+                    self.first_result_at = time.monotonic()
                 with self._lock:
                     if self.recorder is not None:
                         self.recorder.add(frames, volumes)

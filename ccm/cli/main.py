@@ -8,6 +8,7 @@ import functools
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ccm._version import __version__
@@ -118,8 +119,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from ccm.resources import shipped_path
 
     out = Path(args.output)
-    cannula, window = load_device("cannula-220um"), load_device("window-see-through")
     simulate_stack = functools.partial(simulate, overwrite=True)  # the demo's own folder: a re-run replaces its stacks
+    cannula, window = load_device("cannula-220um"), load_device("window-see-through")
     steps = [
         ("cannula 2D calibration set", lambda: simulate_stack(cannula, out / "cannula-2d.h5", args.n, "2d", ["neurons", "beads"], seed=101)),
         ("cannula 3D calibration set", lambda: simulate_stack(cannula, out / "cannula-3d.h5", args.n // 2, "3d", ["neurons", "beads"], seed=102)),
@@ -178,17 +179,20 @@ def _backend_args(p: argparse.ArgumentParser, backend: str = "torch") -> None:
                    help="where the model runs: cpu, cuda or cuda:N (default: cpu; --device is the optical device)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
                    help="fp32; bf16 (torch), fp16 (torch on GPUs), int8 (onnx on CPUs) (default: fp32)")
-    p.add_argument("--threads", type=int, help="CPU threads for the model (default: the engine's choice)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for the model (default: 1 for live — steady latency on a busy machine —, all cores for reconstruct)")
     p.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
                    help="torch.compile mode (torch backend; reduce-overhead uses CUDA graphs on GPUs)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory for the convolutions (torch backend)")
 
 
-def _options(args: argparse.Namespace):
-    from ccm.infer.backends import InferenceOptions
+def _options(args: argparse.Namespace, latency: bool = False):
+    """InferenceOptions from the backend flags; threads default per path (:func:`ccm.infer.backends.default_threads`)."""
+    from ccm.infer.backends import InferenceOptions, default_threads
 
-    return InferenceOptions(backend=args.backend, device=args.compute, precision=args.precision, threads=args.threads,
-                            compile=args.compile, channels_last=args.channels_last).validate()
+    threads = args.threads if args.threads is not None else default_threads(latency)
+    return InferenceOptions(backend=args.backend, device=args.compute, precision=args.precision, threads=threads,
+                            compile=args.compile, channels_last=args.channels_last, spin=False).validate()
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -209,22 +213,18 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
                                         progress=not args.no_progress and not args.json, series=args.series,
                                         convert_from=args.convert_from, salvage=args.salvage)
         summaries.append(summary)
-        if not args.json and "seconds" in summary:
-            rate = f", {summary['frames_per_s']} frames/s" if summary["frames_per_s"] else ""
-            print(f"wrote {summary['output']} ({summary['axes']} {summary['shape']}; {summary['frames_done']} frames in "
-                  f"{summary['seconds']} s{rate})")
         if not args.json and "salvaged" in summary:
             s = summary["salvaged"]
             print(f"salvaged {source}: reconstructing the {s['readable']} readable frames (0–{s['readable'] - 1}) of the "
                   f"{s['claimed']} its header declares ({s['problem']})", file=sys.stderr)
+        if not args.json and "seconds" in summary:
+            rate = f", {summary['frames_per_s']} frames/s" if summary["frames_per_s"] else ""
+            print(f"wrote {summary['output']} ({summary['axes']} {summary['shape']}; {summary['frames_done']} frames in "
+                  f"{summary['seconds']} s{rate})")
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
 
 
-def _open_source(args: argparse.Namespace):
-    """(source, cleanup) for ``--source``."""
-    if args.source == "sim":
-        from ccm.acquire.source import SimulatedSource
 def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
     """One output per input; refused before anything is written when two inputs would share an output
     or an output is one of the inputs (the same file, a hard link or a symlink; --overwrite or not)."""
@@ -252,6 +252,10 @@ def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
     return outputs
 
 
+def _open_source(args: argparse.Namespace):
+    """(source, cleanup) for ``--source``."""
+    if args.source == "sim":
+        from ccm.acquire.source import SimulatedSource
         from ccm.devices import load_device
 
         return SimulatedSource(load_device(args.device), fps=args.fps, exposure_ms=args.exposure_ms, seed=args.seed), lambda: None
@@ -271,6 +275,7 @@ def _cmd_live(args: argparse.Namespace) -> None:
     from ccm.acquire.pipeline import LivePipeline, recording_path
     from ccm.infer.bundle import load_bundle
     from ccm.infer.reconstruct import Reconstructor
+    from ccm.portable import process_uptime_s
 
     bundle = load_bundle(args.bundle)
     calibration = None
@@ -278,7 +283,7 @@ def _cmd_live(args: argparse.Namespace) -> None:
         from ccm.physics.simulate import typical_frames
 
         calibration = typical_frames(bundle.device, bundle.depths_um, 64, seed=2)
-    reconstructor = Reconstructor(bundle, _options(args), batch_size=args.max_batch, calibration=calibration)
+    reconstructor = Reconstructor(bundle, _options(args, latency=True), batch_size=args.max_batch, calibration=calibration)
     source, cleanup = _open_source(args)
     try:
         pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch)
@@ -295,7 +300,12 @@ def _cmd_live(args: argparse.Namespace) -> None:
         stats = pipeline.stop()
     finally:
         cleanup()
-    summary = {"source": source.name, "bundle": bundle.name, "backend": args.backend, "precision": args.precision, **vars(stats)}
+    summary = {"source": source.name, "bundle": bundle.name, "backend": args.backend, "precision": args.precision,
+               "threads": reconstructor.options.threads, **vars(stats)}
+    if pipeline.first_result_at is not None:  # from process start (imports, bundle, camera) to the first reconstruction
+        uptime = process_uptime_s()
+        if uptime is not None:
+            summary["first_result_s"] = round(uptime - (time.monotonic() - pipeline.first_result_at), 3)
     if pipeline.error is not None:
         summary["error"] = str(pipeline.error)
     print(json.dumps(summary, indent=1) if args.json else f"final: {stats.line()}")
@@ -383,7 +393,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    suites = args.suites or ["simulation", "inference", "batch", "live"]
+    suites = args.suites or ["simulation", "inference", "batch", "live"]  # startup runs when asked for
     if "simulation" in suites:
         from ccm.benchmarks.suites import run_benchmarks
 
@@ -399,6 +409,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         from ccm.benchmarks import inference as inference_benchmark
 
         print(f"wrote {inference_benchmark.run_live(seconds=10 if args.quick else 60)}")
+    if "startup" in suites:
+        from ccm.benchmarks import startup
+
+        print(f"wrote {startup.run(repeats=args.repeats, quick=args.quick)}")
 
 
 def _cmd_napari(args: argparse.Namespace) -> None:
@@ -442,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "scenes, n and seed from its --part, except those given as flags")
     p.add_argument("--part", default="train", help="which part of the dataset recipe (default: train)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .h5 file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTPUT (only once the new stack is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_simulate)
 
@@ -456,8 +472,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stack", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUTPUT (only once the new stack is complete)")
 
     p = sub.add_parser("export-tiff", help="export a stack's raw frames (and targets) to OME-TIFF")
     p.add_argument("stack", type=Path)
@@ -544,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to run (default: 10; Ctrl-C stops early)")
     p.add_argument("--record", type=Path, help="record to this .h5 file, or to a new live-DATE-TIME.h5 in this folder")
+    p.add_argument("--overwrite", action="store_true", help="--record may replace an existing file (once the recording ends)")
     _device_arg(p)
     p.add_argument("--fps", type=float, default=100.0, help="sim: frames per second (default: 100)")
     p.add_argument("--exposure-ms", type=float, default=None, help="exposure (sim default: 10 ms; mmcore: the configuration's)")
@@ -558,7 +573,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_live)
 
     p = sub.add_parser("calibrate", help="capture a calibration stack from a live device (display targets or a reference camera)",
-    p.add_argument("--overwrite", action="store_true", help="--record may replace an existing file (once the recording ends)")
                        description="Build a calibration stack (raw frame, known target) from a live device: known images "
                                    "shown on a display (--method display) or a registered reference camera (--method reference). "
                                    "Dark frames first, N frames averaged per target; re-running the same command resumes.")
@@ -607,8 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "simulation (ccm simulate throughput and memory), inference (per bundle and backend: "
                                    "batch-1 latency, throughput, peak RSS, SSIM — with the reference architecture in the same "
                                    "run), batch (ccm reconstruct of 2,000- and 20,000-frame TIFFs vs model-only throughput), live (ccm live "
-                                   "at 100 frames/s for 60 s, simulated camera directly and through pymmcore-plus).")
-    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", []], metavar="SUITE",
+                                   "at 100 frames/s for 60 s, simulated camera directly and through pymmcore-plus), startup (ccm --help, "
+                                   "time to the first reconstructed frame, a long reconstruct against a naive ONNX Runtime loop, "
+                                   "batch-1 latency with one busy process per thread setting; not in the default set).")
+    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", "startup", []], metavar="SUITE",
                    help="simulation, inference, batch, live (default: all four)")
     p.add_argument("--bundles", nargs="+", default=["cannula-220um-2d", "cannula-220um-3d"],
                    help="bundles for the inference suite; the first also runs the batch suite (default: the shipped 2D and 3D)")

@@ -126,7 +126,8 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     todo = np.flatnonzero(~done)
     summary = {"input": recording.description, "output": str(spec.path), "format": spec.format, "axes": spec.axes + "ZYX",
                "shape": [*spec.shape, *spec.volume_shape], "frames": spec.n, "resumed_with_done": int(done.sum()),
-               "backend": options.backend, "precision": options.precision, "device": options.device}
+               "backend": options.backend, "precision": options.precision, "device": options.device,
+               "threads": options.threads}
     if "salvaged" in recording.metadata:
         summary["salvaged"] = recording.metadata["salvaged"]
     # int8 needs calibration frames when its export is not cached: the recording's own first frames

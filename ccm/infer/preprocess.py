@@ -14,7 +14,14 @@ everywhere. Steps, in order:
 7. scale: divide by ``scale_adu`` (fitted on training frames as a high percentile of the
    dark-subtracted signal), so typical inputs lie in [0, 1].
 
-Frames in: (N, H, W) or (H, W), uint16 ADU (or float). Out: (N, 1, h, w) float32.
+Frames in: (N, H, W) or (H, W), uint16 ADU from the device's camera (values up to
+``2**bit_depth - 1``). Out: (N, 1, h, w) float32.
+
+Any other pixel type is refused (:class:`FrameError` naming the source, the type found and the
+type expected) rather than guessed at: an 8-bit camera, an int32 or float export, or a file
+rescaled to the full 16-bit range would otherwise reconstruct silently wrong. A caller who knows
+what the numbers mean converts explicitly — :func:`convert_frames`, ``Preprocessor(convert_from=…)``
+or ``ccm reconstruct --convert-from`` (see :data:`CONVERSIONS`).
 """
 
 from __future__ import annotations
@@ -48,6 +55,42 @@ class PreprocessConfig(BaseModel):
 
 
 
+CONVERSIONS = {
+    "uint8": "8-bit frames (0–255) scaled to the camera's range: × 2**(bit_depth − 8), e.g. × 16 for a 12-bit camera",
+    "uint16": "frames using the full 16-bit range (0–65535) scaled to the camera's range: ÷ 2**(16 − bit_depth), rounded",
+    "int32": "signed integers taken as ADU as they are (each must lie in 0 … 2**bit_depth − 1)",
+    "float32": "floating-point values taken as ADU, rounded (each must be finite and lie in 0 … 2**bit_depth − 1)",
+}
+"""What ``convert_from`` (``--convert-from``) does to each pixel type; the result is uint16 ADU."""
+
+
+def convert_frames(frames: np.ndarray, convert_from: str, device: CannulaDevice | WindowDevice,
+                   source: str = "frames") -> np.ndarray:
+    """Explicitly convert frames of pixel type ``convert_from`` (a key of :data:`CONVERSIONS`) to the
+    uint16 ADU of ``device``'s camera. Frames of another type, or values outside the camera's range
+    after conversion, raise :class:`FrameError` naming ``source``."""
+    if convert_from not in CONVERSIONS:
+        raise FrameError(f"cannot convert from {convert_from!r}; choose one of {', '.join(CONVERSIONS)}")
+    frames = np.asarray(frames)
+    if frames.dtype != np.dtype(convert_from):
+        raise FrameError(f"{source}: conversion from {convert_from} asked, but the frames are {frames.dtype}")
+    bits, top = device.sensor.bit_depth, device.sensor.max_adu
+    if convert_from == "uint8":
+        return frames.astype(np.uint16) << np.uint16(bits - 8)
+    if convert_from == "uint16":
+        shift = 16 - bits
+        return ((frames.astype(np.uint32) + (1 << shift >> 1)) >> shift).clip(0, top).astype(np.uint16) if shift else frames
+    if convert_from == "float32":
+        if not np.all(np.isfinite(frames)):
+            raise FrameError(f"{source}: frames contain NaN or infinite values")
+        frames = np.rint(frames)
+    low, high = frames.min(initial=0), frames.max(initial=0)
+    if low < 0 or high > top:
+        raise FrameError(f"{source}: {convert_from} values span {low:g}…{high:g}, outside the 0…{top} ADU of "
+                         f"{device.name}'s {bits}-bit camera")
+    return frames.astype(np.uint16)
+
+
 def aperture_mask(device: CannulaDevice | WindowDevice) -> np.ndarray:
     """(H, W) float32, read-only: 1 where the sensor sees light through the device, 0 elsewhere."""
     return device.sensor_aperture_mask()
@@ -62,12 +105,17 @@ class Preprocessor:
     device : the device the frames come from (sensor shape, aperture).
     dark : (H, W) float32 mean dark frame in ADU; required if ``config.subtract_dark``.
     flat : (H, W) float32 relative pixel response (mean 1); required if ``config.flat_field``.
+    convert_from : accept frames of this pixel type and convert them (:func:`convert_frames`);
+        by default only the camera's uint16 ADU are accepted.
     """
 
     def __init__(self, config: PreprocessConfig, device: CannulaDevice | WindowDevice,
-                 dark: np.ndarray | None = None, flat: np.ndarray | None = None):
+                 dark: np.ndarray | None = None, flat: np.ndarray | None = None, convert_from: str | None = None):
         self.config = config
         self.device = device
+        if convert_from is not None and convert_from not in CONVERSIONS:
+            raise FrameError(f"cannot convert from {convert_from!r}; choose one of {', '.join(CONVERSIONS)}")
+        self.convert_from = convert_from
         shape = tuple(device.sensor.shape)
         for name, array, needed in (("dark", dark, config.subtract_dark), ("flat", flat, config.flat_field)):
             if needed and array is None:
@@ -122,11 +170,17 @@ class Preprocessor:
         if frames.ndim != 3 or frames.shape[1:] != expected:
             raise FrameError(f"{source}: expected frames of shape (N, {expected[0]}, {expected[1]}) from {self.device.name}'s "
                              f"sensor, found {frames.shape}")
-        if frames.dtype.kind == "f":
-            if not np.all(np.isfinite(frames)):
-                raise FrameError(f"{source}: frames contain NaN or infinite values")
-        elif frames.dtype.kind not in "ui":
-            raise FrameError(f"{source}: expected integer ADU (uint16) or float frames, found dtype {frames.dtype}")
+        if self.convert_from is not None:
+            return convert_frames(frames, self.convert_from, self.device, source)
+        sensor = self.device.sensor
+        if frames.dtype.kind != "u" or frames.dtype.itemsize != 2:
+            hint = (f"; if you know what its values mean, convert explicitly (--convert-from {frames.dtype.name}: "
+                    f"{CONVERSIONS[frames.dtype.name]})") if frames.dtype.name in CONVERSIONS else ""
+            raise FrameError(f"{source}: pixel type {frames.dtype.name}, but {self.device.name}'s camera gives "
+                             f"uint16 ADU ({sensor.bit_depth}-bit, 0…{sensor.max_adu}){hint}")
+        if frames.size and (high := int(frames.max())) > sensor.max_adu:
+            raise FrameError(f"{source}: values up to {high}, above the {sensor.max_adu} ADU a {sensor.bit_depth}-bit "
+                             f"camera can give (--convert-from uint16 scales full-range 16-bit frames to the camera's range)")
         return frames
 
     def __call__(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:

@@ -42,3 +42,81 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: the same path once symlinks are resolved, or the same
+    inode (a hard link). Paths that do not exist are compared by their resolved names."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def refuse_output_over_inputs(output: str | os.PathLike, inputs, what: str = "input") -> None:
+    """Raise :class:`OutputError` if ``output`` (or its partial file) is one of ``inputs`` — the same
+    file, a hard link or a symlink to it. ``--overwrite`` never overrides this: ccm does not destroy
+    the data it reads."""
+    from ccm.errors import OutputError
+
+    output = Path(output)
+    for source in inputs:
+        source = Path(source)
+        if source.is_dir():
+            continue
+        for target in (output, partial_path(output)):
+            if same_file(target, source):
+                how = "is" if output.absolute() == source.absolute() else "is a link to (or the same file as)"
+                raise OutputError(f"{output} {how} the {what} {source}; ccm never writes over the data it reads, "
+                                  "--overwrite or not — choose another output name")
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """Raise :class:`OutputError` if ``path`` exists and ``overwrite`` is not set."""
+    from ccm.errors import OutputError
+
+    if Path(path).exists() and not overwrite:
+        raise OutputError(f"{path} exists; choose another name or pass --overwrite (it is replaced only once the new "
+                          "file is complete)")
+
+
+ROOM_MARGIN = 256 * 1024
+"""Bytes kept in reserve beyond a chunk's size for an HDF5 file's own bookkeeping (chunk index, metadata flush on close)."""
+
+
+def ensure_room(path: str | os.PathLike, nbytes: int) -> None:
+    """Raise :class:`OutputError` unless ``path`` can grow by ``nbytes`` (plus :data:`ROOM_MARGIN`):
+    enough free space on its disk and under the process's file-size limit.
+
+    HDF5 does not survive a failed write (a full disk mid-chunk can leave the file unreadable, and
+    closing it can crash the process), so its writers check before each chunk and stop cleanly
+    while the file is still whole: everything flushed before stays, and the same command resumes.
+    """
+    import shutil
+
+    from ccm.errors import OutputError
+
+    path = Path(path)
+    need = int(nbytes) + ROOM_MARGIN
+    size = path.stat().st_size if path.exists() else 0
+    rooms = []
+    try:
+        rooms.append(("free space on its disk", shutil.disk_usage(path.parent).free))
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            rooms.append(("the file-size limit of this process", soft - size))
+    except (ImportError, AttributeError, ValueError):  # no resource module (Windows)
+        pass
+    for what, room in rooms:
+        if room < need:
+            raise OutputError(f"{path}: no room to write more — {what} leaves {max(room, 0):,} bytes, the next chunk needs up "
+                              f"to {need:,} (the file is {size:,} bytes); what was written so far is kept: free some space "
+                              "and run the same command again to resume")

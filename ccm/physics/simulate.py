@@ -2,8 +2,9 @@
 
 :class:`Simulator` turns volumes into noisy raw frames for one device and one plane set;
 :func:`simulate_stack` streams a whole calibration stack to disk. Chunk k of a stack draws its
-scenes from ``default_rng([seed, k, 0])`` and its noise from ``default_rng([seed, k, 1])``, so the same seed gives the same bytes whatever
-the machine, and an interrupted run resumes at a chunk boundary with identical results.
+scenes from ``default_rng([seed, k, 0])`` and its noise from ``default_rng([seed, k, 1])``, so the same seed gives the same data
+(raw frames, targets, dark frame; the provenance records when and by which command) whatever the
+machine, and an interrupted run resumes at a chunk boundary with identical results.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ccm.devices import CannulaDevice, WindowDevice
 from ccm.errors import UsageError
+from ccm.io.atomic import refuse_existing, refuse_output_over_inputs
 from ccm.io.stack import StackWriter
 from ccm.physics.optics import forward_model
 from ccm.physics.optics.camera import EXPOSE_BLOCK, camera_generator, dark_frame, expose, pixel_gain_map
@@ -165,7 +167,7 @@ def _torch_threads(n: int) -> Iterator[None]:
 def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
                    scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
                    chunk_size: int = 32, progress: bool = True, command: str = "",
-                   simulator: Simulator | None = None, brightness: float = 1.0) -> Path:
+                   simulator: Simulator | None = None, brightness: float = 1.0, overwrite: bool = False) -> Path:
     """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
 
     Scenes are drawn (and passed through the forward model's scene-side half) in a worker
@@ -173,9 +175,16 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     ``chunk_size`` frames; memory is bounded by a few chunks whatever ``n``. An interrupted run with the same
     arguments resumes from its last complete chunk. Pass a ``simulator`` built for the same
     device and mode to skip its set-up (loading the operator, calibrating the photon budget).
+
+    An existing ``path`` is refused unless ``overwrite`` (and then replaced only once the new stack is
+    complete); a scene file is never overwritten. A full disk or file-size limit stops the run with an
+    :class:`~ccm.errors.OutputError` naming the file; the partial file keeps every chunk written
+    before, and the same call resumes once there is room.
     """
     if n < 1:
         raise UsageError(f"n must be at least 1, got {n}")
+    refuse_output_over_inputs(path, scene_files, "scene file")
+    refuse_existing(path, overwrite)
     sources = scene_sources(scenes, scene_files, brightness)
     for source in sources:  # bad scene files stop the run before any output exists
         source = getattr(source, "source", source)
