@@ -310,6 +310,8 @@ def _tiff(path: Path, series: int, salvage: bool = False) -> Recording:
             multi_file = any(p is not None and p.parent is not tif for p in s.pages[:1])
             claimed, readable, contiguous = (_frames_in(shape), _frames_in(shape), None) if multi_file else \
                 _tiff_extent(tif, s, path, frame_shape, dtype)
+    except RecordingError:
+        raise
     except tifffile.TiffFileError as err:
         raise RecordingError(f"{path}: not a readable TIFF file ({err})") from err
     except (OSError, ValueError, IndexError, KeyError, struct_error) as err:

@@ -38,7 +38,8 @@ import hdf5plugin
 import numpy as np
 
 from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_json, device_to_json, fingerprint
-from ccm.errors import StackError
+from ccm.errors import OutputError, StackError
+from ccm.io.atomic import ensure_room
 
 FORMAT = "ccm-calibration-stack"
 SCHEMA_VERSION = 1
@@ -74,13 +75,23 @@ class StackWriter:
         self.path = Path(path)
         self.tmp = partial_path(self.path)
         self.layout = StackLayout(n, device.sensor.shape, (len(depths_um), *device.target.shape))
+        self._broken = False
         if resume and self.tmp.exists():
-            self._file = h5py.File(self.tmp, "r+")
+            try:
+                self._file = h5py.File(self.tmp, "r+")
+            except OSError as err:
+                raise StackError(f"{self.tmp}: the partial stack an interrupted run left cannot be resumed ({err}); "
+                                 "delete it and run again") from None
             self._check_resumable(device, n, depths_um, provenance)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_room(self.tmp, np.asarray(dark).size * 4 + 64 * 1024)
             self._file = h5py.File(self.tmp, "w")
-            self._create(device, n, depths_um, dark, provenance)
+            try:
+                self._create(device, n, depths_um, dark, provenance)
+                self._file.flush()
+            except (OSError, RuntimeError) as err:
+                self._fail(err)
 
     @property
     def written(self) -> int:
@@ -120,15 +131,28 @@ class StackWriter:
         if target.shape != (k, *self.layout.target_shape) or target.dtype != np.float32:
             raise StackError(f"target chunk must be ({k}, {', '.join(map(str, self.layout.target_shape))}) float32, "
                              f"got {target.shape} {target.dtype}")
-        self._file["raw"][start:start + k] = raw
-        self._file["target"][start:start + k] = target
-        self._file.attrs["frames_written"] = start + k
-        self._file.flush()  # the resume point: what is flushed survives an interruption
+        ensure_room(self.tmp, raw.nbytes + target.nbytes)  # HDF5 does not survive a failed write: stop while whole
+        try:
+            self._file["raw"][start:start + k] = raw
+            self._file["target"][start:start + k] = target
+            self._file.attrs["frames_written"] = start + k
+            self._file.flush()  # the resume point: what is flushed survives an interruption
+        except (OSError, RuntimeError) as err:
+            self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        """A write failed (the disk filled up between the room check and the write): the file may not be
+        whole any more; it is not closed (HDF5 can crash closing it) and stays under its partial name."""
+        self._broken = True
+        raise OutputError(f"writing {self.tmp} failed ({err}); free some space and run the same command again "
+                          "(if it cannot resume, delete the partial file)") from None
 
     def __enter__(self) -> StackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._broken:
+            return
         finished = exc_type is None and self.written == self.layout.n
         if finished:
             self._file.attrs["complete"] = True

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ccm.errors import OutputError
+from ccm.io.atomic import ensure_room
 from ccm.portable import datasync, pwrite
 
 OME_EXTRA_AXES = ("", "T", "C", "TC", "CT")
@@ -199,6 +200,8 @@ class VolumeWriter:
     def write(self, positions: np.ndarray, volumes: np.ndarray) -> None:
         """positions (n,) int64 output positions (C-order flat over ``spec.shape``); volumes (n, D, h, w) float32."""
         data = _as_dtype(volumes, self.spec.dtype)
+        if self._h5 is not None:
+            ensure_room(self.spec.tmp, data.nbytes)  # HDF5 does not survive a failed write: stop while the file is whole
         try:
             for first, start, stop in _runs(np.asarray(positions)):
                 block = data[first:first + stop - start]
@@ -212,7 +215,7 @@ class VolumeWriter:
                     for k, position in enumerate(range(start, stop)):
                         self._dataset[np.unravel_index(position, self.spec.shape) if self.spec.shape else ()] = block[k]
                 self._pending.append((start, stop))
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # h5py reports a failed write as either
             self._fail(err)
 
     def sync(self) -> None:
@@ -227,12 +230,15 @@ class VolumeWriter:
             self._progress.write("".join(f"{a} {b}\n" for a, b in self._pending))
             self._progress.flush()
             os.fsync(self._progress.fileno())
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             self._fail(err)
         self._pending.clear()
 
-    def _fail(self, err: OSError) -> None:
-        hint = "the disk is full: free space" if err.errno == errno.ENOSPC else "fix the cause"
+    def _fail(self, err: BaseException) -> None:
+        if self._h5 is not None:
+            self._h5 = None  # an HDF5 file whose write failed is not closed (HDF5 can crash closing it)
+            self._pending.clear()
+        hint = "the disk is full: free space" if getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG) else "fix the cause"
         raise OutputError(f"writing {self.spec.tmp} failed ({err.strerror or err}); what was written so far is kept — "
                           f"{hint} and re-run the same command to resume") from err
 

@@ -100,17 +100,48 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+def _shipped_device_kinds() -> dict[str, str]:
+    """Name → kind (cannula | window) of the shipped device descriptions."""
+    from ccm.devices import load_device
+    from ccm.resources import shipped_path
+
+    kinds = {}
+    for path in shipped_path("calibration").glob("*.yaml"):
+        try:
+            device = load_device(path)
+        except Exception:  # noqa: BLE001  (a broken shipped file must not stop training on the user's own stack)
+            continue
+        kinds[device.name] = device.kind
+    return kinds
+
+
 
 def check_stack_fits(recipe: Recipe, stack: CalibrationStack) -> None:
-    """Refuse a stack the recipe cannot train on, saying what does not fit."""
+    """Refuse a stack the recipe cannot train on, saying what does not fit — before any training.
+
+    Besides sizes: a recipe named after a shipped device (``cannula-220um-2d``) refuses a stack of
+    another kind of device (a see-through window), and a recipe whose resize would stretch the
+    frames (another aspect ratio) was written for another sensor."""
     n = len(stack)
     minimum = 8
     if n < minimum:
+    for name, kind in _shipped_device_kinds().items():
+        if (recipe.name == name or recipe.name.startswith(name + "-")) and kind != stack.device.kind:
+            raise StackError(f"{stack.path}: a stack of {stack.device.name!r} (a {stack.device.kind}); recipe {recipe.name!r} is "
+                             f"for the {kind} {name!r} — use a recipe for this kind of device (e.g. one of the "
+                             f"{stack.device.kind} recipes in models/, or your own)")
         raise StackError(f"{stack.path}: {n} pairs; training needs at least {minimum}")
     crop = recipe.preprocess.crop
     h, w = stack.device.sensor.shape
     if crop is not None and (crop[0] + crop[2] > h or crop[1] + crop[3] > w):
         raise StackError(f"{stack.path}: recipe {recipe.name!r} crops {crop} (top, left, height, width) but the stack's "
+    frame_h, frame_w = (crop[2], crop[3]) if crop is not None else (h, w)
+    if recipe.preprocess.input_shape is not None:
+        in_h, in_w = recipe.preprocess.input_shape
+        if abs((in_h / in_w) / (frame_h / frame_w) - 1) > 0.05:
+            raise StackError(f"{stack.path}: recipe {recipe.name!r} resizes frames to {in_h}×{in_w}, but this stack's "
+                             f"{'cropped ' if crop is not None else ''}frames are {frame_h}×{frame_w}: it would stretch "
+                             "them — the recipe was written for another sensor")
                          f"frames are {h}×{w}")
     model = recipe.model
     if model.kind == "unet" and model.input_stage != "linear":
@@ -241,13 +272,20 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,
         max_epochs=max_epochs, max_steps=total_steps,
+        _check_checkpoint(resume)
         max_time={"minutes": o.max_minutes} if o.max_minutes else None, callbacks=callbacks, logger=_loggers(work),
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=20, deterministic=False, **val_every)
     resume = last if last.exists() else None
     if resume:
         log(f"resuming from {resume}")
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
+        if trainer.interrupted:
+            _restore_sigint()
+            raise KeyboardInterrupt from None
+        raise
     best = checkpoint.best_model_path or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     weights = {k[len("net."):]: v.contiguous() for k, v in state.items() if k.startswith("net.")}
@@ -256,6 +294,30 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     if checkpoint.best_model_score is None or final < float(checkpoint.best_model_score):
         weights = {k: v.detach().clone().contiguous() for k, v in module.net.state_dict().items()}
         log(f"final weights (val_loss {final:.4f}) beat the best checkpoint; keeping them")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint that loads only by unpickling arbitrary objects (which can run code) or not at all."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
+            ModuleNotFoundError, ImportError, KeyError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{path}: not a checkpoint ccm train wrote ({first[:200]}); it was not loaded, since unpickling "
+                         "a file can run code from it — delete it, or pass --restart to start the training over") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UsageError(f"{path}: not a Lightning checkpoint of ccm train (no state_dict); delete it, or pass --restart")
+
+
+def _restore_sigint() -> None:
+    """Lightning ignores SIGINT from the first Ctrl-C on; give the process its default handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     info = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
             "fit_seconds": round(time.perf_counter() - t0, 1), "best_val_loss": float(checkpoint.best_model_score or float("nan")),
             "work_folder": str(work), "stopped_early": bool(trainer.should_stop and trainer.global_step < total_steps)}

@@ -51,6 +51,8 @@ class _Slot:
 def _worker(forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tuple[int, int]], slots: list[_Slot],
             free: mp.Queue, ready: mp.Queue) -> None:
     die_with_parent()
+    if not parent_alive():  # the parent died before the kernel was asked to end this process with it
+        return
     try:
         for index, size in chunks:
             k = _get_while_parent_alive(free)
