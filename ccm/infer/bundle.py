@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,10 @@ class Bundle:
     def fingerprint(self) -> str:
         return fingerprint(self.device)
 
-    def preprocessor(self) -> Preprocessor:
-        return Preprocessor(self.preprocess, self.device, dark=self.dark, flat=self.flat)
+    def preprocessor(self, convert_from: str | None = None) -> Preprocessor:
+        """The bundle's preprocessing; ``convert_from`` accepts frames of another pixel type (see
+        :func:`ccm.infer.preprocess.convert_frames`)."""
+        return Preprocessor(self.preprocess, self.device, dark=self.dark, flat=self.flat, convert_from=convert_from)
 
     def model(self) -> torch.nn.Module:
         """The module with its weights, in eval mode, float32 on the CPU."""
@@ -189,33 +192,112 @@ def _refuse_non_safetensors(path: Path) -> None:
     raise BundleError(f"{path}: not a ccm model bundle (expected a safetensors file written by `ccm train`)")
 
 
+REQUIRED_METADATA = ("format", "format_version", "name", "architecture", "preprocess", "device_json", "device_fingerprint",
+                     "depths_um")
+REQUIRED_TENSORS = ("sample.raw", "sample.output")
+MODEL_BYTES_SLACK = 256 * 2**20
+"""Bytes a model may allocate beyond twice its stored weights (derived buffers); more is refused before allocation."""
+
+
+def _header(path: Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
+    """(metadata, {tensor name: (shape, dtype)}) from the safetensors header, without reading any tensor."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {}
+        for name in f.keys():
+            tensor = f.get_slice(name)
+            shapes[name] = (tuple(int(n) for n in tensor.get_shape()), str(tensor.get_dtype()))
+    return meta, shapes
+
+
+def _check_before_loading(path: Path, meta: dict, shapes: dict, device, architecture: Architecture,
+                          preprocess: PreprocessConfig, depths: tuple[float, ...]) -> None:
+    """Everything that can be checked from the header: the architecture against the device and the
+    depth planes, every stored tensor's shape against what the architecture builds (on the ``meta``
+    device: nothing is allocated), and the memory the model would take."""
+    def fail(what: str) -> None:
+        raise BundleError(f"{path}: invalid bundle — {what}")
+
+    if not depths or not all(math.isfinite(d) for d in depths):
+        fail(f"depths_um {list(depths)} must be one or more finite depths (µm)")
+    channels = architecture.out_channels
+    if channels != len(depths):
+        fail(f"the network outputs {channels} plane(s) but depths_um lists {len(depths)}")
+    sensor, target = tuple(device.sensor.shape), tuple(device.target.shape)
+    network_in = tuple(preprocess.input_shape or (preprocess.crop[2:] if preprocess.crop is not None else sensor))
+    if tuple(architecture.in_shape) != network_in:
+        fail(f"the network takes {tuple(architecture.in_shape)} inputs, the preprocessing gives {network_in}")
+    if tuple(architecture.out_shape) != target:
+        fail(f"the network outputs {tuple(architecture.out_shape)} planes, the device's target grid is {target}")
+    linear = architecture if isinstance(architecture, LinearSpec) else architecture.linear
+    if linear is not None:
+        bound = 4 * max(*linear.in_shape, *linear.out_shape)
+        for name in ("n_rings_input", "n_rings_target", "n_angles", "max_frequency"):
+            if not 0 <= getattr(linear, name) <= bound:
+                fail(f"linear stage {name} = {getattr(linear, name)}, outside 0…{bound} for its "
+                     f"{linear.in_shape} → {linear.out_shape} grids")
+    expected = {"sample.raw": sensor, "sample.output": (len(depths), *target), "sample.target": (len(depths), *target),
+                "preprocess.dark": sensor, "preprocess.flat": sensor}
+    for name, shape in expected.items():
+        if name in shapes and shapes[name][0] != shape:
+            fail(f"tensor {name} has shape {shapes[name][0]}, expected {shape}")
+    with torch.device("meta"):
+        module = build_model(architecture)
+    wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    stored = {k[len("model."):]: shape for k, (shape, _) in shapes.items() if k.startswith("model.")}
+    if set(wanted) != set(stored):
+        missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+        fail(f"the weights do not fit the {architecture_to_dict(architecture)['kind']} architecture "
+             f"(missing {missing[:3] or 'none'}, unexpected {extra[:3] or 'none'})")
+    for name, shape in wanted.items():
+        if stored[name] != shape:
+            fail(f"weight {name} has shape {stored[name]}, the architecture needs {shape}")
+    model_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    stored_bytes = sum(4 * math.prod(shape) for shape in stored.values())
+    if model_bytes > 2 * stored_bytes + MODEL_BYTES_SLACK:
+        fail(f"the architecture would allocate {model_bytes / 2**30:.1f} GiB for {stored_bytes / 2**20:.1f} MiB of weights")
+
+
 def load_bundle(path: Path, self_test: bool = True) -> Bundle:
-    """Read and validate a bundle; with ``self_test`` (the default), check it reproduces its sample."""
+    """Read and validate a bundle; with ``self_test`` (the default), check it reproduces its sample.
+
+    Everything the header says is checked before any tensor is read or any model is built: the
+    metadata keys, the device description against its fingerprint, the architecture against the
+    device, the preprocessing and the depth planes (finite, one per output channel), and every
+    tensor's shape against the architecture — so a hostile or broken bundle is refused with a
+    :class:`BundleError`, never by running out of memory."""
     path = resolve_shipped(path, "models", ".safetensors", "bundle")
     _refuse_non_safetensors(path)
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        meta, shapes = _header(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(f"{path}: unreadable safetensors file ({err})") from None
     if meta.get("format") != FORMAT:
         raise BundleError(f"{path}: not a ccm model bundle (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+    if meta.get("format_version") != str(FORMAT_VERSION):
         raise BundleError(f"{path}: bundle format version {meta.get('format_version')}; this ccm reads version {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_METADATA if k not in meta] + [k for k in REQUIRED_TENSORS if k not in shapes]
+    if missing:
+        raise BundleError(f"{path}: invalid bundle — missing {', '.join(missing)}")
     try:
         device = device_from_json(meta["device_json"], source=f"{path} (device_json)")
         if fingerprint(device) != meta["device_fingerprint"]:
             raise BundleError(f"{path}: the stored device fingerprint {meta['device_fingerprint']} does not match its device "
                               f"description ({fingerprint(device)}): the file was altered")
         architecture = architecture_from_dict(json.loads(meta["architecture"]))
+        preprocess = PreprocessConfig.model_validate_json(meta["preprocess"])
+        depths = json.loads(meta["depths_um"])
+        if not isinstance(depths, list) or not all(isinstance(d, (int, float)) and not isinstance(d, bool) for d in depths):
+            raise BundleError(f"{path}: invalid bundle — depths_um must be a list of numbers, found {meta['depths_um'][:80]!r}")
+        depths = tuple(float(d) for d in depths)
+        _check_before_loading(path, meta, shapes, device, architecture, preprocess, depths)
+        tensors = load_file(path)
         bundle = Bundle(
             name=meta["name"], architecture=architecture,
             state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-            preprocess=PreprocessConfig.model_validate_json(meta["preprocess"]), device=device,
-            depths_um=tuple(json.loads(meta["depths_um"])),
+            preprocess=preprocess, device=device, depths_um=depths,
             sample_raw=tensors["sample.raw"].numpy(), sample_output=tensors["sample.output"].numpy(),
             sample_target=tensors["sample.target"].numpy() if "sample.target" in tensors else None,
             dark=tensors["preprocess.dark"].numpy() if "preprocess.dark" in tensors else None,
@@ -227,7 +309,7 @@ def load_bundle(path: Path, self_test: bool = True) -> Bundle:
         bundle.model()  # the weights fit the architecture
     except BundleError:
         raise
-    except (KeyError, ValueError, RuntimeError, DeviceError) as err:
+    except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, DeviceError, SafetensorError, OSError) as err:
         raise BundleError(f"{path}: invalid bundle ({type(err).__name__}: {err})") from None
     if self_test:
         bundle.self_test()
