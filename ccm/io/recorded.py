@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from struct import error as struct_error
 from typing import Any
 
 import numpy as np
@@ -161,8 +160,10 @@ class Recording:
             raise IndexError(f"frames {start}:{stop} outside the {self.n} frames of {self.description}")
         try:
             return self._read(start, stop)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err}") from err
+        except RecordingError:
+            raise
+        except Exception as err:  # a damaged file can make a reader library fail in any way; --debug shows where
+            raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err or type(err).__name__}") from err
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         h, w = self.frame_shape
@@ -251,6 +252,17 @@ def _tiff_extent(tif, s, path: Path, frame_shape: tuple[int, int], dtype: np.dty
     frame_bytes = frame_shape[0] * frame_shape[1] * dtype.itemsize
     if first.compression == 1 and first.is_contiguous and (s.dataoffset is not None or tif.is_imagej or tif.is_shaped):
         contiguous = int(first.dataoffsets[0])  # frames follow each other from here (as the writer declared)
+        if claimed > 1:  # the second page, where there is one, must agree (a damaged first offset would shift every frame)
+            with tifffile_problems():
+                try:
+                    second = tif.pages[1]
+                except Exception:  # noqa: BLE001  (a damaged or missing second page: the size checks below decide)
+                    second = None
+            offsets = getattr(second, "dataoffsets", None)
+            if offsets and getattr(second, "compression", 1) == 1 and int(offsets[0]) != contiguous + frame_bytes:
+                raise RecordingError(f"{path}: corrupt or inconsistent TIFF (frame 1's data is at byte {int(offsets[0])}, "
+                                     f"frame 0's at {contiguous}: {frame_bytes} bytes per frame puts it at "
+                                     f"{contiguous + frame_bytes}); none of its frames can be trusted")
         by_size = max(0, size - contiguous) // frame_bytes
         if by_size < claimed:  # short: the end of the file may hold the other pages' headers, not frames
             with tifffile_problems():
@@ -265,6 +277,16 @@ def _tiff_extent(tif, s, path: Path, frame_shape: tuple[int, int], dtype: np.dty
         return (page is not None and tuple(page.shape[-2:]) == tuple(frame_shape) and bool(page.databytecounts)
                 and all(0 < o and o + c <= size for o, c in zip(page.dataoffsets, page.databytecounts)))
 
+    ranges = []  # the data of the first pages must not overlap (a damaged offset would read another frame's pixels)
+    with tifffile_problems():
+        for page in list(s.pages[:64]):
+            if page is not None:
+                ranges += [(int(o), int(o) + int(c)) for o, c in zip(page.dataoffsets, page.databytecounts)]
+    ranges.sort()
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        if end > start:
+            raise RecordingError(f"{path}: corrupt or inconsistent TIFF (the data of two frames overlap at byte {start}); "
+                                 "none of its frames can be trusted")
     if claimed == _frames_in(s.shape) and whole(s.pages[len(s.pages) - 1]):
         return claimed, claimed, None  # the last frame is in the file: so are the others
     readable = 0
@@ -314,7 +336,7 @@ def _tiff(path: Path, series: int, salvage: bool = False) -> Recording:
         raise
     except tifffile.TiffFileError as err:
         raise RecordingError(f"{path}: not a readable TIFF file ({err})") from err
-    except (OSError, ValueError, IndexError, KeyError, struct_error) as err:
+    except Exception as err:  # tifffile parsing a damaged file can fail in any way (TypeError, ZeroDivisionError, …)
         raise RecordingError(f"{path}: not a readable TIFF file ({type(err).__name__}: {err})") from err
     if problems or readable < claimed:
         why = problems[0] if problems else f"the header declares {claimed} frames, the file holds {readable}"
@@ -391,7 +413,9 @@ def _hdf5(path: Path, dataset: str | None) -> Recording:
             meta = {"format": "hdf5", "file": str(path), "dataset": dataset, "shape": list(ds.shape), "dtype": str(ds.dtype),
                     "attrs": _jsonable({k: f.attrs[k] for k in f.attrs})}
             shape, dtype = tuple(ds.shape), ds.dtype
-    except OSError as err:
+    except RecordingError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:  # h5py reports damaged files as any of these
         raise RecordingError(f"{path}: not a readable HDF5 file ({err})") from err
     return Recording("hdf5", [str(path)], str(axes), shape[:-2], shape[-2:], np.dtype(dtype), meta, dataset=dataset)
 

@@ -161,6 +161,32 @@ class StackWriter:
             os.replace(self.tmp, self.path)
 
 
+class _Checked:
+    """An h5py dataset whose reads turn HDF5's errors about a damaged file into a :class:`StackError`
+    naming the file and the frames (HDF5 reads a chunk only when it is asked for)."""
+
+    def __init__(self, dataset: h5py.Dataset, path: Path):
+        self._dataset, self._path = dataset, path
+
+    def __getitem__(self, index):
+        try:
+            return self._dataset[index]
+        except (OSError, RuntimeError, KeyError) as err:
+            where = f"{index.start}–{index.stop}" if isinstance(index, slice) else str(index)[:60]
+            raise StackError(f"{self._path}: cannot read {self._dataset.name.lstrip('/')} at {where} "
+                             f"(a damaged file? {err})") from None
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[()]
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+
 class CalibrationStack:
     """A validated, open calibration stack. Datasets are read lazily; use as a context manager.
 
@@ -180,7 +206,13 @@ class CalibrationStack:
             raise StackError(f"{self.path}: not a readable HDF5 file ({err})") from None
         try:
             self._validate()
-        except Exception:
+        except StackError:
+            self._file.close()
+            raise
+        except (KeyError, RuntimeError, OSError, ValueError, TypeError) as err:  # h5py reporting a damaged file
+            self._file.close()
+            raise StackError(f"{self.path}: a damaged HDF5 file ({type(err).__name__}: {err})") from None
+        except BaseException:
             self._file.close()
             raise
 
@@ -220,7 +252,7 @@ class CalibrationStack:
         for ok, message in checks:
             if not ok:
                 self._fail(message)
-        self.raw, self.target = raw, target
+        self.raw, self.target = _Checked(raw, self.path), _Checked(target, self.path)
         self.depths_um = depths
         self.dark = f["dark"][()]
         self.provenance = json.loads(attrs["provenance_json"])
