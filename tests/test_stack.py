@@ -123,7 +123,7 @@ def test_corrupt_and_missing_files(tmp_path):
 
 def test_memory_does_not_hold_the_stack(stack_path):
     with CalibrationStack(stack_path) as stack:
-        assert isinstance(stack.raw, h5py.Dataset) and isinstance(stack.target, h5py.Dataset)
+        assert isinstance(stack.raw._dataset, h5py.Dataset) and isinstance(stack.target._dataset, h5py.Dataset)  # read lazily
 
 
 def test_summary(stack_path):

@@ -160,8 +160,6 @@ class Recording:
             raise IndexError(f"frames {start}:{stop} outside the {self.n} frames of {self.description}")
         try:
             return self._read(start, stop)
-        except RecordingError:
-            raise
         except Exception as err:  # a damaged file can make a reader library fail in any way; --debug shows where
             raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err or type(err).__name__}") from err
 
