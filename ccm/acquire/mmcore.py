@@ -51,11 +51,39 @@ def load_core(config: str | Path | None = None):
     try:
         core.loadSystemConfiguration(str(path))
     except Exception as err:  # pymmcore raises its own error types
-        raise SourceError(f"{path}: Micro-Manager could not load this configuration: {err} (native device adapters need a "
-                          "Micro-Manager installation: `mmcore install`, or MICROMANAGER_PATH set to one)") from err
+        broken = _python_device_import_error(err)
+        message = (f"{path}: {broken}" if broken is not None else
+                   f"{path}: Micro-Manager could not load this configuration: {err} (native device adapters need a "
+                   "Micro-Manager installation: `mmcore install`, or MICROMANAGER_PATH set to one)")
+        failed = True
+    else:
+        failed = False
+    if failed:  # drop the half-loaded core before raising: a core kept alive by the traceback aborts the interpreter at exit
+        release_core(core)
+        del core
+        import gc
+
+        gc.collect()
+        raise SourceError(message)
     if not core.getShutterDevice():
         core.setAutoShutter(False)
     return core
+
+
+def _python_device_import_error(err: BaseException) -> str | None:
+    """The real cause when a ``#py pyDevice`` module failed to import (UniMMCore wraps it in a hint
+    about native adapters): the innermost ImportError of the chain, or None."""
+    seen, cause, found = set(), err, None
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ImportError):
+            found = cause
+        cause = cause.__cause__ or cause.__context__
+    if found is None:
+        return None
+    line = next((arg.splitlines()[0] for arg in map(str, err.args) if "at line" in arg), "")
+    where = f" ({line.split(': ', 1)[0]})" if line else ""
+    return f"a Python device module could not be imported{where}: {type(found).__name__}: {found}"
 
 
 def release_core(core) -> None:
