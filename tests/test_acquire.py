@@ -195,10 +195,10 @@ def test_pycromanager_acquisition_reconstructs_on_the_fly(mm_core, tiny_bundle, 
     bundle = tiny_bundle[0]
     proxy = use_pymmcore_plus(mm_core)
     try:
-        dataset = acquire_reconstructed(multi_d_acquisition_events(num_time_points=6), Reconstructor(bundle),
-                                        directory=str(tmp_path), name="acq")
-        raw = dataset.read_image(time=3, channel="raw")
-        recon = dataset.read_image(time=3, channel="ccm-z0")
+        acquired = acquire_reconstructed(multi_d_acquisition_events(num_time_points=6), Reconstructor(bundle),
+                                         directory=str(tmp_path), name="acq")
+        raw = acquired.raw.read_image(time=3)
+        recon = acquired.reconstructions.read_image(time=3, channel="ccm-z0")
         assert raw.shape == (48, 48) and recon.shape == (24, 24)
         expected = Reconstructor(bundle)(raw[None])[0, 0]
         assert np.abs(recon / 65535 - expected).max() < 1e-3

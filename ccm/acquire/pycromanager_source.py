@@ -5,8 +5,9 @@
   running Micro-Manager's Java core (``pycromanager.Core()``, GUI with the ZMQ server on, or
   headless) or any object with that API.
 - :func:`acquire_reconstructed` — a recorded acquisition through pycromanager's ``Acquisition``
-  with an ``image_process_fn`` that reconstructs each frame as it arrives and saves raw and
-  reconstruction together in the NDTiff dataset (reconstructions as channel ``ccm-z<k>``).
+  with an ``image_process_fn`` that reconstructs each frame as it arrives: raw frames in
+  pycromanager's dataset, reconstructions (channels ``ccm-z<k>``, their own shape and pixel size)
+  in an NDTiff dataset beside it — pycromanager's and ndtiff's public API only.
 - :func:`use_pymmcore_plus` — registers a pymmcore-plus core (e.g. ``UniMMCore`` with the
   simulated Python camera) as pycromanager's active Python-backend core through
   :class:`SnakeCaseCore`, so all of the above runs with no native Micro-Manager and no Java —
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,49 +137,66 @@ class PycromanagerSource(CircularBufferSource):
         return np.asarray(tagged.pix).reshape(self.frame_shape), dict(tagged.tags)
 
 
-def reconstructing_process_fn(reconstructor: Reconstructor, store: Callable[[dict, np.ndarray, dict], None] | None = None) -> Callable:
-    """An ``image_process_fn`` for pycromanager's ``Acquisition``: the raw frame is kept (channel
-    ``raw``) and each reconstructed depth plane is added as channel ``ccm-z<k>`` (float32 in [0, 1]
-    scaled to uint16, so NDTiff stores it with the raw frames). pycromanager's Java backend takes a
-    list of images from the function; its Python backend takes one, so there the planes go through
-    ``store(axes, image, metadata)`` (the acquisition's own dataset) and the raw frame is returned."""
+@dataclass
+class ReconstructedAcquisition:
+    """The two datasets of :func:`acquire_reconstructed` (``ndtiff`` API: ``read_image(time=…, channel=…)``,
+    ``read_metadata``, ``as_array``)."""
+
+    raw: Any
+    """pycromanager's own dataset: the raw frames with Micro-Manager's metadata."""
+    reconstructions: Any
+    """ccm's dataset beside it: channels ``ccm-z<k>``, (h, w) uint16 = volume × 65535, with the bundle's pixel size."""
+
+
+def reconstructing_process_fn(reconstructor: Reconstructor, store) -> Callable:
+    """An ``image_process_fn`` for pycromanager's ``Acquisition`` (both backends): each frame is
+    reconstructed and its depth planes are put into ``store`` (a writable ``ndtiff`` dataset, its
+    public ``put_image``) as channels ``ccm-z<k>`` at the frame's axes — float32 in [0, 1] scaled to
+    uint16 (NDTiff stores integers), with their own metadata: ``Width``/``Height`` of the
+    reconstruction grid, ``PixelSize_um`` of the bundle's target grid, ``ccm_depth_um``,
+    ``ccm_intensity_scale`` and the raw frame's time tags. The raw frame is returned unchanged, so
+    pycromanager saves it in its own dataset."""
+    bundle = reconstructor.bundle
+    h, w = bundle.device.target.shape
+    pixel_size = float(bundle.device.target.pixel_size_um)
+    passed = ("ElapsedTime-ms", "TimeReceivedByCore", "Camera", "Exposure-ms", "XPositionUm", "YPositionUm", "ZPositionUm")
 
     def process(image: np.ndarray, metadata: dict):
-        volume = reconstructor(np.asarray(image)[None], source="pycromanager frame")[0]
-        axes = {**dict(metadata.get("Axes", {})), "channel": "raw"}
-        raw = (image, {**metadata, "Axes": axes})
-        planes = []
+        volume = reconstructor(np.asarray(image).reshape(bundle.device.sensor.shape)[None], source="pycromanager frame")[0]
+        axes = dict(metadata.get("Axes", {}))
         for k, plane in enumerate(volume):
             plane_axes = {**axes, "channel": f"ccm-z{k}"}
-            md = {**metadata, "Axes": plane_axes, "ccm_depth_um": float(reconstructor.bundle.depths_um[k])}
-            planes.append((np.rint(np.clip(plane, 0, 1) * 65535).astype(np.uint16), md))
-        if store is None:
-            return [raw, *planes]
-        for plane, md in planes:
-            store(md["Axes"], plane, md)
-        return raw
+            md = {**{key: metadata[key] for key in passed if key in metadata}, "Axes": plane_axes, "Width": w, "Height": h,
+                  "PixelType": "GRAY16", "BitDepth": 16, "PixelSize_um": pixel_size, "ccm_depth_um": float(bundle.depths_um[k]),
+                  "ccm_intensity_scale": 1 / 65535, "ccm_bundle": bundle.name}
+            store.put_image(plane_axes, np.rint(np.clip(plane, 0, 1) * 65535).astype(np.uint16), md)
+        return image, metadata
 
     return process
 
 
 def acquire_reconstructed(events: list[dict], reconstructor: Reconstructor, directory: str | None = None,
-                          name: str = "ccm-acquisition"):
-    """Run pycromanager acquisition ``events`` (e.g. ``pycromanager.multi_d_acquisition_events(num_time_points=100)``),
-    reconstructing each frame on the fly; raw frames (channel ``raw``) and reconstructions (channels
-    ``ccm-z<k>``) are saved together (NDTiff in ``directory``, or in memory). Returns the dataset
-    (``ndtiff`` API: ``read_image(time=…, channel=…)``)."""
-    from mmpycorex import is_pymmcore_active
+                          name: str = "ccm-acquisition") -> ReconstructedAcquisition:
+    """Run pycromanager acquisition ``events`` (e.g. ``pycromanager.multi_d_acquisition_events(num_time_points=100)``)
+    with only pycromanager's and ndtiff's public API, reconstructing each frame on the fly: raw frames
+    in pycromanager's dataset (NDTiff ``directory/name_N``, or in memory), reconstructions in an
+    NDTiff dataset beside it (``directory/name-ccm_N``, or in memory) whose images and summary carry
+    the reconstruction grid's shape and pixel size and the depth planes."""
+    from ndtiff import NDRAMDataset, NDTiffDataset
     from pycromanager import Acquisition
 
-    store_box: list = []
-
-    def store(axes, image, metadata):
-        store_box[0].put_image(axes, image, metadata)
-
-    python_backend = is_pymmcore_active()
-    process = reconstructing_process_fn(reconstructor, store if python_backend else None)
-    with Acquisition(directory=directory, name=name, image_process_fn=process) as acq:
-        if python_backend:
-            store_box.append(acq._dataset)  # the backend's own NDTiff/NDRAM dataset (no public accessor)
-        acq.acquire(events)
-    return acq.get_dataset()
+    bundle = reconstructor.bundle
+    h, w = bundle.device.target.shape
+    summary = {"ccm_bundle": bundle.name, "ccm_depths_um": list(bundle.depths_um), "PixelSize_um": float(bundle.device.target.pixel_size_um),
+               "Width": w, "Height": h, "PixelType": "GRAY16", "BitDepth": 16, "ChNames": [f"ccm-z{k}" for k in range(len(bundle.depths_um))]}
+    if directory is None:
+        store = NDRAMDataset()
+        store.initialize(summary)
+    else:
+        store = NDTiffDataset(directory, name=f"{name}-ccm", summary_metadata=summary, writable=True)
+    try:
+        with Acquisition(directory=directory, name=name, image_process_fn=reconstructing_process_fn(reconstructor, store)) as acq:
+            acq.acquire(events)
+    finally:
+        store.finish()
+    return ReconstructedAcquisition(acq.get_dataset(), store)
