@@ -260,9 +260,9 @@ def _open_source(args: argparse.Namespace):
 
         return SimulatedSource(load_device(args.device), fps=args.fps, exposure_ms=args.exposure_ms, seed=args.seed), lambda: None
     if args.source == "mmcore":
-        from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+        from ccm.acquire.mmcore import MMCoreSource, release_core
 
-        core = load_core(args.config)
+        core = _checked_core(args)
         if args.exposure_ms is not None:
             core.setExposure(args.exposure_ms)
         return MMCoreSource(core), lambda: release_core(core)
@@ -271,12 +271,29 @@ def _open_source(args: argparse.Namespace):
     return PycromanagerSource(port=args.port), lambda: None
 
 
+def _checked_core(args: argparse.Namespace):
+    """A core with ``--config`` loaded whose camera fits ``--bundle``'s device — checked from the bundle's
+    header before the bundle (torch, ONNX) loads; a mismatch is one line saying what to change."""
+    from ccm.acquire.camera_check import bundle_device, check_camera
+    from ccm.acquire.mmcore import load_core, release_core
+
+    device, name = bundle_device(args.bundle)
+    core = load_core(args.config)
+    try:
+        check_camera(core, device, name)
+    except BaseException:
+        release_core(core)
+        raise
+    return core
+
+
 def _cmd_live(args: argparse.Namespace) -> None:
     from ccm.acquire.pipeline import LivePipeline, recording_path
     from ccm.infer.bundle import load_bundle
     from ccm.infer.reconstruct import Reconstructor
     from ccm.portable import process_uptime_s
 
+    opened = _open_source(args) if args.source == "mmcore" else None  # the camera is checked before the bundle loads
     bundle = load_bundle(args.bundle)
     calibration = None
     if args.precision == "int8":  # an int8 export that is not cached yet calibrates on typical frames
@@ -284,7 +301,7 @@ def _cmd_live(args: argparse.Namespace) -> None:
 
         calibration = typical_frames(bundle.device, bundle.depths_um, 64, seed=2)
     reconstructor = Reconstructor(bundle, _options(args, latency=True), batch_size=args.max_batch, calibration=calibration)
-    source, cleanup = _open_source(args)
+    source, cleanup = opened or _open_source(args)
     try:
         pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch)
         pipeline.start()
@@ -312,6 +329,41 @@ def _cmd_live(args: argparse.Namespace) -> None:
     if not finished or pipeline.error is not None:
         raise SourceError(f"live stopped: {pipeline.error}; the frames captured so far are on disk" if args.record else
                           f"live stopped: {pipeline.error}")
+
+
+def _cmd_acquire(args: argparse.Namespace) -> None:
+    from ccm.acquire.mda import MDAReconstructor, load_sequence
+    from ccm.acquire.mmcore import release_core
+    from ccm.infer.bundle import load_bundle
+    from ccm.infer.reconstruct import Reconstructor
+    from ccm.io.atomic import refuse_existing
+
+    sequence = load_sequence(args.sequence)
+    refuse_existing(args.output, args.overwrite)
+    core = _checked_core(args)
+    try:
+        if args.exposure_ms is not None:
+            core.setExposure(args.exposure_ms)
+        bundle = load_bundle(args.bundle)
+        writer = MDAReconstructor(Reconstructor(bundle, _options(args, latency=True), batch_size=args.max_batch), args.output,
+                                  max_batch=args.max_batch, overwrite=args.overwrite)
+        outputs = [str(args.raw_output), writer] if args.raw_output is not None else writer
+        try:
+            core.mda.run(sequence, output=outputs, overwrite=args.overwrite)
+        except KeyboardInterrupt:
+            core.mda.cancel()
+        writer.wait()
+    finally:
+        release_core(core)
+    stats = writer.stats()
+    summary = {"output": [str(p) for p in writer.outputs], "raw_output": str(args.raw_output) if args.raw_output else None,
+               "bundle": bundle.name, **vars(stats)}
+    if writer.error is not None:
+        summary["error"] = str(writer.error)
+    print(json.dumps(summary, indent=1) if args.json else
+          f"wrote {', '.join(summary['output'])}: {stats.received} frames, {stats.reconstructed} reconstructed, "
+          f"{stats.dropped} dropped")
+    writer.raise_if_failed()
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
@@ -571,6 +623,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of status lines")
     _backend_args(p, backend="onnx")
     p.set_defaults(func=_cmd_live)
+
+    p = sub.add_parser("acquire", help="run a Micro-Manager MDA (useq-schema sequence) and reconstruct every frame",
+                       description="Run a multi-dimensional acquisition (a useq-schema MDASequence in YAML or JSON) on a "
+                                   "Micro-Manager configuration through pymmcore-plus, reconstructing every frame off the "
+                                   "acquisition thread, and write raw frames and reconstructions with the sequence's axes "
+                                   "and Micro-Manager's per-frame metadata to HDF5. The camera is checked against the "
+                                   "bundle's device before the bundle loads.")
+    p.add_argument("--config", type=Path, help="Micro-Manager .cfg (default: calibration/ccm-simulated-cannula.cfg)")
+    p.add_argument("--sequence", type=Path, required=True, help="useq MDASequence (.yaml, .yml or .json)")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("-o", "--output", type=Path, required=True, help="HDF5 file for raw frames + reconstructions (.h5)")
+    p.add_argument("--raw-output", type=Path, help="also write the raw frames with pymmcore-plus's own writer "
+                                                     "(.ome.tif or .ome.zarr)")
+    p.add_argument("--exposure-ms", type=float, default=None, help="exposure (default: the configuration's or the sequence's)")
+    p.add_argument("--max-batch", type=int, default=16, help="largest batch when reconstruction falls behind (default: 16)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (once the acquisition ends)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    _backend_args(p, backend="onnx")
+    p.set_defaults(func=_cmd_acquire)
 
     p = sub.add_parser("calibrate", help="capture a calibration stack from a live device (display targets or a reference camera)",
                        description="Build a calibration stack (raw frame, known target) from a live device: known images "
