@@ -44,12 +44,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ccm.errors import OutputError
-from ccm.infer.reconstruct import Reconstructor
+
+if TYPE_CHECKING:
+    from ccm.infer.reconstruct import Reconstructor
 
 FORMAT = "ccm-mda-recording"
 FORMAT_VERSION = 1

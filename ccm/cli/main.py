@@ -288,12 +288,12 @@ def _checked_core(args: argparse.Namespace):
 
 
 def _cmd_live(args: argparse.Namespace) -> None:
+    opened = _open_source(args) if args.source == "mmcore" else None  # the camera is checked before torch and the bundle load
     from ccm.acquire.pipeline import LivePipeline, recording_path
     from ccm.infer.bundle import load_bundle
     from ccm.infer.reconstruct import Reconstructor
     from ccm.portable import process_uptime_s
 
-    opened = _open_source(args) if args.source == "mmcore" else None  # the camera is checked before the bundle loads
     bundle = load_bundle(args.bundle)
     calibration = None
     if args.precision == "int8":  # an int8 export that is not cached yet calibrates on typical frames
@@ -334,14 +334,15 @@ def _cmd_live(args: argparse.Namespace) -> None:
 def _cmd_acquire(args: argparse.Namespace) -> None:
     from ccm.acquire.mda import MDAReconstructor, load_sequence
     from ccm.acquire.mmcore import release_core
-    from ccm.infer.bundle import load_bundle
-    from ccm.infer.reconstruct import Reconstructor
     from ccm.io.atomic import refuse_existing
 
     sequence = load_sequence(args.sequence)
     refuse_existing(args.output, args.overwrite)
-    core = _checked_core(args)
+    core = _checked_core(args)  # before torch and the bundle load
     try:
+        from ccm.infer.bundle import load_bundle
+        from ccm.infer.reconstruct import Reconstructor
+
         if args.exposure_ms is not None:
             core.setExposure(args.exposure_ms)
         bundle = load_bundle(args.bundle)
