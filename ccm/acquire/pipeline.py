@@ -172,7 +172,7 @@ class LiveRecorder:
         """Write what is queued, record why the recording ended (``stop_reason``) and close the file."""
         self._queue.put(None)
         self._thread.join()
-        if self._broken:  # HDF5 can crash closing a file whose write failed: leave it as it is
+        if self._broken and self.error is not None:  # HDF5 can crash closing a file whose write failed: leave it
             raise self.error
         self._file.attrs["stop_reason"] = stop_reason if self.error is None else f"recorder error: {self.error}"
         self._file.attrs["complete"] = self.error is None
@@ -197,11 +197,22 @@ class LiveStats:
     latency_ms_median: float | None
     latency_ms_p95: float | None
     recorded: int
+    consistency_score: float | None = None
+    """The last scored frame's forward-consistency score (None: the bundle has no consistency model)."""
+    consistency_window_median: float | None = None
+    recalibrate: bool = False
+    """The recalibration alarm: the window's median score left the calibrated range."""
+    alarms: int = 0
+    """How many times the alarm went on during the run."""
 
     def line(self) -> str:
         latency = f"latency {self.latency_ms_median:.1f} ms (p95 {self.latency_ms_p95:.1f})" if self.latency_ms_median is not None else ""
+        trust = ""
+        if self.consistency_window_median is not None:
+            trust = f"  consistency {self.consistency_window_median:.3g}" + ("  ALARM: recalibrate (ccm calibrate → ccm train)"
+                                                                           if self.recalibrate else "")
         return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
-                f"waiting {self.waiting}  {latency}  recorded {self.recorded}")
+                f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}")
 
 
 class LivePipeline:
@@ -215,10 +226,14 @@ class LivePipeline:
     max_batch : at most this many frames per reconstruction.
     on_result : called with (frames, volumes (n, D, h, w)) after each reconstruction, on the
         pipeline's thread — keep it quick (a display should read :meth:`latest` on its own timer).
+    score_every : score every this many frames against the bundle's forward-consistency model (one
+        linear stage, a few ms on a 2-core CPU: every 4th frame keeps its cost ≤ 1 ms per frame at
+        100 frames/s) and feed the recalibration alarm (a median over ``alarm_window`` scores).
     """
 
     def __init__(self, source: FrameSource, reconstructor: Reconstructor, ring_frames: int = 256, max_batch: int = 16,
-                 on_result: Callable[[list[Frame], np.ndarray], None] | None = None):
+                 on_result: Callable[[list[Frame], np.ndarray], None] | None = None, score_every: int = 4,
+                 alarm_window: int = 25):
         bundle = reconstructor.bundle
         if tuple(source.frame_shape) != tuple(bundle.device.sensor.shape):
             raise SourceError(f"{source.name} gives {source.frame_shape[0]}×{source.frame_shape[1]} frames, but bundle "
@@ -239,6 +254,10 @@ class LivePipeline:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.consistency = bundle.consistency
+        self.score_every = max(1, score_every)
+        self.alarm = self.consistency.alarm(alarm_window) if self.consistency is not None else None
+        self._last_score: float | None = None
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -305,7 +324,10 @@ class LivePipeline:
                          waiting=len(self.ring), frames_per_s=self._reconstructed / seconds if seconds > 0 else 0.0,
                          latency_ms_median=float(np.median(latencies)) if latencies is not None else None,
                          latency_ms_p95=float(np.percentile(latencies, 95)) if latencies is not None else None,
-                         recorded=self._recorded_before + recording)
+                         recorded=self._recorded_before + recording, consistency_score=self._last_score,
+                         consistency_window_median=self.alarm.median if self.alarm is not None else None,
+                         recalibrate=bool(self.alarm is not None and self.alarm.active),
+                         alarms=self.alarm.fired if self.alarm is not None else 0)
 
     # --- threads ---------------------------------------------------------------------------------
 
@@ -327,13 +349,19 @@ class LivePipeline:
                         return
                     continue
                 images = np.stack([f.image for f in frames])
-                volumes = self.reconstructor(images, source=f"{self.source.name} frames {frames[0].index}–{frames[-1].index}")
+                x = self.reconstructor.preprocessor(images, f"{self.source.name} frames {frames[0].index}–{frames[-1].index}")
+                volumes = self.reconstructor.run_preprocessed(x)
                 done = time.monotonic()
                 self._latencies.extend(done - f.timestamp_s for f in frames)
                 self._reconstructed += len(frames)
                 self._latest = (frames[-1], volumes[-1])
                 if self.first_result_at is None:
                     self.first_result_at = time.monotonic()
+                scored = [k for k, f in enumerate(frames) if f.index % self.score_every == 0]
+                if self.consistency is not None and self.alarm is not None and scored:  # after the result is out
+                    scores = self.consistency.score(x[scored], volumes[scored])
+                    self._last_score = float(scores[-1])
+                    self.alarm.update(scores)
                 with self._lock:
                     if self.recorder is not None:
                         self.recorder.add(frames, volumes)

@@ -109,10 +109,19 @@ class SimulatedCamera:
         self.scene = MovingScene(device, len(self.simulator.planes_um), kind or reference_scene_kind(device), seed)
         self.exposure_ms = exposure_ms
         self.rng = np.random.default_rng([seed, 7])
+        self.shift_um = 0.0
+        self.rotation_deg = 0.0
+        """A drill: the cannula's image moved on the sensor since calibration (µm along x, degrees about
+        the centre); set it while running to test the recalibration alarm."""
 
     def frame(self, t: float) -> np.ndarray:
         volume = self.scene.volume(t)[None] * np.float32(self.exposure_ms / REFERENCE_EXPOSURE_MS)
-        return self.simulator.frames(volume, self.rng)[0]
+        frames = self.simulator.frames(volume, self.rng)
+        if self.shift_um or self.rotation_deg:
+            from ccm.physics.simulate import move_on_sensor
+
+            frames = move_on_sensor(frames, self.device.sensor.pixel_size_um, self.shift_um, self.rotation_deg)
+        return frames[0]
 
 
 class SimulatedSource:

@@ -157,6 +157,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs)
 
 
+def _cmd_consistency(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from ccm.infer.bundle import load_bundle
+    from ccm.io.stack import CalibrationStack
+    from ccm.learn.consistency import drift_report, fit_consistency
+    from ccm.learn.data import SplitConfig, split_indices
+
+    bundle = load_bundle(args.bundle)
+    with CalibrationStack(args.data) as stack:
+        if stack.fingerprint != bundle.fingerprint:
+            raise UsageError(f"{args.data} was recorded with device {stack.device.name} ({stack.fingerprint}); "
+                             f"bundle {bundle.label} is for {bundle.device.name} ({bundle.fingerprint})")
+        n = len(stack)
+    split = split_indices(n, SplitConfig(val_fraction=0.1, test_fraction=0.1, max_val=2000))
+    model = fit_consistency(bundle, args.data, split)
+    out = dataclasses.replace(bundle, consistency=model, path=None).save(args.output)
+    print(f"wrote {out}: forward model fitted on {model.report['forward_fit']['pairs']} pairs; held-out score median "
+          f"{model.quantiles['0.5']:.3g}, 99.9th percentile {model.quantiles['0.999']:.3g} → frame threshold {model.threshold:.3g}, "
+          f"alarm level {model.alarm_level:.3g}")
+    if args.report is not None:
+        with CalibrationStack(args.data) as stack:
+            raw = stack.raw[np.sort(split["test"])[:args.report_frames]]
+        report = {"bundle": out.name, "consistency": model.report | {"quantiles": model.quantiles},
+                  "drift": drift_report(dataclasses.replace(bundle, consistency=model), raw)}
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=1))
+        for name, case in report["drift"]["cases"].items():
+            print(f"  {name:16s} AUC {case['auc']:.3f}  median score {case['median']:.3g}  window alarm {case['window_median_alarm']}")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from ccm.infer.bundle import BundleError, load_bundle
     from ccm.resources import shipped_path
@@ -684,6 +717,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("out/napari"), help="headless: folder for the screenshot and JSON")
     p.add_argument("--headless", action="store_true", help="run headless even with a display")
     p.set_defaults(func=_cmd_napari)
+
+    p = sub.add_parser("consistency", help="fit a bundle's forward-consistency model (the per-frame trust score) from a calibration stack",
+                       description="Fit the linear forward model (target → raw frame) from the calibration pairs, push the "
+                                   "bundle's own reconstructions of held-out pairs through it and store the range of their "
+                                   "scores: every reconstruction path then scores each frame against the camera's noise and "
+                                   "raises the recalibration alarm when a device drifts. Writes a new bundle.")
+    p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
+    p.add_argument("--data", type=Path, required=True, help="calibration stack of the bundle's device (.h5)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the bundle with its consistency model (.safetensors)")
+    p.add_argument("--report", type=Path, help="also write a JSON report: score ROC against moved-device frames")
+    p.add_argument("--report-frames", type=int, default=300, help="held-out frames for the report (default: 300)")
+    p.set_defaults(func=_cmd_consistency)
 
     p = sub.add_parser("models", help="list the shipped model bundles")
     p.set_defaults(func=_cmd_models)

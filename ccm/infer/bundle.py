@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_json, device_to_json, fingerprint
 from ccm.errors import BundleError
+from ccm.infer.consistency import ConsistencyModel
 from ccm.infer.linear import LinearInverse, LinearSpec
 from ccm.infer.nets import UNet, UNetConfig
 from ccm.infer.preprocess import PreprocessConfig, Preprocessor
@@ -93,6 +94,8 @@ class Bundle:
     metrics: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     path: Path | None = None
+    consistency: ConsistencyModel | None = None
+    """The forward-consistency model (:mod:`ccm.infer.consistency`); None in bundles written before it existed."""
 
     @property
     def kind(self) -> str:
@@ -138,6 +141,10 @@ class Bundle:
             if name in self.split:
                 tensors[f"split.{name}"] = torch.as_tensor(np.asarray(self.split[name], np.int64))
         split_meta = {k: v for k, v in self.split.items() if k not in ("val", "test")}
+        extra_meta = {}
+        if self.consistency is not None:
+            consistency_tensors, extra_meta["consistency"] = self.consistency.to_tensors()
+            tensors.update(consistency_tensors)
         metadata = {
             "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": self.name, "description": self.description,
             "architecture": json.dumps(architecture_to_dict(self.architecture)),
@@ -146,6 +153,7 @@ class Bundle:
             "depths_um": json.dumps([float(d) for d in self.depths_um]),
             "pixel_size_um": json.dumps({"raw": self.device.sensor.pixel_size_um, "target": self.device.target.pixel_size_um}),
             "split": json.dumps(split_meta), "training": json.dumps(self.training), "metrics": json.dumps(self.metrics),
+            **extra_meta,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
@@ -199,6 +207,15 @@ MODEL_BYTES_SLACK = 256 * 2**20
 """Bytes a model may allocate beyond twice its stored weights (derived buffers); more is refused before allocation."""
 
 
+def target_shape(device) -> tuple[int, int]:
+    return tuple(device.target.shape)
+
+
+def network_input(preprocess: PreprocessConfig, device) -> tuple[int, int]:
+    """(H', W') of preprocessed frames (the network's input) for ``device``'s sensor."""
+    return tuple(preprocess.input_shape or (preprocess.crop[2:] if preprocess.crop is not None else device.sensor.shape))
+
+
 def _header(path: Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
     """(metadata, {tensor name: (shape, dtype)}) from the safetensors header, without reading any tensor."""
     from safetensors import safe_open
@@ -226,7 +243,7 @@ def _check_before_loading(path: Path, meta: dict, shapes: dict, device, architec
     if channels != len(depths):
         fail(f"the network outputs {channels} plane(s) but depths_um lists {len(depths)}")
     sensor, target = tuple(device.sensor.shape), tuple(device.target.shape)
-    network_in = tuple(preprocess.input_shape or (preprocess.crop[2:] if preprocess.crop is not None else sensor))
+    network_in = network_input(preprocess, device)
     if tuple(architecture.in_shape) != network_in:
         fail(f"the network takes {tuple(architecture.in_shape)} inputs, the preprocessing gives {network_in}")
     if tuple(architecture.out_shape) != target:
@@ -306,6 +323,9 @@ def load_bundle(path: Path, self_test: bool = True) -> Bundle:
                    **{k: tensors[f"split.{k}"].numpy() for k in ("val", "test") if f"split.{k}" in tensors}},
             training=json.loads(meta.get("training", "{}")), metrics=json.loads(meta.get("metrics", "{}")),
             description=meta.get("description", ""), path=path)
+        if "consistency" in meta:
+            bundle.consistency = ConsistencyModel.from_tensors(tensors, meta["consistency"], str(path),
+                                                               expected=(len(depths), target_shape(device), network_input(preprocess, device)))
         bundle.model()  # the weights fit the architecture
     except BundleError:
         raise

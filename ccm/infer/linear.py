@@ -64,6 +64,8 @@ class LinearSpec(BaseModel):
     in_shape: tuple[int, int]
     out_shape: tuple[int, int]
     out_channels: int
+    in_channels: int = 1
+    """Input planes: 1 for an inverse (a frame); D for a forward model (a volume → a frame, :mod:`ccm.infer.consistency`)."""
     input_circle: tuple[float, float, float]
     """(row, column, radius) of the aperture in input pixels (continuous coordinates)."""
     target_circle: tuple[float, float, float]
@@ -193,6 +195,7 @@ class PixelBasis(nn.Module):
         yy, xx = np.mgrid[0:h, 0:w] + 0.5
         inside = np.flatnonzero((np.hypot(yy - row, xx - col) <= radius).ravel()) if spec.input_circle[2] < max(h, w) \
             else np.arange(h * w)
+        inside = np.concatenate([c * h * w + inside for c in range(spec.in_channels)])  # every input plane
         self.register_buffer("index", torch.from_numpy(inside), persistent=False)
         self.register_buffer("error_weight", torch.ones(1, spec.out_channels * spec.out_shape[0] * spec.out_shape[1],
                                                         dtype=torch.float64), persistent=False)
@@ -210,12 +213,13 @@ class PixelBasis(nn.Module):
 def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
     """(M, F, G): frequency blocks, input features and output features per block."""
     if spec.basis == "polar":
-        return spec.max_frequency + 1, spec.n_rings_input, spec.out_channels * spec.n_rings_target
+        return spec.max_frequency + 1, spec.in_channels * spec.n_rings_input, spec.out_channels * spec.n_rings_target
     return 1, len(PixelBasis(spec).index), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
 
 
 class LinearInverse(nn.Module):
-    """(N, 1, H, W) float32 preprocessed frames → (N, D, h, w) float32 volumes, linearly.
+    """(N, 1, H, W) float32 preprocessed frames → (N, D, h, w) float32 volumes, linearly (or, with
+    ``spec.in_channels = D``, volumes → frames: the forward direction).
 
     Buffers (stored in bundles): ``mean_in`` (M, F), ``mean_out`` (M, G) and ``weight`` (M, F, G),
     complex for the polar basis (kept as real/imaginary pairs in a trailing axis of 2).

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from ccm.errors import UsageError
 from ccm.infer.bundle import Bundle, build_model
 from ccm.infer.linear import fit_linear_inverse, resolve_spec
-from ccm.infer.nets import UNetConfig
 from ccm.infer.preprocess import Preprocessor
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack, StackError
+from ccm.learn.consistency import fit_consistency
 from ccm.learn.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
 from ccm.learn.metrics import MetricAccumulator, mean_over_occupied, psnr, ssim
 from ccm.learn.recipe import LossConfig, OptimConfig, Recipe
@@ -100,6 +100,7 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
 def _shipped_device_kinds() -> dict[str, str]:
     """Name → kind (cannula | window) of the shipped device descriptions."""
     from ccm.devices import load_device
@@ -115,7 +116,6 @@ def _shipped_device_kinds() -> dict[str, str]:
     return kinds
 
 
-
 def check_stack_fits(recipe: Recipe, stack: CalibrationStack) -> None:
     """Refuse a stack the recipe cannot train on, saying what does not fit — before any training.
 
@@ -125,16 +125,17 @@ def check_stack_fits(recipe: Recipe, stack: CalibrationStack) -> None:
     n = len(stack)
     minimum = 8
     if n < minimum:
+        raise StackError(f"{stack.path}: {n} pairs; training needs at least {minimum}")
     for name, kind in _shipped_device_kinds().items():
         if (recipe.name == name or recipe.name.startswith(name + "-")) and kind != stack.device.kind:
             raise StackError(f"{stack.path}: a stack of {stack.device.name!r} (a {stack.device.kind}); recipe {recipe.name!r} is "
                              f"for the {kind} {name!r} — use a recipe for this kind of device (e.g. one of the "
                              f"{stack.device.kind} recipes in models/, or your own)")
-        raise StackError(f"{stack.path}: {n} pairs; training needs at least {minimum}")
     crop = recipe.preprocess.crop
     h, w = stack.device.sensor.shape
     if crop is not None and (crop[0] + crop[2] > h or crop[1] + crop[3] > w):
         raise StackError(f"{stack.path}: recipe {recipe.name!r} crops {crop} (top, left, height, width) but the stack's "
+                         f"frames are {h}×{w}")
     frame_h, frame_w = (crop[2], crop[3]) if crop is not None else (h, w)
     if recipe.preprocess.input_shape is not None:
         in_h, in_w = recipe.preprocess.input_shape
@@ -142,13 +143,11 @@ def check_stack_fits(recipe: Recipe, stack: CalibrationStack) -> None:
             raise StackError(f"{stack.path}: recipe {recipe.name!r} resizes frames to {in_h}×{in_w}, but this stack's "
                              f"{'cropped ' if crop is not None else ''}frames are {frame_h}×{frame_w}: it would stretch "
                              "them — the recipe was written for another sensor")
-                         f"frames are {h}×{w}")
     model = recipe.model
     if model.kind == "unet" and model.input_stage != "linear":
         preprocessor = Preprocessor(recipe.preprocess, stack.device, dark=stack.dark)
         try:
-            UNetConfig(in_shape=preprocessor.output_shape, out_shape=stack.device.target.shape, widths=model.widths,
-                       input_stage=model.input_stage, downscale=model.downscale)
+            model.unet_config(preprocessor.output_shape, stack.device.target.shape)
         except ValueError as err:
             raise StackError(f"{stack.path}: recipe {recipe.name!r} does not fit this stack's shapes "
                              f"(network input {preprocessor.output_shape}, targets {stack.device.target.shape}): {err}") from None
@@ -202,10 +201,8 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     if recipe.model.kind == "linear":
         architecture, state, fit_info = linear.spec, linear.state_dict(), {"linear_fit": linear_report}
     else:
-        m = recipe.model
-        architecture = UNetConfig(in_shape=preprocessor.output_shape, out_shape=device.target.shape, out_channels=len(depths),
-                                  widths=m.widths, norm=m.norm, residual=m.residual, input_stage=m.input_stage,
-                                  output=m.output, downscale=m.downscale, linear=spec if linear_needed else None)
+        architecture = recipe.model.unet_config(preprocessor.output_shape, device.target.shape, len(depths),
+                                                linear=spec if linear_needed else None)
         net = build_model(architecture)
         if linear_needed:
             net.linear.load_state_dict(linear.state_dict())
@@ -227,6 +224,11 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     for x, y in iterate_pairs(data, split[test_part], preprocessor):
         scores.update(torch.from_numpy(reconstructor.run_preprocessed(x.numpy())), y)
     bundle.metrics = {f"{test_part}_split": scores.result(depths)}
+    # the forward-consistency model: every frame this bundle reconstructs gets a trust score
+    t = time.perf_counter()
+    bundle.consistency = fit_consistency(bundle, data, split)
+    log(f"forward-consistency model: held-out score median {bundle.consistency.quantiles['0.5']:.3g}, frame threshold "
+        f"{bundle.consistency.threshold:.3g} ({time.perf_counter() - t:.1f} s)")
     bundle.training = {"recipe": recipe.model_dump(mode="json"), "data": {"file": data.name, "sha256": file_sha256(data),
                        "pairs": n, "provenance": provenance}, "seconds": round(time.perf_counter() - started, 1),
                        "versions": versions(), **fit_info}
@@ -272,11 +274,11 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=t.precision,
         max_epochs=max_epochs, max_steps=total_steps,
-        _check_checkpoint(resume)
         max_time={"minutes": o.max_minutes} if o.max_minutes else None, callbacks=callbacks, logger=_loggers(work),
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=20, deterministic=False, **val_every)
     resume = last if last.exists() else None
     if resume:
+        _check_checkpoint(resume)
         log(f"resuming from {resume}")
     t0 = time.perf_counter()
     try:
@@ -294,6 +296,10 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     if checkpoint.best_model_score is None or final < float(checkpoint.best_model_score):
         weights = {k: v.detach().clone().contiguous() for k, v in module.net.state_dict().items()}
         log(f"final weights (val_loss {final:.4f}) beat the best checkpoint; keeping them")
+    info = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
+            "fit_seconds": round(time.perf_counter() - t0, 1), "best_val_loss": float(checkpoint.best_model_score or float("nan")),
+            "work_folder": str(work), "stopped_early": bool(trainer.should_stop and trainer.global_step < total_steps)}
+    return weights, info
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -318,7 +324,3 @@ def _restore_sigint() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    info = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
-            "fit_seconds": round(time.perf_counter() - t0, 1), "best_val_loss": float(checkpoint.best_model_score or float("nan")),
-            "work_folder": str(work), "stopped_early": bool(trainer.should_stop and trainer.global_step < total_steps)}
-    return weights, info

@@ -50,6 +50,18 @@ def typical_frames(device: CannulaDevice | WindowDevice, planes_um: Sequence[flo
     return simulator.frames(volumes, rng)
 
 
+def move_on_sensor(raw: np.ndarray, pixel_size_um: float, shift_um: float = 0.0, rotation_deg: float = 0.0) -> np.ndarray:
+    """(N, H, W) uint16 frames as the camera sees them after the cannula's image moved on the sensor by
+    ``shift_um`` (along x) and rotated by ``rotation_deg`` about the centre (bilinear, edges reflected)."""
+    import cv2
+
+    h, w = raw.shape[1:]
+    matrix = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), rotation_deg, 1.0)
+    matrix[0, 2] += shift_um / pixel_size_um
+    moved = [cv2.warpAffine(f.astype(np.float32), matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT) for f in raw]
+    return np.clip(np.rint(moved), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
 def photon_scale(device: CannulaDevice | WindowDevice) -> float:
     """Photo-electrons per unit of forward-model output, from the device's photon budget.
 

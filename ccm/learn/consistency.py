@@ -1,0 +1,130 @@
+"""Fit a bundle's forward-consistency model from calibration pairs (:mod:`ccm.infer.consistency`).
+
+1. The forward operator, target volume (N, D, h, w) → preprocessed frame (N, 1, H', W'), by the
+   linear baseline's ridge regression run the other way (:func:`ccm.infer.linear.fit_linear_inverse`
+   with the roles of frames and targets swapped): polar-Fourier blocks for a cannula, dense pixels
+   for a window. Training pairs fit it, validation pairs choose its regularisation.
+2. The noise model from the device's sensor and the bundle's preprocessing.
+3. The calibrated range: the scores of the bundle's own reconstructions of held-out pairs (the
+   stack's test split, or the pairs given), whose quantiles the bundle stores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ccm.infer.bundle import Bundle
+from ccm.infer.consistency import QUANTILES, ConsistencyModel, NoiseModel
+from ccm.infer.linear import LinearFit, LinearSpec, fit_linear_inverse
+from ccm.infer.reconstruct import Reconstructor
+from ccm.learn.data import iterate_pairs
+from ccm.physics.simulate import move_on_sensor
+
+
+def forward_spec(bundle: Bundle, fit: LinearFit) -> LinearSpec:
+    """The shape of the forward operator for ``bundle``'s preprocessing and target grid."""
+    preprocessor, device = bundle.preprocessor(), bundle.device
+    h, w = device.target.shape
+    target_circle = (h / 2, w / 2, device.field_radius_px if device.rotation_symmetric else float(max(h, w)))
+    in_shape = preprocessor.output_shape
+    aperture_circle = preprocessor.aperture_circle()
+    depth = len(bundle.depths_um)
+    if not device.rotation_symmetric:
+        aperture_circle = (in_shape[0] / 2, in_shape[1] / 2, float(max(in_shape)))
+        return LinearSpec(basis="pixels", in_shape=(h, w), out_shape=in_shape, in_channels=depth, out_channels=1,
+                          input_circle=target_circle, target_circle=aperture_circle, clip=False)
+    n_in = fit.n_rings_target or max(2, int(round(target_circle[2])))
+    n_out = fit.n_rings_input or max(2, int(round(aperture_circle[2])))
+    n_angles = 4 * max(n_in, n_out)
+    return LinearSpec(basis="polar", in_shape=(h, w), out_shape=in_shape, in_channels=depth, out_channels=1,
+                      input_circle=target_circle, target_circle=aperture_circle, n_rings_input=n_in, n_rings_target=n_out,
+                      n_angles=n_angles, max_frequency=n_angles // 2, clip=False)
+
+
+def _swapped(pairs):
+    for x, y in pairs:
+        yield y, x
+
+
+def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarray], fit: LinearFit | None = None,
+                    max_calibration_frames: int = 2000) -> ConsistencyModel:
+    """Fit the forward-consistency model of ``bundle`` on the calibration stack ``data``.
+
+    ``split``: index arrays ``train`` (fits the operator), ``val`` (its regularisation) and ``test``
+    (held-out pairs whose reconstructions give the calibrated range; ``val`` if ``test`` is empty).
+    """
+    fit = fit or LinearFit(max_frames=20000)
+    preprocessor, device = bundle.preprocessor(), bundle.device
+    spec = forward_spec(bundle, fit)
+    forward, report = fit_linear_inverse(spec, fit, _swapped(iterate_pairs(Path(data), split["train"], preprocessor)),
+                                         _swapped(iterate_pairs(Path(data), split["val"], preprocessor)))
+    aperture = preprocessor.aperture_circle()
+    hh, ww = preprocessor.output_shape
+    yy, xx = np.mgrid[0:hh, 0:ww] + 0.5
+    mask = (np.hypot(yy - aperture[0], xx - aperture[1]) <= aperture[2]).astype(np.float32) if device.rotation_symmetric \
+        else np.ones((hh, ww), np.float32)
+    noise = NoiseModel.from_preprocessing(device.sensor, preprocessor.config.scale_adu, device.sensor.shape, (hh, ww))
+    model = ConsistencyModel(forward, noise, mask, {"0.999": float("inf")})
+    held_out = split["test"] if len(split.get("test", [])) else split["val"]
+    held_out = held_out[:max_calibration_frames]
+    reconstructor = Reconstructor(bundle)
+    scores = []
+    for x, _ in iterate_pairs(Path(data), held_out, preprocessor):
+        xs = x.numpy()
+        scores.append(model.score(xs, reconstructor.run_preprocessed(xs)))
+    scores = np.concatenate(scores)
+    model.quantiles = {str(q): float(np.quantile(scores, q)) for q in QUANTILES}
+    model.report = {"forward_fit": {k: report[k] for k in ("pairs", "validation_pairs", "basis")},
+                    "held_out_frames": int(len(scores)), "held_out_flagged_fraction": float(model.flags(scores).mean()),
+                    "score_mean": float(scores.mean())}
+    return model
+
+
+def forward_relative_error(model: ConsistencyModel, volumes: torch.Tensor, frames: torch.Tensor) -> float:
+    """‖F(v) − x‖ / ‖x‖ over the aperture for noise-free pairs: how well the fitted operator recovers the device's."""
+    with torch.inference_mode():
+        predicted = model.forward(volumes.float()) * model.aperture
+        target = frames.float() * model.aperture
+    return float((predicted - target).norm() / target.norm())
+
+
+SHIFTS_UM = (2.0, 5.0, 10.0)
+ROTATIONS_DEG = (1.0, 2.0, 5.0)
+
+
+def drift_report(bundle: Bundle, raw: np.ndarray, others: dict[str, np.ndarray] | None = None,
+                 shifts_um: tuple[float, ...] = SHIFTS_UM, rotations_deg: tuple[float, ...] = ROTATIONS_DEG) -> dict:
+    """How well the score separates ``raw`` (N, H, W) in-distribution frames from the same frames after
+    the device moved (``shifts_um`` on the sensor, ``rotations_deg`` about its centre) and from ``others`` (name → frames, e.g.
+    scene classes the bundle never saw): ROC AUC, median score and the fraction flagged, per case."""
+    from ccm.infer.consistency import roc_auc
+
+    model = bundle.consistency
+    if model is None:
+        raise ValueError(f"{bundle.label} has no forward-consistency model (add one with `ccm consistency`)")
+    reconstructor, preprocessor = Reconstructor(bundle), bundle.preprocessor()
+
+    def scores(frames: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(frames), 64):
+            x = preprocessor(frames[start:start + 64])
+            out.append(model.score(x, reconstructor.run_preprocessed(x)))
+        return np.concatenate(out)
+
+    base = scores(raw)
+    pixel = bundle.device.sensor.pixel_size_um
+    cases = {f"shift {s:g} µm": move_on_sensor(raw, pixel, shift_um=s) for s in shifts_um}
+    cases |= {f"rotation {r:g}°": move_on_sensor(raw, pixel, rotation_deg=r) for r in rotations_deg}
+    cases |= others or {}
+    report = {"in_distribution": {"frames": len(base), "median": float(np.median(base)),
+                                  "flagged_fraction": float(model.flags(base).mean())},
+              "threshold": model.threshold, "alarm_level": model.alarm_level, "cases": {}}
+    for name, frames in cases.items():
+        s = scores(frames)
+        report["cases"][name] = {"frames": len(s), "auc": roc_auc(base, s), "median": float(np.median(s)),
+                                 "flagged_fraction": float(model.flags(s).mean()),
+                                 "window_median_alarm": bool(np.median(s) > model.alarm_level)}
+    return report
