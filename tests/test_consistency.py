@@ -101,3 +101,21 @@ def test_live_alarm_fires_after_the_cannula_moves_and_not_before(scored):
         stats = pipeline.stop()
     assert quiet > 100 and stats.alarms == 1
     assert counts["fired_at"] - counts["moved_at"] <= 200  # within 1 s of camera frames (200 frames/s)
+
+
+@pytest.mark.parametrize("suffix", [".ome.tif", ".h5"])
+def test_reconstruct_writes_a_score_per_frame(scored, tmp_path, suffix):
+    import tifffile
+
+    from ccm.io.volume_writer import read_scores
+
+    bundle, _, _, held_out = scored
+    tifffile.imwrite(tmp_path / "in.tif", held_out[:20])
+    out = tmp_path / f"out{suffix}"
+    ccm.reconstruct_recording(tmp_path / "in.tif", bundle, out, batch_size=8, progress=False)
+    scores = read_scores(out)
+    x = bundle.preprocessor()(held_out[:20])
+    expected = bundle.consistency.score(x, ccm.Reconstructor(bundle).run_preprocessed(x))
+    np.testing.assert_allclose(scores, expected, rtol=1e-3)
+    if suffix == ".ome.tif":
+        assert tifffile.imread(out).shape == (20, 24, 24)  # the annotation leaves the image readable

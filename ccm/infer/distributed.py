@@ -44,7 +44,10 @@ class PredictModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         positions, x = batch
-        return np.asarray(positions), self.reconstructor.run_preprocessed(np.asarray(x))
+        x = np.asarray(x)
+        volumes = self.reconstructor.run_preprocessed(x)
+        consistency = self.bundle.consistency
+        return np.asarray(positions), volumes, consistency.score(x, volumes) if consistency is not None else None
 
 
 class WriterCallback(BasePredictionWriter):
@@ -68,8 +71,8 @@ class WriterCallback(BasePredictionWriter):
                             dynamic_ncols=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        positions, volumes = prediction
-        self.background.put((positions, volumes))
+        positions = prediction[0]
+        self.background.put(prediction)
         if self.bar is not None:
             self.bar.update(len(positions) * trainer.world_size)
 

@@ -11,7 +11,10 @@ refused rather than mixed in.
 
 Layout: axes = the recording's kept extra axes + ``ZYX`` (e.g. ``TZYX``), physical sizes in µm,
 depth planes as Z; the source's metadata and the bundle's description are carried as JSON (OME
-``Description``; HDF5 attributes).
+``Description``; HDF5 attributes). A per-frame forward-consistency score (when the bundle has a
+consistency model) goes into the HDF5 dataset ``consistency_score`` (shape of the extra axes) or an
+OME ``MapAnnotation`` (key ``ccm.consistency_score``: a JSON list in position order) — recorded in the
+progress folder with each durability point, so a resumed run keeps the scores of the frames it skips.
 """
 
 from __future__ import annotations
@@ -178,7 +181,9 @@ class VolumeWriter:
     def __init__(self, spec: OutputSpec, rank: int = 0):
         self.spec = spec
         self._pending: list[tuple[int, int]] = []
+        self._scores: list[tuple[int, float]] = []
         self._progress = open(spec.progress_dir / f"rank{rank}.txt", "a")
+        self._score_file = open(spec.progress_dir / f"scores-rank{rank}.txt", "a")
         d, h, w = spec.volume_shape
         self._volume_bytes = d * h * w * np.dtype(spec.dtype).itemsize
         if spec.format == "hdf5":
@@ -197,8 +202,11 @@ class VolumeWriter:
             self._fd = os.open(spec.tmp, os.O_WRONLY)
             self._h5 = None
 
-    def write(self, positions: np.ndarray, volumes: np.ndarray) -> None:
-        """positions (n,) int64 output positions (C-order flat over ``spec.shape``); volumes (n, D, h, w) float32."""
+    def write(self, positions: np.ndarray, volumes: np.ndarray, scores: np.ndarray | None = None) -> None:
+        """positions (n,) int64 output positions (C-order flat over ``spec.shape``); volumes (n, D, h, w) float32;
+        scores (n,) float32 forward-consistency scores, if any."""
+        if scores is not None:
+            self._scores.extend(zip(np.asarray(positions).tolist(), np.asarray(scores, np.float64).tolist()))
         data = _as_dtype(volumes, self.spec.dtype)
         if self._h5 is not None:
             ensure_room(self.spec.tmp, data.nbytes)  # HDF5 does not survive a failed write: stop while the file is whole
@@ -227,6 +235,11 @@ class VolumeWriter:
                 datasync(self._fd)
             else:
                 self._h5.flush()
+            if self._scores:  # before the positions: a position recorded as done always has its score
+                self._score_file.write("".join(f"{p} {s!r}\n" for p, s in self._scores))
+                self._score_file.flush()
+                os.fsync(self._score_file.fileno())
+                self._scores.clear()
             self._progress.write("".join(f"{a} {b}\n" for a, b in self._pending))
             self._progress.flush()
             os.fsync(self._progress.fileno())
@@ -253,12 +266,82 @@ class VolumeWriter:
                 self._h5.close()
                 self._h5 = None
             self._progress.close()
+            self._score_file.close()
+
+
+def written_scores(spec: OutputSpec) -> np.ndarray | None:
+    """(n,) float32 consistency scores recorded by every process (NaN where none), or None if there are none."""
+    scores = np.full(spec.n, np.nan, np.float32)
+    found = False
+    for path in spec.progress_dir.glob("scores-rank*.txt"):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:  # a torn last line is ignored (its frame is redone)
+                try:
+                    scores[int(parts[0])] = float(parts[1])
+                    found = True
+                except (ValueError, IndexError):
+                    continue
+    return scores if found else None
+
+
+def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
+    """Put the per-frame scores into the finished partial output (HDF5 dataset / OME MapAnnotation)."""
+    if spec.format == "hdf5":
+        import h5py
+
+        with h5py.File(spec.tmp, "r+") as f:
+            ds = f.create_dataset("consistency_score", data=scores.reshape(spec.shape))
+            ds.attrs["meaning"] = ("forward-consistency score per frame (ccm.infer.consistency): the 99th percentile of the "
+                                   "squared residual against the camera noise; compare with the bundle's threshold")
+        return
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    ns = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+    with tifffile.TiffFile(spec.tmp) as tif:
+        xml = tif.pages[0].description
+    ET.register_namespace("", ns)
+    root = ET.fromstring(xml)
+    annotations = root.find(f"{{{ns}}}StructuredAnnotations")
+    if annotations is None:
+        annotations = ET.SubElement(root, f"{{{ns}}}StructuredAnnotations")
+    annotation = ET.SubElement(annotations, f"{{{ns}}}MapAnnotation", ID=f"Annotation:{len(annotations)}",
+                               Namespace="ccm.consistency_score")
+    values = ET.SubElement(annotation, f"{{{ns}}}Value")
+    entry = ET.SubElement(values, f"{{{ns}}}M", K="ccm.consistency_score")
+    entry.text = json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])
+    image = root.find(f"{{{ns}}}Image")
+    if image is not None:
+        ET.SubElement(image, f"{{{ns}}}AnnotationRef", ID=annotation.get("ID"))
+    tifffile.tiffcomment(spec.tmp, ET.tostring(root, encoding="unicode").encode())
+
+
+def read_scores(path: str | os.PathLike) -> np.ndarray | None:
+    """The per-frame consistency scores a finished ``ccm reconstruct`` output holds (None if it has none)."""
+    path = Path(path)
+    if path.suffix in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return f["consistency_score"][()] if "consistency_score" in f else None
+    import re
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        match = re.search(r'K="ccm\.consistency_score">([^<]*)<', tif.pages[0].description or "")
+    return np.array([np.nan if v is None else v for v in json.loads(match.group(1))], np.float32) if match else None
 
 
 def finish(spec: OutputSpec) -> bool:
     """Rename the partial output to its destination if every position is written; returns whether it was."""
     if not written_positions(spec).all():
         return False
+    scores = written_scores(spec)
+    if scores is not None:
+        _store_scores(spec, scores)
     os.replace(spec.tmp, spec.path)
     shutil.rmtree(spec.progress_dir, ignore_errors=True)
     return True
