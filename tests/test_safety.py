@@ -105,6 +105,20 @@ def test_wrong_pixel_types_are_refused_in_one_line(tiny, tmp_path, capsys, dtype
     assert not (tmp_path / "o.h5").exists() and not partial_path(tmp_path / "o.h5").exists()
 
 
+def test_an_8_bit_camera_stops_the_live_pipeline_naming_the_pixel_type(tiny, tiny_cannula):
+    from ccm.acquire.pipeline import LivePipeline
+    from ccm.acquire.source import SimulatedSource
+
+    source = SimulatedSource(tiny_cannula, fps=100)
+    twelve_bit = source.camera.frame
+    source.camera.frame = lambda t: (twelve_bit(t) >> 4).astype(np.uint8)  # an 8-bit camera where a 12-bit one belongs
+    pipeline = LivePipeline(source, Reconstructor(tiny[0], batch_size=1))
+    pipeline.start()
+    assert pipeline.wait(60) is False  # stopped on the first frame's error
+    pipeline.stop()
+    assert isinstance(pipeline.error, FrameError) and "pixel type uint8" in str(pipeline.error)
+
+
 def test_values_beyond_the_bit_depth_are_refused(tiny):
     bundle, raw, _ = tiny
     frames = raw[:2].copy()

@@ -160,6 +160,8 @@ class Recording:
             raise IndexError(f"frames {start}:{stop} outside the {self.n} frames of {self.description}")
         try:
             return self._read(start, stop)
+        except MemoryError:
+            raise
         except Exception as err:  # a damaged file can make a reader library fail in any way; --debug shows where
             raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err or type(err).__name__}") from err
 
@@ -334,6 +336,8 @@ def _tiff(path: Path, series: int, salvage: bool = False) -> Recording:
         raise
     except tifffile.TiffFileError as err:
         raise RecordingError(f"{path}: not a readable TIFF file ({err})") from err
+    except MemoryError:
+        raise
     except Exception as err:  # tifffile parsing a damaged file can fail in any way (TypeError, ZeroDivisionError, …)
         raise RecordingError(f"{path}: not a readable TIFF file ({type(err).__name__}: {err})") from err
     if problems or readable < claimed:
