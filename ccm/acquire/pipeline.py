@@ -113,6 +113,7 @@ class LiveRecorder:
         f.attrs["complete"] = False
         self._queue: queue.Queue = queue.Queue(maxsize=1024)
         self._broken = False
+        self._unflushed = 0
         self._t0: float | None = None
         self.error: BaseException | None = None
         self.written = 0
@@ -144,7 +145,9 @@ class LiveRecorder:
                 self.error = err
 
     def _write(self, frames: list[Frame], volumes: np.ndarray) -> None:
-        ensure_room(self.tmp, sum(f.image.nbytes for f in frames) + np.asarray(volumes).nbytes + 20 * len(frames))
+        nbytes = sum(f.image.nbytes for f in frames) + np.asarray(volumes).nbytes + 20 * len(frames)
+        ensure_room(self.tmp, self._unflushed + nbytes)  # what HDF5 still holds in memory lands on the next flush
+        self._unflushed += nbytes
         try:
             self._append(frames, volumes)
         except (OSError, RuntimeError) as err:  # h5py reports a failed write as either
@@ -167,6 +170,7 @@ class LiveRecorder:
     def _flush(self) -> None:
         self._file.attrs["frames_written"] = self.written
         self._file.flush()
+        self._unflushed = 0
 
     def close(self, stop_reason: str = "stopped") -> None:
         """Write what is queued, record why the recording ended (``stop_reason``) and close the file."""

@@ -181,6 +181,7 @@ class VolumeWriter:
     def __init__(self, spec: OutputSpec, rank: int = 0):
         self.spec = spec
         self._pending: list[tuple[int, int]] = []
+        self._unsynced = 0
         self._scores: list[tuple[int, float]] = []
         self._progress = open(spec.progress_dir / f"rank{rank}.txt", "a")
         self._score_file = open(spec.progress_dir / f"scores-rank{rank}.txt", "a")
@@ -208,8 +209,9 @@ class VolumeWriter:
         if scores is not None:
             self._scores.extend(zip(np.asarray(positions).tolist(), np.asarray(scores, np.float64).tolist()))
         data = _as_dtype(volumes, self.spec.dtype)
-        if self._h5 is not None:
-            ensure_room(self.spec.tmp, data.nbytes)  # HDF5 does not survive a failed write: stop while the file is whole
+        if self._h5 is not None:  # HDF5 does not survive a failed write: stop while the file is whole
+            ensure_room(self.spec.tmp, self._unsynced + data.nbytes)  # HDF5's cache reaches the disk at the next sync
+            self._unsynced += data.nbytes
         try:
             for first, start, stop in _runs(np.asarray(positions)):
                 block = data[first:first + stop - start]
@@ -235,6 +237,7 @@ class VolumeWriter:
                 datasync(self._fd)
             else:
                 self._h5.flush()
+                self._unsynced = 0
             if self._scores:  # before the positions: a position recorded as done always has its score
                 self._score_file.write("".join(f"{p} {s!r}\n" for p, s in self._scores))
                 self._score_file.flush()
