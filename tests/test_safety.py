@@ -310,6 +310,17 @@ def test_reconstruct_to_hdf5_on_a_full_disk_stops_cleanly_and_resumes(tiny, tmp_
     np.testing.assert_allclose(_volumes(tmp_path / "o.h5"), Reconstructor(bundle)(frames), atol=1e-5)
 
 
+def test_live_record_on_a_full_disk_stops_cleanly(tiny, tmp_path, device_file):
+    run = _limited(400_000, "live", "--device", device_file, "--bundle", tiny[0].path, "--seconds", "60", "--fps", "100",
+                   "--backend", "torch", "--record", tmp_path / "rec.h5", "--json")
+    assert run.returncode == 2, run.stderr  # not a crash on HDF5's delayed flush
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ccm live: error: live stopped:") and ".rec.h5.partial: no room to write more" in last
+    assert not (tmp_path / "rec.h5").exists()
+    with h5py.File(partial_path(tmp_path / "rec.h5")) as f:  # what was flushed is readable
+        assert 0 < f.attrs["frames_written"] == len(f["raw"]) and "no room" in f.attrs["stop_reason"]
+
+
 # --- 6. errors after the first chunk: the same one line, exit 2 ---------------------------------------
 
 def test_a_bad_frame_after_the_first_chunk_is_one_line(tiny, tmp_path, capsys):

@@ -311,8 +311,15 @@ class LivePipeline:
         with self._lock:
             recorder, self.recorder = self.recorder, None
         if recorder is not None:
-            recorder.close(reason)
-            self._recorded_before += recorder.written
+            try:
+                recorder.close(reason)
+            except BaseException as err:  # the recorder failed (a full disk): the pipeline's error, raised to a caller
+                if self.error is None:
+                    self.error = err
+                if threading.current_thread().name != "ccm-live-stop":
+                    raise
+            finally:
+                self._recorded_before += recorder.written
 
     # --- consumers -------------------------------------------------------------------------------
 
