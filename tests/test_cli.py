@@ -102,6 +102,20 @@ def test_bad_scene_file_stops_before_any_output(tmp_path, tiny_device_file, caps
     assert not out.exists() and not (tmp_path / ".s.h5.partial").exists()
 
 
+def test_scene_files_alone_are_the_only_scenes(tmp_path, tiny_device_file):
+    """--scene-files without --scenes simulates only the user's images (no default class mixed in)."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.zeros((16, 16), np.float32))
+    out = tmp_path / "s.h5"
+    assert main(["simulate", "--device", str(tiny_device_file), "--scene-files", str(blank), "--n", "6", "-o", str(out),
+                 "--no-progress"]) == 0
+    with h5py.File(out) as f:
+        assert f["target"][:].max() == 0  # every scene is the blank image: no neurons drawn
+
+
 def test_failure_inside_the_scene_worker_keeps_its_type(tmp_path, tiny_cannula, monkeypatch):
     import ccm.physics.scene_worker
     from ccm.physics.simulate import simulate_stack

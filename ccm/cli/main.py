@@ -43,17 +43,20 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             raise UsageError(f"{path}: no part {args.part!r}; it defines {sorted(recipe.parts)}")
         part = recipe.parts[args.part]
         from_recipe = {"device": recipe.device, "planes": recipe.planes, "n": part.n, "seed": part.seed,
-                       "scenes": list(part.scenes or recipe.scenes), "brightness": part.brightness}
+                       "scenes": list(part.scenes or recipe.scenes), "brightness": part.brightness, "photons": part.photons}
         _fill_from_recipe(args, from_recipe, f"{path} (part {args.part})")
+    if args.scene_files and args.scenes is None:
+        args.scenes = []  # your own images alone: no default scene class mixed in
     _fill_defaults(args, SIMULATE_DEFAULTS)
     device = load_device(args.device)
     out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
                          seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv),
-                         brightness=args.brightness, overwrite=args.overwrite)
+                         brightness=args.brightness, overwrite=args.overwrite, photons=args.photons)
     print(f"wrote {out}")
 
 
-SIMULATE_DEFAULTS = {"device": "cannula-220um", "planes": "2d", "n": 1000, "seed": 0, "scenes": ["neurons"], "brightness": 1.0}
+SIMULATE_DEFAULTS = {"device": "cannula-220um", "planes": "2d", "n": 1000, "seed": 0, "scenes": ["neurons"], "brightness": 1.0,
+                     "photons": 1.0}
 
 
 def _fill_from_recipe(args: argparse.Namespace, values: dict, source: str) -> None:
@@ -157,6 +160,48 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs)
 
 
+def _cmd_classify_train(args: argparse.Namespace) -> None:
+    from ccm.infer.bundle import load_bundle
+    from ccm.learn.classify import train_classifier
+
+    if args.input == "reconstructed" and args.bundle is None:
+        raise UsageError("--input reconstructed needs --bundle: the bundle whose reconstructions the classifier learns from")
+    if args.input != "reconstructed" and args.bundle is not None:
+        print(f"ccm classify: note: --bundle is used only with --input reconstructed; ignored for --input {args.input}", file=sys.stderr)
+    bundle = load_bundle(args.bundle) if args.input == "reconstructed" else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    train_classifier(args.data, args.input, args.output, bundle=bundle, epochs=args.epochs, batch_size=args.batch_size,
+                     seed=args.seed, work=args.workdir, progress=not args.no_progress)
+
+
+def _cmd_classify_evaluate(args: argparse.Namespace) -> None:
+    from ccm.infer.bundle import load_bundle
+    from ccm.infer.classifier import load_classifier
+    from ccm.io.atomic import refuse_output_over_inputs
+    from ccm.learn.classify import comparison_figure, evaluate_classifier
+
+    refuse_output_over_inputs(args.output, [args.data, *args.classifier])
+    classifiers = [load_classifier(c) for c in args.classifier]
+    needs_bundle = any(c.input_kind == "reconstructed" for c in classifiers)
+    if needs_bundle and args.bundle is None:
+        raise UsageError("a classifier of reconstructions needs --bundle (the bundle it was trained with)")
+    bundle = load_bundle(args.bundle) if needs_bundle else None
+    reports = [evaluate_classifier(c, args.data, bundle if c.input_kind == "reconstructed" else None,
+                                   examples=4 if args.figure else 0) for c in classifiers]
+    if args.figure:
+        figure = comparison_figure(reports, args.figure, title=f"{Path(args.data).name}: held-out labelled pairs")
+    for report in reports:
+        report.pop("_images", None)
+        print(f"{report['classifier']}: {report['input']} input, accuracy {report['accuracy']:.3f}, ECE {report['ece']:.3f}, "
+              f"{report['ms_per_frame_cpu_1_thread']:.3f} ms/frame (CPU, 1 thread) on {report['pairs']} pairs of {report['data']}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
+    print(f"wrote {args.output}" + (f" and {figure}" if args.figure else ""))
+
+
 def _cmd_consistency(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -238,6 +283,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     selection = Selection.parse(args.select)
     outputs = _reconstruct_outputs(args)
     summaries = []
+    classifier = None
+    if args.classifier is not None:
+        from ccm.infer.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier)
     for source, output in zip(args.inputs, outputs):
         summary = reconstruct_recording(source, bundle, output, options, selection, dtype=args.dtype, batch_size=args.batch_size,
                                         num_workers=args.workers, devices=int(args.devices) if args.devices.isdigit() else args.devices,
@@ -245,6 +295,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
                                         strategy=args.strategy, restart=args.restart, overwrite=args.overwrite,
                                         progress=not args.no_progress and not args.json, series=args.series,
                                         convert_from=args.convert_from, salvage=args.salvage)
+        if classifier is not None:
+            from ccm.infer.classifier import classify_recording
+
+            classes = classify_recording(source, bundle, classifier, _classes_path(Path(summary["output"])), selection,
+                                         series=args.series, convert_from=args.convert_from, salvage=args.salvage)
+            summary["classes"] = str(classes)
+            if not args.json:
+                print(f"wrote {classes} (class and confidence per frame)")
         summaries.append(summary)
         if not args.json and "salvaged" in summary:
             s = summary["salvaged"]
@@ -256,6 +314,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
                   f"{summary['seconds']} s{rate})")
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
+
+
+def _classes_path(output: Path) -> Path:
+    """OUT.ome.tif / OUT.h5 → OUT.classes.csv beside it."""
+    import re
+
+    return output.with_name(re.sub(r"\.(?:ome\.tiff?|tiff?|h5|hdf5)$", "", output.name, flags=re.I) + ".classes.csv")
 
 
 def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
