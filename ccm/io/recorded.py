@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -44,9 +44,9 @@ def _natural_key(path: str) -> list:
 
 @dataclass
 class Recording:
-    """Frames of one recording; see the module docstring.
+    """Frames of one recording; see the module docstring. One subclass per format reads it:
+    :class:`TiffRecording`, :class:`TiffFolderRecording`, :class:`NDTiffRecording`, :class:`HDF5Recording`.
 
-    kind : ``tiff``, ``tiff-folder``, ``ndtiff`` or ``hdf5``.
     paths : the file(s) (for a folder, one per frame, in order).
     axes : one letter per extra axis (e.g. ``"TC"``); ``shape`` their sizes; frame ``i`` is the C-order
         flat index over them.
@@ -54,29 +54,20 @@ class Recording:
     metadata : JSON-able description of the source, carried into outputs.
     """
 
-    kind: str
+    kind: ClassVar[str] = ""
+    """``tiff``, ``tiff-folder``, ``ndtiff`` or ``hdf5``: recorded in resumable jobs' identities."""
+
     paths: list[str]
     axes: str
     shape: tuple[int, ...]
     frame_shape: tuple[int, int]
     dtype: np.dtype
     metadata: dict[str, Any] = field(default_factory=dict)
-    dataset: str | None = None
-    """HDF5: the dataset path; NDTiff: unused."""
-    series: int = 0
-    contiguous_offset: int | None = None
-    """TIFF: byte offset of frame 0 when the series is uncompressed and contiguous (read with pread)."""
-    byteorder: str = "="
-    """TIFF read with pread: the byte order of the data in the file (``<`` or ``>``; ``=`` native)."""
-    pages: bool = False
-    """TIFF: read page by page (a salvaged file whose series is broken) rather than through the series."""
-    ndtiff_axes: list[tuple[str, list]] = field(default_factory=list)
-    """NDTiff: (axis name, values) in the order of ``axes``."""
     _handle: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_handle"] = None
+        state["_handle"] = None  # handles do not travel to reader processes: each opens its own
         return state
 
     @property
@@ -85,39 +76,30 @@ class Recording:
 
     @property
     def description(self) -> str:
-        return self.paths[0] if len(self.paths) == 1 or self.kind != "tiff-folder" else f"{Path(self.paths[0]).parent}/ ({len(self.paths)} files)"
+        return self.paths[0]
+
+    def _identity_files(self) -> list[str]:
+        return self.paths
 
     def identity(self) -> dict:
         """What an interrupted job checks before resuming: the files, their sizes and modification times."""
-        files = self.paths if self.kind != "ndtiff" else sorted(glob.glob(os.path.join(self.paths[0], "*")))
+        files = self._identity_files()
         return {"kind": self.kind, "files": [(p, os.path.getsize(p), int(os.path.getmtime(p))) for p in files[:1000]],
-                "count": len(files), "axes": self.axes, "shape": list(self.shape), "dataset": self.dataset, "series": self.series}
+                "count": len(files), "axes": self.axes, "shape": list(self.shape), **self._identity_extra()}
 
-    def _open(self):
-        if self._handle is None:
-            if self.kind == "tiff":
-                import tifffile
+    def _identity_extra(self) -> dict:
+        return {"dataset": None, "series": 0}
 
-                self._handle = os.open(self.paths[0], os.O_RDONLY) if self.contiguous_offset is not None else tifffile.TiffFile(self.paths[0])
-            elif self.kind == "hdf5":
-                import h5py
-                import hdf5plugin  # noqa: F401  (registers the compression filters)
+    def _open(self) -> Any:
+        """The format's open handle (cached; reopened in each process)."""
+        raise NotImplementedError
 
-                self._handle = h5py.File(self.paths[0], "r")[self.dataset]
-            elif self.kind == "ndtiff":
-                from ndtiff import Dataset
-
-                self._handle = Dataset(self.paths[0])
-        return self._handle
+    def _close_handle(self, handle: Any) -> None:
+        handle.close()
 
     def close(self) -> None:
         if self._handle is not None:
-            if isinstance(self._handle, int):
-                os.close(self._handle)
-            elif self.kind == "hdf5":
-                self._handle.file.close()
-            else:
-                self._handle.close()
+            self._close_handle(self._handle)
             self._handle = None
 
     def timestamps_s(self, frames: np.ndarray) -> np.ndarray | None:
@@ -130,28 +112,7 @@ class Recording:
             return None  # timestamps are a courtesy: a recording without readable ones is still reconstructed
         return None if times is None else np.asarray(times, np.float64) - float(times[0])
 
-    def _timestamps(self, frames: np.ndarray):
-        if self.kind == "hdf5":
-            import h5py
-
-            with h5py.File(self.paths[0], "r") as f:
-                if "timestamp_s" in f and len(f["timestamp_s"]) == self.n:
-                    return f["timestamp_s"][()][frames]
-            return None
-        if self.kind == "ndtiff":
-            dataset, times = self._open(), []
-            for index in frames:
-                coords = {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(int(index), self.shape))}
-                times.append(float(dataset.read_metadata(**coords)["ElapsedTime-ms"]) / 1000)
-            return times
-        if self.kind == "tiff":
-            import tifffile
-
-            with tifffile.TiffFile(self.paths[0]) as tif:
-                if 51123 not in tif.pages.first.tags:  # MicroManagerMetadata, one JSON per frame
-                    return None
-                series = tif.series[self.series]
-                return [float(json.loads(series.pages[int(i)].tags[51123].value)["ElapsedTime-ms"]) / 1000 for i in frames]
+    def _timestamps(self, frames: np.ndarray) -> Any:
         return None
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -166,47 +127,164 @@ class Recording:
             raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err or type(err).__name__}") from err
 
     def _read(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class TiffRecording(Recording):
+    """A TIFF series (multi-page, BigTIFF, OME, ImageJ, Micro-Manager). Native-order, uncompressed,
+    contiguous data is read with positional reads at computed offsets; anything else through tifffile."""
+
+    kind: ClassVar[str] = "tiff"
+    series: int = 0
+    contiguous_offset: int | None = None
+    """Byte offset of frame 0 when the series is uncompressed and contiguous (read with pread)."""
+    byteorder: str = "="
+    """Read with pread: the byte order of the data in the file (``<`` or ``>``; ``=`` native)."""
+    pages: bool = False
+    """Read page by page (a salvaged file whose series is broken) rather than through the series."""
+
+    def _identity_extra(self) -> dict:
+        return {"dataset": None, "series": self.series}
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            import tifffile
+
+            self._handle = os.open(self.paths[0], os.O_RDONLY) if self.contiguous_offset is not None else tifffile.TiffFile(self.paths[0])
+        return self._handle
+
+    def _close_handle(self, handle: Any) -> None:
+        if isinstance(handle, int):
+            os.close(handle)
+        else:
+            handle.close()
+
+    def _timestamps(self, frames: np.ndarray) -> Any:
+        import tifffile
+
+        with tifffile.TiffFile(self.paths[0]) as tif:
+            if 51123 not in tif.pages.first.tags:  # MicroManagerMetadata, one JSON per frame
+                return None
+            series = tif.series[self.series]
+            return [float(json.loads(series.pages[int(i)].tags[51123].value)["ElapsedTime-ms"]) / 1000 for i in frames]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         h, w = self.frame_shape
-        if self.kind == "tiff" and self.contiguous_offset is not None:
+        if self.contiguous_offset is not None:
             size = h * w * self.dtype.itemsize
             buffer = pread(self._open(), size * (stop - start), self.contiguous_offset + start * size)
             if len(buffer) != size * (stop - start):
                 raise OSError(f"the file ends early (truncated?): {len(buffer)} of {size * (stop - start)} bytes")
             data = np.frombuffer(buffer, self.dtype.newbyteorder(self.byteorder)).reshape(stop - start, h, w)
             return data if self.byteorder == "=" else data.astype(self.dtype)
-        if self.kind == "tiff":
-            with tifffile_problems() as problems:
-                tif = self._open()
-                if self.pages:
-                    data = np.stack([tif.pages[i].asarray() for i in range(start, stop)])
-                else:
-                    data = tif.asarray(key=range(start, stop), series=self.series)
-            if problems:
-                raise OSError(f"tifffile: {problems[0]}")
-            return np.asarray(data, self.dtype).reshape(stop - start, h, w)
-        if self.kind == "tiff-folder":
-            import tifffile
+        with tifffile_problems() as problems:
+            tif = self._open()
+            if self.pages:
+                data = np.stack([tif.pages[i].asarray() for i in range(start, stop)])
+            else:
+                data = tif.asarray(key=range(start, stop), series=self.series)
+        if problems:
+            raise OSError(f"tifffile: {problems[0]}")
+        return np.asarray(data, self.dtype).reshape(stop - start, h, w)
 
-            frames = []
-            for path in self.paths[start:stop]:
-                frame = tifffile.imread(path)
-                if frame.shape != (h, w):
-                    raise RecordingError(f"{path}: a frame of shape {frame.shape}, expected {(h, w)} like the folder's first file")
-                frames.append(frame)
-            return np.stack(frames).astype(self.dtype, copy=False)
-        if self.kind == "hdf5":
-            dataset = self._open()
-            if len(self.shape) <= 1:
-                return dataset[start:stop].reshape(stop - start, h, w)
-            return np.stack([dataset[np.unravel_index(i, self.shape)] for i in range(start, stop)])
+
+@dataclass
+class TiffFolderRecording(Recording):
+    """A folder or glob of single-frame TIFFs, in natural order (``f2`` before ``f10``)."""
+
+    kind: ClassVar[str] = "tiff-folder"
+
+    @property
+    def description(self) -> str:
+        return self.paths[0] if len(self.paths) == 1 else f"{Path(self.paths[0]).parent}/ ({len(self.paths)} files)"
+
+    def close(self) -> None:
+        return None  # each frame's file is opened and closed as it is read
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        import tifffile
+
+        h, w = self.frame_shape
+        frames = []
+        for path in self.paths[start:stop]:
+            frame = tifffile.imread(path)
+            if frame.shape != (h, w):
+                raise RecordingError(f"{path}: a frame of shape {frame.shape}, expected {(h, w)} like the folder's first file")
+            frames.append(frame)
+        return np.stack(frames).astype(self.dtype, copy=False)
+
+
+@dataclass
+class NDTiffRecording(Recording):
+    """An NDTiff dataset as pycromanager writes it; ``ndtiff_axes``: (axis name, values) in the order of ``axes``."""
+
+    kind: ClassVar[str] = "ndtiff"
+    ndtiff_axes: list[tuple[str, list]] = field(default_factory=list)
+
+    def _identity_files(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.paths[0], "*")))
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            from ndtiff import Dataset
+
+            self._handle = Dataset(self.paths[0])
+        return self._handle
+
+    def _coords(self, index: int) -> dict:
+        return {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(int(index), self.shape))}
+
+    def _timestamps(self, frames: np.ndarray) -> Any:
+        dataset = self._open()
+        return [float(dataset.read_metadata(**self._coords(index))["ElapsedTime-ms"]) / 1000 for index in frames]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         dataset = self._open()
         frames = []
         for index in range(start, stop):
-            coords = {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(index, self.shape))}
+            coords = self._coords(index)
             if not dataset.has_image(**coords):
                 raise RecordingError(f"{self.paths[0]}: no image at {coords} (an incomplete acquisition?)")
             frames.append(dataset.read_image(**coords))
         return np.stack(frames)
+
+
+@dataclass
+class HDF5Recording(Recording):
+    """A dataset of an HDF5 file (a ccm stack's ``raw``, a live recording, or ``file.h5:/path``)."""
+
+    kind: ClassVar[str] = "hdf5"
+    dataset: str | None = None
+
+    def _identity_extra(self) -> dict:
+        return {"dataset": self.dataset, "series": 0}
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            import h5py
+            import hdf5plugin  # noqa: F401  (registers the compression filters)
+
+            self._handle = h5py.File(self.paths[0], "r")[self.dataset]
+        return self._handle
+
+    def _close_handle(self, handle: Any) -> None:
+        handle.file.close()
+
+    def _timestamps(self, frames: np.ndarray) -> Any:
+        import h5py
+
+        with h5py.File(self.paths[0], "r") as f:
+            if "timestamp_s" in f and len(f["timestamp_s"]) == self.n:
+                return f["timestamp_s"][()][frames]
+        return None
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        h, w = self.frame_shape
+        dataset = self._open()
+        if len(self.shape) <= 1:
+            return dataset[start:stop].reshape(stop - start, h, w)
+        return np.stack([dataset[np.unravel_index(i, self.shape)] for i in range(start, stop)])
 
 
 class _TifffileLog(logging.Handler):
@@ -348,11 +426,11 @@ def _tiff(path: Path, series: int, salvage: bool = False) -> Recording:
                                  + (" — pass --salvage to reconstruct exactly those" if readable else ""))
         meta["salvaged"] = {"readable": int(readable), "claimed": int(claimed), "problem": why}
         if contiguous is not None:
-            return Recording("tiff", [str(path)], "T", (readable,), frame_shape, dtype, meta, series=series,
+            return TiffRecording([str(path)], "T", (readable,), frame_shape, dtype, meta, series=series,
                              contiguous_offset=contiguous, byteorder="=" if native else tif.byteorder)
-        return Recording("tiff", [str(path)], "T", (readable,), frame_shape, dtype, meta, series=series, pages=True)
+        return TiffRecording([str(path)], "T", (readable,), frame_shape, dtype, meta, series=series, pages=True)
     extra = axes[:-2].replace("Q", "T").replace("I", "T")  # unnamed leading axes are frames in time
-    return Recording("tiff", [str(path)], extra, shape[:-2], frame_shape, dtype, meta, series=series,
+    return TiffRecording([str(path)], extra, shape[:-2], frame_shape, dtype, meta, series=series,
                      contiguous_offset=offset)
 
 
@@ -369,7 +447,7 @@ def _folder(paths: list[str], source: str) -> Recording:
     if first.ndim != 2:
         raise RecordingError(f"{paths[0]}: a folder of TIFFs should hold one (H, W) frame per file, found shape {first.shape}")
     meta = {"format": "tiff-folder", "folder": source, "files": len(paths), "first": paths[0], "last": paths[-1]}
-    return Recording("tiff-folder", paths, "T", (len(paths),), first.shape, first.dtype, meta)
+    return TiffFolderRecording(paths, "T", (len(paths),), first.shape, first.dtype, meta)
 
 
 def _ndtiff(path: Path) -> Recording:
@@ -387,7 +465,7 @@ def _ndtiff(path: Path) -> Recording:
         dataset.close()
     letters = "".join(NDTIFF_AXES.get(name, name[:1].upper()) for name, _ in axes)
     meta = {"format": "ndtiff", "folder": str(path), "axes": {n: [str(v) for v in vals] for n, vals in axes}, "summary": summary}
-    return Recording("ndtiff", [str(path)], letters, tuple(len(v) for _, v in axes), image.shape, image.dtype, meta,
+    return NDTiffRecording([str(path)], letters, tuple(len(v) for _, v in axes), image.shape, image.dtype, meta,
                      ndtiff_axes=axes)
 
 
@@ -419,7 +497,7 @@ def _hdf5(path: Path, dataset: str | None) -> Recording:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:  # h5py reports damaged files as any of these
         raise RecordingError(f"{path}: not a readable HDF5 file ({err})") from err
-    return Recording("hdf5", [str(path)], str(axes), shape[:-2], shape[-2:], np.dtype(dtype), meta, dataset=dataset)
+    return HDF5Recording([str(path)], str(axes), shape[:-2], shape[-2:], np.dtype(dtype), meta, dataset=dataset)
 
 
 def _jsonable(value: Any) -> Any:
