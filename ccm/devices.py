@@ -146,6 +146,9 @@ class _DeviceBase(_Strict):
     inverse then works in a polar-Fourier basis."""
     typical_scene: ClassVar[str] = "neurons"
     """The scene class that "a typical scene" means for this kind of device (checks, calibration)."""
+    images_depth: ClassVar[bool] = False
+    """Whether light from several depths reaches the sensor distinguishably (a cannula in tissue);
+    False for a flat scene at one distance (the window's display)."""
 
     @property
     def sensor_aperture_diameter_um(self) -> float:
@@ -174,6 +177,7 @@ class CannulaDevice(_DeviceBase):
 
     rotation_symmetric: ClassVar[bool] = True
     typical_scene: ClassVar[str] = "neurons"
+    images_depth: ClassVar[bool] = True
 
     @property
     def sensor_aperture_diameter_um(self) -> float:

@@ -46,7 +46,7 @@ def psf_figure(device: CannulaDevice | WindowDevice, path: Path, positions_um: l
     Each panel is shown with a square-root stretch. Cannula panels are titled with the power
     reaching the sensor (fraction of the emitted power), so the depth dependence can be read off.
     """
-    if isinstance(device, WindowDevice):
+    if not device.images_depth:  # a flat scene: one distance, positions across the display
         depths_um = [device.target.depth_2d_um]
         half = device.target.shape[1] * device.target.pixel_size_um / 2
         positions_um = positions_um or [-0.6 * half, -0.2 * half, 0.2 * half, 0.6 * half]
@@ -60,9 +60,9 @@ def psf_figure(device: CannulaDevice | WindowDevice, path: Path, positions_um: l
         for j, x in enumerate(positions_um):
             pattern = model(_point_volume(device, len(depths_um), i, x, 0.0))[0]
             ax = axes[i, j]
-            ax.imshow(np.sqrt(np.clip(pattern, 0, None)), cmap="magma", aspect="auto" if isinstance(device, WindowDevice) else "equal")
+            ax.imshow(np.sqrt(np.clip(pattern, 0, None)), cmap="magma", aspect="equal" if device.rotation_symmetric else "auto")
             ax.set_axis_off()
-            if isinstance(device, WindowDevice):  # the window operator is in relative units
+            if not device.images_depth:  # the window operator is in relative units
                 title = f"x = {x / 1000:.0f} mm\nsignal {pattern.sum() / pattern.size:.3g} (relative)"
             else:
                 title = f"x = {x:.0f} µm, z = {depth:.0f} µm\nguided power {pattern.sum():.2e}"

@@ -99,7 +99,7 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
     """
     bundle = reconstructor.bundle
     device, depths = bundle.device, bundle.depths_um
-    if not isinstance(device, CannulaDevice):
+    if not device.images_depth:
         return None
     sweep = sorted({round(d + j * step_um, 3) for d in depths for j in range(-int(reach_um // step_um), int(reach_um // step_um) + 1)
                     if d + j * step_um >= 0})
