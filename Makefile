@@ -27,7 +27,7 @@ test-fast: lint
 
 # Style (ruff), the import contracts of the layout (import-linter, pyproject.toml) and types (mypy)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ccm tests
+	$(VENV)/bin/ruff check ccm tests napari_plugin
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 

@@ -13,7 +13,7 @@ import ccm
 from ccm.infer.consistency import roc_auc
 from ccm.learn.consistency import drift_report, fit_consistency
 from ccm.learn.data import SplitConfig, split_indices
-from ccm.physics.simulate import Simulator, move_on_sensor, simulate_stack
+from ccm.physics.simulate import Simulator, simulate_stack
 
 
 @pytest.fixture(scope="module")
