@@ -15,6 +15,9 @@ Schema, version 1 (root attributes, then datasets)::
     target    (N, D, h, w) float32  ground-truth volumes, chunked per frame
     depths_um (D,)         float64  depth of each target plane, µm
     dark      (H, W)       float32  mean dark frame, ADU
+    labels    (N,)         int64    optional: the class of each scene (index into the root attribute
+                                    ``class_names_json``, a JSON list of names; −1 = no class) —
+                                    added without a version change: readers that do not know it ignore it
 
 Both big datasets are compressed with Blosc (LZ4 level 1, byte shuffle) through ``hdf5plugin``:
 4–5× faster than LZF here at about the same size. Other HDF5 tools read them once the Blosc filter is installed
@@ -71,8 +74,9 @@ class StackWriter:
     """
 
     def __init__(self, path: Path, device: CannulaDevice | WindowDevice, n: int, depths_um: tuple[float, ...],
-                 dark: np.ndarray, provenance: dict, resume: bool = False):
+                 dark: np.ndarray, provenance: dict, resume: bool = False, class_names: list[str] | tuple[str, ...] | None = None):
         self.path = Path(path)
+        self.class_names = list(class_names) if class_names else None
         self.tmp = partial_path(self.path)
         self.layout = StackLayout(n, device.sensor.shape, (len(depths_um), *device.target.shape))
         self._broken = False
@@ -89,9 +93,17 @@ class StackWriter:
             self._file = h5py.File(self.tmp, "w")
             try:
                 self._create(device, n, depths_um, dark, provenance)
+                if self.class_names:
+                    self._file.attrs["class_names_json"] = json.dumps(self.class_names)
+                    self._file.create_dataset("labels", data=np.full(n, -1, np.int64))
                 self._file.flush()
             except (OSError, RuntimeError) as err:
                 self._fail(err)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether this stack stores scene labels (it was given ``class_names``)."""
+        return "labels" in self._file
 
     @property
     def written(self) -> int:
@@ -120,7 +132,7 @@ class StackWriter:
             raise StackError(f"{self.tmp}: an interrupted stack with different settings is in the way; "
                              "delete it or run again with the same device, count, planes, scenes and seed")
 
-    def append(self, raw: np.ndarray, target: np.ndarray) -> None:
+    def append(self, raw: np.ndarray, target: np.ndarray, labels: np.ndarray | None = None) -> None:
         k = len(raw)
         start = self.written
         if start + k > self.layout.n:
@@ -135,6 +147,8 @@ class StackWriter:
         try:
             self._file["raw"][start:start + k] = raw
             self._file["target"][start:start + k] = target
+            if labels is not None and self.labelled:
+                self._file["labels"][start:start + k] = np.asarray(labels, np.int64)
             self._file.attrs["frames_written"] = start + k
             self._file.flush()  # the resume point: what is flushed survives an interruption
         except (OSError, RuntimeError) as err:
@@ -191,7 +205,8 @@ class CalibrationStack:
     """A validated, open calibration stack. Datasets are read lazily; use as a context manager.
 
     Attributes: ``raw`` (N, H, W) uint16 and ``target`` (N, D, h, w) float32 h5py datasets,
-    ``depths_um`` (D,), ``dark`` (H, W) float32, ``device``, ``fingerprint``, ``provenance``.
+    ``depths_um`` (D,), ``dark`` (H, W) float32, ``device``, ``fingerprint``, ``provenance``;
+    ``labels`` (N,) int64 and ``class_names`` where the stack has scene labels (else None).
     """
 
     def __init__(self, path: Path):
@@ -256,6 +271,13 @@ class CalibrationStack:
         self.depths_um = depths
         self.dark = f["dark"][()]
         self.provenance = json.loads(attrs["provenance_json"])
+        self.labels, self.class_names = None, None
+        if "labels" in f:
+            labels, names = f["labels"][()], json.loads(attrs.get("class_names_json", "[]"))
+            if labels.shape != (n,) or labels.dtype.kind != "i" or not names or \
+                    not ((labels >= -1) & (labels < len(names))).all():
+                self._fail(f"labels must be (N,) = ({n},) integers in −1…{len(names) - 1} with their class_names_json")
+            self.labels, self.class_names = labels.astype(np.int64), [str(c) for c in names]
 
     def __len__(self) -> int:
         return self.raw.shape[0]

@@ -137,6 +137,8 @@ class DatasetPart(_Strict):
     """Scene classes of this part, if not the recipe's (e.g. a test set of another class)."""
     brightness: float = Field(default=1.0, gt=0, le=1)
     """Fluorophore density of the scenes (1 = as drawn); dense scenes need less to stay below saturation."""
+    photons: float = Field(default=1.0, gt=0, le=100)
+    """Fraction of the device's photon budget (0.1: a ten times shorter exposure); the scenes are unchanged."""
 
 
 class DatasetRecipe(_Strict):

@@ -19,18 +19,22 @@ import numpy as np
 
 from ccm.devices import CannulaDevice, WindowDevice
 from ccm.physics.optics import ForwardModel
+from ccm.physics.scenes import draw_labelled
 from ccm.portable import die_with_parent, parent_alive, process_context
 
 
-def fill_scenes(out: np.ndarray, device: CannulaDevice | WindowDevice, sources: Sequence, seed: int, chunk_index: int) -> None:
-    """Fill ``out`` (size, D, h, w) float32 with the scenes of chunk ``chunk_index``.
+def fill_scenes(out: np.ndarray, device: CannulaDevice | WindowDevice, sources: Sequence, seed: int, chunk_index: int) -> np.ndarray:
+    """Fill ``out`` (size, D, h, w) float32 with the scenes of chunk ``chunk_index``; returns their
+    labels (size,) int64 (−1 for scenes of a class without labels, see :func:`draw_labelled`).
 
     Scenes draw from ``default_rng([seed, chunk_index, 0])``; each frame's class is drawn
     uniformly from ``sources``.
     """
     rng = np.random.default_rng([seed, chunk_index, 0])
+    labels = np.full(len(out), -1, np.int64)
     for i, choice in enumerate(rng.integers(len(sources), size=len(out))):
-        out[i] = sources[choice](device, out.shape[1], rng)
+        out[i], labels[i] = draw_labelled(sources[choice], device, out.shape[1], rng)
+    return labels
 
 
 class _Slot:
@@ -57,10 +61,10 @@ def _worker(forward: ForwardModel, sources: Sequence, seed: int, chunks: list[tu
         for index, size in chunks:
             k = _get_while_parent_alive(free)
             volumes, encoded = slots[k].views(size, forward)
-            fill_scenes(volumes, forward.device, sources, seed, index)
+            labels = fill_scenes(volumes, forward.device, sources, seed, index)
             forward.encode(volumes, out=encoded)
             del volumes, encoded
-            ready.put((k, index, size))
+            ready.put((k, index, size, labels))  # labels: a few bytes, the only array that is pickled
         ready.put(None)
     except BaseException as err:  # hand the exception itself to the consumer, then stop
         ready.put(err)
@@ -80,7 +84,8 @@ class SceneWorker:
     """Draw and encode the scenes of ``chunks`` (list of (index, size)) in a forked worker process.
 
     Iterating yields ``(volumes, encoded, chunk_index, slot)``: views valid until
-    :meth:`release` is called with the slot, so a consumer can keep a few chunks in flight. Use
+    :meth:`release` is called with the slot, so a consumer can keep a few chunks in flight;
+    :attr:`labels` then holds that chunk's scene labels (−1: no class). Use
     as a context manager; leaving it stops the worker and frees the shared memory.
     """
 
@@ -96,6 +101,7 @@ class SceneWorker:
         volume_shape = (chunk_size, len(forward.planes_um), *forward.device.target.shape)
         self._slots = [_Slot(volume_shape, forward.encoded_shape(chunk_size)) for _ in range(n_slots)]
         self._free, self._ready = ctx.Queue(), ctx.Queue()
+        self.labels: np.ndarray = np.empty(0, np.int64)
         for k in range(n_slots):
             self._free.put(k)
         self._process = ctx.Process(target=_worker, daemon=True,
@@ -106,7 +112,7 @@ class SceneWorker:
         while (item := self._next()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            k, index, size = item
+            k, index, size, self.labels = item
             yield (*self._slots[k].views(size, self.forward), index, k)
 
     def _next(self):

@@ -10,7 +10,12 @@ Scene classes:
 - ``neurons`` — cultured-neuron-like cells: somata 10–20 µm, branching neurites ~2 µm wide;
 - ``digits``  — real handwritten digits (UCI optical digits, see ``datasets/README.md``), for
   the see-through window's display;
+- ``mnist`` / ``mnist-test`` — real 28×28 handwritten MNIST digits (``datasets/mnist-5k.npz``): 4,000
+  for training and 1,000 other ones held out for testing (every fifth of the file);
 - ``files``   — any user image or TIFF stack (:class:`ImageScenes`).
+
+Labelled classes (digits, mnist) also have ``labelled(device, n_planes, rng) -> (volume, label)``
+and ``class_names``; calling them draws the same scene without the label.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from ccm.devices import CannulaDevice, WindowDevice
 from ccm.errors import NotFoundError, SceneError
 from ccm.resources import shipped_path
 
-SceneKind = Literal["beads", "neurons", "digits"]
-SCENE_KINDS: tuple[str, ...] = ("beads", "neurons", "digits")
+SceneKind = Literal["beads", "neurons", "digits", "mnist", "mnist-test"]
+SCENE_KINDS: tuple[str, ...] = ("beads", "neurons", "digits", "mnist", "mnist-test")
 _AA_SHIFT = 4  # OpenCV fixed-point sub-pixel bits for drawing
 _SCALE = 1 << _AA_SHIFT
 
@@ -110,24 +115,67 @@ def beads(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Ge
     return _finish(volume, device, sigma_px=0.5)
 
 
-@lru_cache(maxsize=1)
+DIGIT_CLASSES: tuple[str, ...] = tuple("0123456789")
+
+
+@lru_cache(maxsize=2)
+def _shipped_digits(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a shipped digit set in ``datasets/``."""
+    with np.load(shipped_path("datasets", name)) as data:
+        return data["images"], data["labels"].astype(np.int64)
+
+
 def _uci_digits() -> np.ndarray:
-    with np.load(shipped_path("datasets", "uci-digits-8x8.npz")) as data:
-        return data["images"]
+    return _shipped_digits("uci-digits-8x8.npz")[0]
 
 
-def digits(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
-    """A real handwritten digit (UCI optical digits, 8×8, 0..16), upscaled to ~70 % of the grid at a random offset."""
-    h, w = device.target.shape
-    images = _uci_digits()
-    digit = images[rng.integers(len(images))].astype(np.float32) / 16.0
-    size = int(round(0.7 * min(h, w)))
-    big = cv2.resize(digit, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-    volume = np.zeros((n_planes, h, w), np.float32)
-    y0 = rng.integers(0, h - size + 1)
-    x0 = rng.integers(0, w - size + 1)
-    volume[rng.integers(n_planes), y0:y0 + size, x0:x0 + size] = big * rng.uniform(0.6, 1.0)
-    return volume * field_of_view_mask(device)
+class HandwrittenDigits:
+    """Real handwritten digits from a shipped set, shown at ``fill`` of the grid at a random offset and a
+    brightness of 0.6–1.0; ``part`` selects which digits of the file (``"all"``, ``"train"``: four in five,
+    ``"test"``: every fifth — disjoint, so a test stack holds digits no training stack has shown)."""
+
+    class_names = DIGIT_CLASSES
+
+    def __init__(self, file: str, max_value: float, fill: float, interpolation: int, part: str = "all"):
+        self.file, self.max_value, self.fill, self.interpolation, self.part = file, max_value, fill, interpolation, part
+
+    def _pool(self) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = _shipped_digits(self.file)
+        if self.part == "all":
+            return images, labels
+        keep = (np.arange(len(images)) % 5 == 0) == (self.part == "test")
+        return images[keep], labels[keep]
+
+    def labelled(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        h, w = device.target.shape
+        images, labels = self._pool()
+        k = rng.integers(len(images))
+        digit = images[k].astype(np.float32) / self.max_value
+        size = int(round(self.fill * min(h, w)))
+        big = cv2.resize(digit, (size, size), interpolation=self.interpolation).clip(0, 1)
+        volume = np.zeros((n_planes, h, w), np.float32)
+        y0 = rng.integers(0, h - size + 1)
+        x0 = rng.integers(0, w - size + 1)
+        volume[rng.integers(n_planes), y0:y0 + size, x0:x0 + size] = big * rng.uniform(0.6, 1.0)
+        return volume * field_of_view_mask(device), int(labels[k])
+
+    def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+        return self.labelled(device, n_planes, rng)[0]
+
+
+digits = HandwrittenDigits("uci-digits-8x8.npz", 16.0, 0.7, cv2.INTER_CUBIC)
+"""A real handwritten digit (UCI optical digits, 8×8, 0..16), upscaled to ~70 % of the grid at a random offset."""
+mnist = HandwrittenDigits("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, part="train")
+"""A real 28×28 MNIST digit of the training pool (its 28×28 box at ~90 % of the grid: strokes span ~65 %)."""
+mnist_test = HandwrittenDigits("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, part="test")
+"""A held-out MNIST digit (never in a ``mnist`` stack)."""
+
+
+def draw_labelled(source, device: CannulaDevice | WindowDevice, n_planes: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(volume, label) from any scene source; label −1 where the source has no classes."""
+    labelled = getattr(source, "labelled", None)
+    return labelled(device, n_planes, rng) if labelled is not None else (source(device, n_planes, rng), -1)
 
 
 def _finish(volume_u8: np.ndarray, device: CannulaDevice | WindowDevice, sigma_px: float) -> np.ndarray:
@@ -142,7 +190,7 @@ def _finish(volume_u8: np.ndarray, device: CannulaDevice | WindowDevice, sigma_p
 
 
 GENERATORS: dict[str, Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]] = {
-    "beads": beads, "neurons": neurons, "digits": digits,
+    "beads": beads, "neurons": neurons, "digits": digits, "mnist": mnist, "mnist-test": mnist_test,
 }
 
 

@@ -25,7 +25,7 @@ from ccm.io.stack import StackWriter
 from ccm.physics.optics import forward_model
 from ccm.physics.optics.camera import EXPOSE_BLOCK, camera_generator, dark_frame, expose, pixel_gain_map
 from ccm.physics.scene_worker import SceneWorker
-from ccm.physics.scenes import GENERATORS, ImageScenes, field_of_view_mask
+from ccm.physics.scenes import GENERATORS, ImageScenes, draw_labelled, field_of_view_mask
 
 Mode = Literal["2d", "3d"]
 SceneSource = Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]
@@ -84,9 +84,16 @@ class Simulator:
     device : the device to simulate.
     mode : ``"2d"`` (one plane at ``target.depth_2d_um``) or ``"3d"`` (all ``target.depths_um``).
     planes_um : other depths (µm) instead of the mode's, e.g. for the axial-sectioning probe.
+    photons : fraction of the device's photon budget (``sensor.peak_signal_e`` and ``background_e``):
+        0.1 is a ten times shorter exposure or dimmer display; read noise and offset stay, the scenes
+        (ground truth) are unchanged.
     """
 
-    def __init__(self, device: CannulaDevice | WindowDevice, mode: Mode = "2d", planes_um: tuple[float, ...] | None = None):
+    def __init__(self, device: CannulaDevice | WindowDevice, mode: Mode = "2d", planes_um: tuple[float, ...] | None = None,
+                 photons: float = 1.0):
+        if not 0 < photons <= 100:
+            raise UsageError(f"photons must be a fraction of the photon budget in (0, 100], got {photons}")
+        self.photons = float(photons)
         self.device = device
         self.mode = mode
         self.planes_um = tuple(planes_um) if planes_um is not None else device.target.planes(mode)
@@ -95,8 +102,8 @@ class Simulator:
         mask = field_of_view_mask(device)
         uniform = self.forward(np.broadcast_to(mask, (1, len(self.planes_um), *mask.shape)).copy())[0]
         lit = uniform > 0
-        self.background = (uniform / uniform[lit].mean() * device.sensor.background_e).astype(np.float32)
-        self.photons_per_unit = photon_scale(device)
+        self.background = (uniform / uniform[lit].mean() * device.sensor.background_e * self.photons).astype(np.float32)
+        self.photons_per_unit = photon_scale(device) * self.photons
         """Photo-electrons per unit of forward-model output: sets the photon budget."""
         self._electrons_per_unit = (self.photons_per_unit * self.gain_map).astype(np.float32)
         self._background_electrons = (self.background * self.gain_map).astype(np.float32)
@@ -143,6 +150,14 @@ class ScaledScenes:
     def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
         return self.source(device, n_planes, rng) * np.float32(self.factor)
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return getattr(self.source, "class_names", None)
+
+    def labelled(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        volume, label = draw_labelled(self.source, device, n_planes, rng)
+        return volume * np.float32(self.factor), label
+
 
 def scene_sources(kinds: Sequence[str], files: Sequence[Path] = (), brightness: float = 1.0) -> list[SceneSource]:
     """Scene generators for named classes (``beads``, ``neurons``, ``digits``) and user files,
@@ -179,7 +194,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
                    scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
                    chunk_size: int = 32, progress: bool = True, command: str = "",
-                   simulator: Simulator | None = None, brightness: float = 1.0, overwrite: bool = False) -> Path:
+                   simulator: Simulator | None = None, brightness: float = 1.0, overwrite: bool = False,
+                   photons: float = 1.0) -> Path:
     """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
 
     Scenes are drawn (and passed through the forward model's scene-side half) in a worker
@@ -192,6 +208,10 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     complete); a scene file is never overwritten. A full disk or file-size limit stops the run with an
     :class:`~ccm.errors.OutputError` naming the file; the partial file keeps every chunk written
     before, and the same call resumes once there is room.
+
+    ``photons`` is the fraction of the device's photon budget (see :class:`Simulator`). Scene classes
+    with labels (``digits``, ``mnist``) give the stack a ``labels`` dataset (−1 for frames of an
+    unlabelled class).
     """
     if n < 1:
         raise UsageError(f"n must be at least 1, got {n}")
@@ -202,14 +222,22 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
         source = getattr(source, "source", source)
         if isinstance(source, ImageScenes):
             source.check(len(device.target.planes(mode)))
+    class_names = {tuple(names) for source in sources if (names := getattr(source, "class_names", None))}
+    if len(class_names) > 1:
+        raise UsageError(f"scene classes {list(scenes)} label their scenes with different class sets {sorted(class_names)}; "
+                         "simulate them into separate stacks")
     if simulator is None:
-        simulator = Simulator(device, mode)
-    elif simulator.device != device or simulator.mode != mode:
-        raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}), not {device.name} ({mode})")
+        simulator = Simulator(device, mode, photons=photons)
+    elif simulator.device != device or simulator.mode != mode or simulator.photons != photons:
+        raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}, photons {simulator.photons}), "
+                         f"not {device.name} ({mode}, photons {photons})")
     provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
                   "seed": seed, "brightness": brightness, "chunk_size": chunk_size,
                   "photons_per_unit": simulator.photons_per_unit, "command": command}
-    with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True) as writer:
+    if photons != 1:
+        provenance["photons"] = photons
+    with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True,
+                     class_names=next(iter(class_names), None)) as writer:
         first = writer.written // chunk_size
         chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, -(-n // chunk_size))]
         # scenes are drawn and encoded in a worker process while this one applies the operator,
@@ -219,7 +247,10 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
                 tqdm(total=n, initial=writer.written, unit="frame", desc=f"simulate {Path(path).name}", disable=not progress) as bar:
             for volumes, encoded, index, slot in drawn:
                 raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
-                writer.append(raw, volumes)
+                if writer.labelled:
+                    writer.append(raw, volumes, labels=drawn.labels)
+                else:
+                    writer.append(raw, volumes)
                 drawn.release(slot)
                 bar.update(len(raw))
     return Path(path)
