@@ -208,6 +208,11 @@ class LiveStats:
     """The recalibration alarm: the window's median score left the calibrated range."""
     alarms: int = 0
     """How many times the alarm went on during the run."""
+    predicted_class: str | None = None
+    """The newest frame's class by the pipeline's classifier (None: no classifier)."""
+    confidence: float | None = None
+    """Its probability."""
+    classified: int = 0
 
     def line(self) -> str:
         latency = f"latency {self.latency_ms_median:.1f} ms (p95 {self.latency_ms_p95:.1f})" if self.latency_ms_median is not None else ""
@@ -216,7 +221,8 @@ class LiveStats:
             trust = f"  consistency {self.consistency_window_median:.3g}" + ("  ALARM: recalibrate (ccm calibrate → ccm train)"
                                                                            if self.recalibrate else "")
         return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
-                f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}")
+                f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}"
+                + (f"  class {self.predicted_class} ({self.confidence:.2f})" if self.predicted_class is not None else ""))
 
 
 class LivePipeline:
@@ -233,11 +239,13 @@ class LivePipeline:
     score_every : score every this many frames against the bundle's forward-consistency model (one
         linear stage, a few ms on a 2-core CPU: every 4th frame keeps its cost ≤ 1 ms per frame at
         100 frames/s) and feed the recalibration alarm (a median over ``alarm_window`` scores).
+    classifier : a :class:`ccm.infer.classifier.Classifier` of raw frames or of this bundle's
+        reconstructions: every frame gets a class and confidence (:meth:`predictions`, the stats' line).
     """
 
     def __init__(self, source: FrameSource, reconstructor: Reconstructor, ring_frames: int = 256, max_batch: int = 16,
                  on_result: Callable[[list[Frame], np.ndarray], None] | None = None, score_every: int = 4,
-                 alarm_window: int = 25):
+                 alarm_window: int = 25, classifier=None):
         bundle = reconstructor.bundle
         if tuple(source.frame_shape) != tuple(bundle.device.sensor.shape):
             raise SourceError(f"{source.name} gives {source.frame_shape[0]}×{source.frame_shape[1]} frames, but bundle "
@@ -262,6 +270,13 @@ class LivePipeline:
         self.score_every = max(1, score_every)
         self.alarm = self.consistency.alarm(alarm_window) if self.consistency is not None else None
         self._last_score: float | None = None
+        self.classifier = None
+        if classifier is not None:
+            from ccm.infer.classifier import FrameClassifier
+
+            self.classifier = FrameClassifier(classifier, bundle)
+        self._predictions: collections.deque[tuple[int, str, float]] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._classified = 0
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -327,10 +342,15 @@ class LivePipeline:
         """The newest (frame, volume (D, h, w)) — cheap; for displays that redraw on a timer."""
         return self._latest
 
+    def predictions(self) -> list[tuple[int, str, float]]:
+        """(frame index, class, confidence) of the classified frames (the most recent ones), oldest first."""
+        return list(self._predictions)
+
     def stats(self) -> LiveStats:
         latencies = np.array(self._latencies) * 1e3 if self._latencies else None
         seconds = time.monotonic() - self._started if self._started is not None else 0.0
         recording = self.recorder.written if self.recorder is not None else 0
+        last = self._predictions[-1] if self._predictions else None
         return LiveStats(seconds=seconds, received=self._received, reconstructed=self._reconstructed, dropped=self.ring.dropped,
                          waiting=len(self.ring), frames_per_s=self._reconstructed / seconds if seconds > 0 else 0.0,
                          latency_ms_median=float(np.median(latencies)) if latencies is not None else None,
@@ -338,7 +358,9 @@ class LivePipeline:
                          recorded=self._recorded_before + recording, consistency_score=self._last_score,
                          consistency_window_median=self.alarm.median if self.alarm is not None else None,
                          recalibrate=bool(self.alarm is not None and self.alarm.active),
-                         alarms=self.alarm.fired if self.alarm is not None else 0)
+                         alarms=self.alarm.fired if self.alarm is not None else 0,
+                         predicted_class=last[1] if last else None, confidence=round(last[2], 4) if last else None,
+                         classified=self._classified)
 
     # --- threads ---------------------------------------------------------------------------------
 
@@ -373,6 +395,11 @@ class LivePipeline:
                     scores = self.consistency.score(x[scored], volumes[scored])
                     self._last_score = float(scores[-1])
                     self.alarm.update(scores)
+                if self.classifier is not None:
+                    labels, confidences = self.classifier(images, volumes)
+                    names = self.classifier.class_names
+                    self._predictions.extend((f.index, names[k], float(c)) for f, k, c in zip(frames, labels, confidences))
+                    self._classified += len(frames)
                 with self._lock:
                     if self.recorder is not None:
                         self.recorder.add(frames, volumes)

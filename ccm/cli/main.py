@@ -399,9 +399,15 @@ def _cmd_live(args: argparse.Namespace) -> None:
 
         calibration = typical_frames(bundle.device, bundle.depths_um, 64, seed=2)
     reconstructor = Reconstructor(bundle, _options(args, latency=True), batch_size=args.max_batch, calibration=calibration)
+    classifier = None
+    if args.classifier is not None:
+        from ccm.infer.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier)
     source, cleanup = opened or _open_source(args)
     try:
-        pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch)
+        pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch,
+                                classifier=classifier)
         pipeline.start()
         if args.record is not None:
             recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record,
@@ -423,6 +429,9 @@ def _cmd_live(args: argparse.Namespace) -> None:
             summary["first_result_s"] = round(uptime - (time.monotonic() - pipeline.first_result_at), 3)
     if pipeline.error is not None:
         summary["error"] = str(pipeline.error)
+    if classifier is not None:
+        summary["classifier"] = str(classifier.path)
+        summary["predictions"] = [{"frame": i, "class": c, "confidence": round(p, 4)} for i, c, p in pipeline.predictions()]
     print(json.dumps(summary, indent=1) if args.json else f"final: {stats.line()}")
     if not finished or pipeline.error is not None:
         raise SourceError(f"live stopped: {pipeline.error}; the frames captured so far are on disk" if args.record else
@@ -603,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--brightness", type=float, default=None,
                    help="fluorophore density of the scenes, in (0, 1]: dense scenes (digits) saturate the "
                         "cannula's camera at 1 (default: 1)")
+    p.add_argument("--photons", type=float, default=None,
+                   help="fraction of the device's photon budget: 0.1 = a ten times shorter exposure (signal and "
+                        "background light scale, the ground truth does not; default: 1)")
     p.add_argument("--recipe", help="a dataset recipe (YAML, or the name of one in datasets/): sets device, planes, "
                                     "scenes, n and seed from its --part, except those given as flags")
     p.add_argument("--part", default="train", help="which part of the dataset recipe (default: train)")
@@ -696,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a corrupt or truncated TIFF (refused by default): reconstruct exactly the frames that can be read")
     p.add_argument("--json", action="store_true", help="print a JSON summary (no progress bar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--classifier", type=Path, help="also classify every frame (ccm classify train): OUTPUT.classes.csv "
+                                                   "beside each output, with the class and confidence per frame")
     _backend_args(p)
     p.set_defaults(func=_cmd_reconstruct)
 
@@ -720,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="largest batch when reconstruction falls behind (default: 16)")
     p.add_argument("--status-every", type=float, default=1.0, help="seconds between status lines (default: 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of status lines")
+    p.add_argument("--classifier", type=Path, help="classify every frame (ccm classify train): the class and confidence "
+                                                   "go on the status line and, per frame, into --json's predictions")
     _backend_args(p, backend="onnx")
     p.set_defaults(func=_cmd_live)
 
@@ -782,6 +798,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("out/napari"), help="headless: folder for the screenshot and JSON")
     p.add_argument("--headless", action="store_true", help="run headless even with a display")
     p.set_defaults(func=_cmd_napari)
+
+    p = sub.add_parser("classify", help="classify what is in front of the device: train / evaluate a classifier of raw "
+                                        "frames, reconstructions or true images",
+                       description="A small CNN that says which class (e.g. which digit) is in front of the device, learned "
+                                   "from a labelled calibration stack (ccm simulate --recipe window-see-through-2d-mnist) — "
+                                   "from the raw frames, from a bundle's reconstructions, or from the true images.")
+    classify = p.add_subparsers(dest="classify_command", required=True, metavar="{train,evaluate}")
+    q = classify.add_parser("train", help="train a classifier on a labelled calibration stack → .safetensors")
+    q.add_argument("--data", type=Path, required=True, help="labelled calibration stack (.h5)")
+    q.add_argument("--input", choices=["raw", "reconstructed", "truth"], required=True,
+                   help="what the classifier sees: raw frames, the --bundle's reconstructions, or the true images")
+    q.add_argument("--bundle", help="reconstruction bundle (.safetensors or a shipped name), for --input reconstructed")
+    q.add_argument("-o", "--output", type=Path, required=True, help="classifier to write (.safetensors)")
+    q.add_argument("--epochs", type=int, default=12, help="passes over the training pairs (default: 12)")
+    q.add_argument("--batch-size", type=int, default=64, help="pairs per step (default: 64)")
+    q.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default: 0)")
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    q.add_argument("--workdir", type=Path, help="logs (default: OUTPUT without .safetensors + .training/)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_classify_train)
+    q = classify.add_parser("evaluate", help="score classifiers on a held-out labelled stack → JSON (+ PNG)")
+    q.add_argument("--classifier", type=Path, nargs="+", required=True, help="classifier file(s), scored side by side")
+    q.add_argument("--data", type=Path, required=True, help="held-out labelled calibration stack (.h5)")
+    q.add_argument("--bundle", help="the reconstruction bundle, for classifiers of reconstructions")
+    q.add_argument("-o", "--output", type=Path, default=Path("classification.json"),
+                   help="report JSON: accuracy, confusion, per-class recall, ECE, ms/frame (default: classification.json)")
+    q.add_argument("--figure", type=Path, help="also write a PNG: confusion matrices and examples with predicted labels")
+    q.set_defaults(func=_cmd_classify_evaluate)
 
     p = sub.add_parser("consistency", help="fit a bundle's forward-consistency model (the per-frame trust score) from a calibration stack",
                        description="Fit the linear forward model (target → raw frame) from the calibration pairs, push the "
