@@ -49,7 +49,7 @@ def test_npe2_discovers_the_plugin_and_every_contribution():
     manifest = pm.get_manifest("ccm")
     assert manifest.package_metadata.name == "ccm"
     contributions = manifest.contributions
-    assert {w.display_name for w in contributions.widgets} == {"Live reconstruction", "Reconstruct recordings"}
+    assert {w.display_name for w in contributions.widgets} == {"Live reconstruction", "Reconstruct recordings", "Train a bundle"}
     assert [r.command for r in contributions.readers] == ["ccm.get_reader"]
     assert [w.command for w in contributions.writers] == ["ccm.write_image"]
     assert {s.key for s in contributions.sample_data} >= {"cannula-2d-reconstructed", "cannula-3d-reconstructed", "cannula-2d"}
@@ -155,6 +155,75 @@ def test_live_simulated_camera(make_napari_viewer, qtbot, tmp_path):
     _screenshot(None, widget, "widget-live", tmp_path)
     snapshot = widget.snapshot()
     assert snapshot is not None and np.array_equal(snapshot[1].data, recon.data)
+    widget.stop()
+    assert not widget.running and _ccm_threads() == []
+
+
+@pytest.fixture
+def warnings_shown():
+    """Warning notifications napari shows while the test runs."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    seen: list[str] = []
+
+    def collect(notification) -> None:
+        if notification.severity == NotificationSeverity.WARNING:
+            seen.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(collect)
+    yield seen
+    notification_manager.notification_ready.disconnect(collect)
+
+
+def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, qtbot, warnings_shown, tmp_path):
+    """The shipped 2D bundle's forward-consistency score in the status; the simulated cannula moved by
+    10 µm mid-run turns the recalibration alarm on: a red line and one warning notification."""
+    from napari_ccm._live import RECALIBRATE
+
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    assert widget.bundle.currentText() == "cannula-220um-2d"
+    widget.start()
+    qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
+    model = widget.pipeline.consistency
+    assert model is not None
+    qtbot.waitUntil(lambda: widget.pipeline.alarm is not None and len(widget.pipeline.alarm._scores) >= 20
+                    and "consistency" in widget.trust.text() and "–" not in widget.trust.text().split("(")[0], timeout=30000)
+    stats = widget.pipeline.stats()
+    assert not stats.recalibrate and stats.alarms == 0 and widget.alarm_label.isHidden()
+    assert f"alarm above {model.alarm_level:.0f}" in widget.trust.text() and f"{model.threshold:.0f}" in widget.trust.text()
+    assert "consistency" in viewer.status
+    quiet = widget.status_numbers["consistency_window_median"]
+    assert quiet < model.alarm_level
+
+    widget.show_residual.setChecked(True)  # the residual layer, on the raw grid
+    qtbot.waitUntil(lambda: "consistency residual" in viewer.layers, timeout=10000)
+    residual = viewer.layers["consistency residual"]
+    assert residual.data.shape == (128, 128)
+    raw = viewer.layers["raw"]
+    assert residual.scale[0] == pytest.approx(2 * raw.scale[0])
+    quiet_residual = float(np.abs(residual.data).mean())
+
+    widget.pipeline.source.camera.shift_um = 10.0  # the cannula moved since calibration
+    shifted_from = widget._shown_index
+    moved_at = widget.pipeline.stats().seconds
+    qtbot.waitUntil(lambda: not widget.alarm_label.isHidden() and RECALIBRATE in widget.alarm_label.text(), timeout=20000)
+    alarm_median = widget.status_numbers["consistency_window_median"]
+    fired_after = widget.pipeline.stats().seconds - moved_at
+    qtbot.waitUntil(lambda: any(RECALIBRATE in w for w in warnings_shown), timeout=5000)
+    assert alarm_median > model.alarm_level and "ccm calibrate → ccm train" in viewer.status
+    qtbot.waitUntil(lambda: widget._residual_index is not None and widget._residual_index > shifted_from + 25
+                    and float(np.abs(viewer.layers["consistency residual"].data).mean()) > 1.2 * quiet_residual, timeout=20000)
+    # ticks go on while the alarm stays on: still one notification for this alarm
+    ticks = widget.pipeline.stats().reconstructed
+    qtbot.waitUntil(lambda: widget.pipeline.stats().reconstructed >= ticks + 100, timeout=10000)
+    stats = widget.pipeline.stats()
+    assert sum(RECALIBRATE in w for w in warnings_shown) == stats.alarms >= 1
+    print(f"consistency: quiet window median {quiet:.3g}, alarm level {model.alarm_level:.3g}; alarm shown "
+          f"{fired_after:.2f} s after a 10 µm shift (median {alarm_median:.3g}, now {stats.consistency_window_median:.3g}, "
+          f"alarms {stats.alarms})")
+    _screenshot(viewer.screenshot(canvas_only=False, flash=False), None, "napari-live-alarm", tmp_path)
+    _screenshot(None, widget, "widget-live-alarm", tmp_path)
     widget.stop()
     assert not widget.running and _ccm_threads() == []
 

@@ -8,18 +8,28 @@ device's ray trace, loading a Micro-Manager configuration) runs in a napari ``th
 Any error (a bundle of another device, frames of the wrong shape or type, a camera that stops)
 becomes a napari notification and a red line in the widget, and the pipeline is stopped with
 what was recorded closed and readable.
+
+Trust: a bundle with a forward-consistency model (``bundle.consistency``) has every 4th frame scored
+by the pipeline; the widget shows the running window's median score next to the calibrated range
+(the alarm level and the single-frame threshold) and, when the pipeline's recalibration alarm goes
+on, a red line saying what to do and one napari warning per alarm. "Show residual" adds the layer
+``consistency residual`` — the newest frame's noise-normalised residual on the camera grid —
+started by the display timer at most ``RESIDUAL_HZ`` times a second in a worker thread (never on the
+GUI thread, never in the pipeline's).
 """
 
 from __future__ import annotations
 
 import collections
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -44,6 +54,11 @@ from napari_ccm._common import (
 
 DISPLAY_HZ = 30
 """Redraws per second at most (the camera may run faster; the newest result is shown)."""
+
+RESIDUAL_HZ = 4
+"""The residual layer is recomputed at most this many times a second (one linear stage, in a worker thread)."""
+RECALIBRATE = "Recalibrate: the reconstruction no longer explains the camera frames — ccm calibrate → ccm train"
+ALARM_STYLE = "color: #ff5050; font-weight: bold"
 
 CAMERAS = ("Simulated device", "Micro-Manager configuration (pymmcore-plus)", "Micro-Manager core in this window")
 RAW_GAP_UM = 20.0
@@ -78,6 +93,12 @@ class LiveWidget(QWidget):
         self._draws: collections.deque[float] = collections.deque(maxlen=120)
         self._last_status = 0.0
         self.status_numbers: dict = {}
+        self._alarms_notified = 0
+        self._residual_at = 0.0
+        self._residual_index: int | None = None
+        self.residual_layer = None
+        self._residual_worker = None
+        LIVE_WIDGETS.add(self)
 
         self.camera = QComboBox()
         self.camera.addItems(CAMERAS)
@@ -112,6 +133,20 @@ class LiveWidget(QWidget):
         self.status.setWordWrap(True)
         self.message = QLabel("")
         self.message.setWordWrap(True)
+        self.trust = QLabel("")
+        self.trust.setWordWrap(True)
+        self.trust.setToolTip("forward-consistency: the reconstruction pushed back through the device's forward model, "
+                              "compared with the camera frame in units of the camera's noise (median of the last 25 "
+                              "scored frames). Inside the calibrated range: the frames are explained as well as the "
+                              "calibration's own held-out frames were.")
+        self.alarm_label = QLabel("")
+        self.alarm_label.setWordWrap(True)
+        self.alarm_label.setStyleSheet(ALARM_STYLE)
+        self.alarm_label.setVisible(False)
+        self.show_residual = QCheckBox("show residual")
+        self.show_residual.setToolTip("add the layer 'consistency residual': where the newest frame is not explained "
+                                      "by its reconstruction (normalised by the camera noise, on the camera grid)")
+        self.show_residual.toggled.connect(self._residual_toggled)
 
         form = QFormLayout()
         form.addRow("Camera", self.camera)
@@ -130,6 +165,9 @@ class LiveWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
+        layout.addWidget(self.trust)
+        layout.addWidget(self.show_residual)
+        layout.addWidget(self.alarm_label)
         layout.addWidget(self.message)
         layout.addStretch(1)
         self.camera.currentIndexChanged.connect(self._camera_changed)
@@ -238,6 +276,11 @@ class LiveWidget(QWidget):
         self._setup_layers(pipeline)
         self._shown_index = None
         self._draws.clear()
+        self._alarms_notified = 0
+        self._residual_index = None
+        self.alarm_label.setVisible(False)
+        self.trust.setText("" if pipeline.consistency is not None
+                           else f"consistency: – ({pipeline.reconstructor.bundle.name} has no forward-consistency model)")
         try:
             pipeline.start()
         except Exception as err:  # noqa: BLE001  (a camera that will not start a sequence)
@@ -403,6 +446,9 @@ class LiveWidget(QWidget):
             self.recon_layer.data = volume[0] if self.recon_layer.ndim == 2 else volume
             self._shown_index = frame.index
             self._draws.append(now)
+        if latest is not None and self.show_residual.isChecked() and now - self._residual_at >= 1.0 / RESIDUAL_HZ:
+            self._residual_at = now
+            self._update_residual(pipeline, *latest)
         if now - self._last_status > 0.5:
             self._last_status = now
             self._status_line(pipeline, pipeline.stats())
@@ -424,7 +470,89 @@ class LiveWidget(QWidget):
         line = (f"camera {camera_fps:.0f} fps · reconstruction {stats.frames_per_s:.0f} fps · dropped {stats.dropped} · "
                 f"{latency} · display {self.display_fps():.0f} fps · recorded {stats.recorded}")
         self.status.setText(line)
-        self.viewer.status = f"ccm live: {line}"
+        trust = self._trust_line(pipeline, stats)
+        self.viewer.status = f"ccm live: {line}" + (f" · {trust}" if trust else "")
+
+    def _trust_line(self, pipeline, stats) -> str:
+        """The consistency part of the status (window median vs the calibrated range) and the alarm."""
+        model = pipeline.consistency
+        if model is None:
+            return ""
+        median = stats.consistency_window_median
+        self.status_numbers.update(consistency_score=stats.consistency_score, consistency_window_median=median,
+                                   consistency_alarm_level=model.alarm_level, consistency_threshold=model.threshold,
+                                   recalibrate=stats.recalibrate, alarms=stats.alarms)
+        shown = _number(median) if median is not None else "–"
+        trust = (f"consistency {shown} (calibrated: alarm above {_number(model.alarm_level)}, "
+                 f"frame threshold {_number(model.threshold)})" + (f" · alarms {stats.alarms}" if stats.alarms else ""))
+        self.trust.setText(trust)
+        self.trust.setStyleSheet(ALARM_STYLE if stats.recalibrate else "")
+        self.alarm_label.setText(RECALIBRATE if stats.recalibrate else "")
+        self.alarm_label.setVisible(bool(stats.recalibrate))
+        if stats.recalibrate and stats.alarms > self._alarms_notified:  # once per alarm, not per tick
+            self._alarms_notified = stats.alarms
+            show_warning(f"ccm live: {RECALIBRATE} (consistency {shown}, calibrated alarm level {_number(model.alarm_level)})")
+        return trust + (f" · {RECALIBRATE}" if stats.recalibrate else "")
+
+    # --- consistency residual --------------------------------------------------------------------
+
+    def _residual_toggled(self, on: bool) -> None:
+        if not on:
+            if self.residual_layer is not None and self.residual_layer in self.viewer.layers:
+                self.viewer.layers.remove(self.residual_layer)
+            self.residual_layer = None
+            self._residual_index = None
+        elif self.pipeline is not None and (latest := self.pipeline.latest()) is not None:
+            self._update_residual(self.pipeline, *latest)
+
+    def _update_residual(self, pipeline, frame, volume) -> None:
+        """Start computing the newest frame's normalised residual ``bundle.consistency.residual(x, v)[0]``
+        in a worker thread (one at a time: ~10–70 ms of torch on a small CPU, neither on the GUI thread
+        nor in the pipeline's); :meth:`_show_residual` puts it on the raw grid."""
+        model = pipeline.consistency
+        if model is None or frame.index == self._residual_index or self._residual_worker is not None:
+            return
+        preprocessor = pipeline.reconstructor.preprocessor
+        label = f"{pipeline.source.name} frame {frame.index}"
+
+        def compute():
+            z, _ = model.residual(preprocessor(frame.image[None], label), np.asarray(volume)[None])
+            return frame.index, z[0, 0].numpy()
+
+        worker = create_worker(compute, _ignore_errors=True)
+        worker.returned.connect(lambda result: self._show_residual(pipeline, *result))
+        worker.finished.connect(self._residual_done)
+        self._residual_worker = worker
+        worker.start()
+
+    def _residual_done(self) -> None:
+        self._residual_worker = None
+
+    def _show_residual(self, pipeline, index: int, residual: np.ndarray) -> None:
+        if not self.show_residual.isChecked() or self.raw_layer is None:
+            return
+        self._residual_index = index
+        if self.residual_layer is not None and self.residual_layer in self.viewer.layers:
+            self.residual_layer.data = residual
+            return
+        preprocessor = pipeline.reconstructor.preprocessor
+        # where the network-input grid lies on the raw layer: crop origin, area-resize factor, pixel centres
+        h, w = pipeline.source.frame_shape
+        config = preprocessor.config
+        top, left, crop_h, crop_w = config.crop if config.crop is not None else (0, 0, h, w)
+        fy, fx = crop_h / residual.shape[0], crop_w / residual.shape[1]
+        raw_um = float(self.raw_layer.scale[-1])
+        ty, tx = (float(t) for t in self.raw_layer.translate)
+        translate = (ty + (top + fy / 2 - 0.5) * raw_um, tx + (left + fx / 2 - 0.5) * raw_um)
+        self.residual_layer = _replace_layer(self.viewer, residual, {
+            "name": "consistency residual", "scale": (fy * raw_um, fx * raw_um), "translate": translate,
+            "units": ("µm", "µm"), "colormap": "PiYG", "contrast_limits": (-8.0, 8.0), "opacity": 0.7,
+            "metadata": {"what": "(x - F(v)) / sigma: the frame minus the reconstruction pushed back through the "
+                                 "forward model, in units of the camera noise", "frame": index}})
+
+
+LIVE_WIDGETS: weakref.WeakSet[LiveWidget] = weakref.WeakSet()
+"""Live widgets alive in this process (the Train widget's "Use in Live" finds its viewer's one here)."""
 
 
 def _replace_layer(viewer, data, kwargs):
@@ -434,12 +562,17 @@ def _replace_layer(viewer, data, kwargs):
         layer = viewer.layers[name]
         if layer.ndim == data.ndim:
             layer.data = data
-            for key in ("scale", "translate", "units", "contrast_limits", "colormap"):
+            for key in ("scale", "translate", "units", "contrast_limits", "colormap", "metadata"):
                 if key in kwargs:
                     setattr(layer, key, kwargs[key])
             return layer
         viewer.layers.remove(layer)
     return viewer.add_image(data, **kwargs)
+
+
+def _number(value: float) -> str:
+    """A score as people read it: 772, 1173, 6.6 (no exponents below a million)."""
+    return f"{value:.0f}" if abs(value) >= 100 and abs(value) < 1e6 else f"{value:.3g}"
 
 
 def _new_recording_path(folder: Path) -> Path:
