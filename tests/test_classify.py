@@ -231,3 +231,19 @@ def test_live_pipeline_reports_a_class_per_frame(labelled, window_bundle):
     assert f"class {stats.predicted_class}" in stats.line()
     with pytest.raises(UsageError, match="true images"):
         FrameClassifier(classifiers["truth"], window_bundle)
+
+
+def test_cli_live_reports_class_per_frame(labelled, window_bundle, tmp_path, capsys):
+    from ccm.cli.main import main
+    from ccm.devices import device_to_json
+
+    folder, _ = labelled
+    device_file = tmp_path / "tiny-window.yaml"
+    device_file.write_text(device_to_json(window_bundle.device))  # JSON is YAML
+    capsys.readouterr()
+    assert main(["live", "--device", str(device_file), "--bundle", str(window_bundle.path), "--classifier",
+                 str(folder / "raw.safetensors"), "--seconds", "1", "--fps", "30", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["classified"] == summary["reconstructed"] == len(summary["predictions"]) > 5
+    assert all(p["class"] in "0123456789" and 0 < p["confidence"] <= 1 for p in summary["predictions"])
+    assert summary["predicted_class"] == summary["predictions"][-1]["class"]

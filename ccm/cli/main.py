@@ -174,7 +174,7 @@ def _cmd_classify_train(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     train_classifier(args.data, args.input, args.output, bundle=bundle, epochs=args.epochs, batch_size=args.batch_size,
-                     seed=args.seed, work=args.workdir, progress=not args.no_progress)
+                     seed=args.seed, arch=args.arch, work=args.workdir, progress=not args.no_progress)
 
 
 def _cmd_classify_evaluate(args: argparse.Namespace) -> None:
@@ -811,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the classifier sees: raw frames, the --bundle's reconstructions, or the true images")
     q.add_argument("--bundle", help="reconstruction bundle (.safetensors or a shipped name), for --input reconstructed")
     q.add_argument("-o", "--output", type=Path, required=True, help="classifier to write (.safetensors)")
+    q.add_argument("--arch", choices=["mlp", "cnn"], help="network: a one-hidden-layer MLP on the whole frame, or a small "
+                                                         "CNN (default: mlp for --input raw, cnn for images)")
     q.add_argument("--epochs", type=int, default=12, help="passes over the training pairs (default: 12)")
     q.add_argument("--batch-size", type=int, default=64, help="pairs per step (default: 64)")
     q.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default: 0)")

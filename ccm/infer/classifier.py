@@ -43,10 +43,17 @@ SELF_TEST_TOLERANCE = 1e-3
 
 
 class ClassifierConfig(BaseModel):
-    """A small CNN: (3×3 conv, batch norm, ReLU, 2×2 max-pool) per width but the last, then average
-    pooling to ``pooled`` and one linear layer. Input (N, in_channels, *in_shape), output (N, n_classes) logits."""
+    """``cnn``: (3×3 conv, batch norm, ReLU, 2×2 max-pool) per width but the last, then average pooling
+    to ``pooled`` and one linear layer — for images. ``mlp``: one hidden layer of ``hidden`` units on the
+    whole frame — for raw frames, whose information is spread over the sensor (a window or cannula
+    scrambles the scene globally, which local convolutions learn slowly). Input (N, in_channels,
+    *in_shape), output (N, n_classes) logits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["cnn", "mlp"] = "cnn"
+    hidden: int = Field(default=512, ge=8, le=8192)
+    """Hidden units (``mlp``)."""
 
     in_channels: int = Field(ge=1, le=64)
     in_shape: tuple[int, int]
@@ -59,6 +66,11 @@ class ClassifierConfig(BaseModel):
 class ClassifierNet(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
+        self.kind = config.kind
+        if config.kind == "mlp":
+            self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(config.in_channels * math.prod(config.in_shape), config.hidden),
+                                      nn.ReLU(inplace=True), nn.Dropout(config.dropout), nn.Linear(config.hidden, config.n_classes))
+            return
         layers: list[nn.Module] = []
         channels = config.in_channels
         for i, width in enumerate(config.widths):
@@ -71,7 +83,7 @@ class ClassifierNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(channels * math.prod(config.pooled), config.n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)))
+        return self.head(x) if self.kind == "mlp" else self.head(self.pool(self.features(x)))
 
 
 def standardise(x: np.ndarray) -> np.ndarray:
