@@ -220,6 +220,7 @@ def _cmd_consistency(args: argparse.Namespace) -> None:
         n = len(stack)
     split = split_indices(n, SplitConfig(val_fraction=0.1, test_fraction=0.1, max_val=2000))
     model = fit_consistency(bundle, args.data, split)
+    model.alarm_margin = args.alarm_margin
     out = dataclasses.replace(bundle, consistency=model, path=None).save(args.output)
     print(f"wrote {out}: forward model fitted on {model.report['forward_fit']['pairs']} pairs; held-out score median "
           f"{model.quantiles['0.5']:.3g}, 99.9th percentile {model.quantiles['0.999']:.3g} → frame threshold {model.threshold:.3g}, "
@@ -605,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", nargs="+", default=None, metavar="CLASS",
                    help="scene classes, mixed uniformly: neurons, beads, digits (default: neurons)")
     p.add_argument("--scene-files", nargs="+", type=Path, default=[], metavar="FILE",
-                   help="also use these images or TIFF stacks (Z planes must match --planes) as scenes")
+                   help="images or TIFF stacks (Z planes must match --planes) as scenes; alone unless --scenes names classes too")
     p.add_argument("--n", type=int, default=None, help="number of pairs (default: 1000)")
     p.add_argument("--planes", choices=["2d", "3d"], default=None, help="one plane, or the device's depth planes (default: 2d)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same data (default: 0)")
@@ -839,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the bundle with its consistency model (.safetensors)")
     p.add_argument("--report", type=Path, help="also write a JSON report: score ROC against moved-device frames")
     p.add_argument("--report-frames", type=int, default=300, help="held-out frames for the report (default: 300)")
+    p.add_argument("--alarm-margin", type=float, default=2.0,
+                   help="the recalibration alarm fires when the median of recent scores exceeds this × the calibration's "
+                        "90th percentile (default: 2.0 — no false alarm in 9 minutes of a live simulated scene)")
     p.set_defaults(func=_cmd_consistency)
 
     p = sub.add_parser("models", help="list the shipped model bundles")
