@@ -22,7 +22,7 @@ def test_train_widget_trains_stops_resumes_and_hands_the_bundle_to_live(make_nap
 
     stack = ccm.simulate_stack(tiny_cannula, tmp_path / "tiny.h5", 120, seed=1, progress=False)
     recipe = copy.deepcopy(TINY_NET)
-    recipe["optim"]["max_epochs"] = 8  # long enough to be stopped mid-run
+    recipe["optim"]["max_epochs"] = 30  # long enough to be stopped mid-run on a fast, idle machine too
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     output = tmp_path / "bundles" / "tiny.safetensors"
 
@@ -37,15 +37,16 @@ def test_train_widget_trains_stops_resumes_and_hands_the_bundle_to_live(make_nap
     assert widget.command()[-4:] == ["--set", "optim.patience=100", "--set", "optim.lr=0.003"]
     work = work_folder(output)
 
-    # first sitting: stopped (SIGINT) once a checkpoint and a validation are on disk
+    # first sitting: stopped (SIGINT) as soon as a checkpoint is on disk (Lightning's CSV log is flushed
+    # only every 100 steps and at the end, so waiting for it could let the whole run finish first)
     widget.start()
     assert widget.running
-    qtbot.waitUntil(lambda: (work / "checkpoints" / "last.ckpt").exists() and "val_loss" in read_metrics(work), timeout=180000)
+    qtbot.waitUntil(lambda: (work / "checkpoints" / "last.ckpt").exists(), timeout=180000)
     widget.stop()
     qtbot.waitUntil(lambda: not widget.running, timeout=60000)
     assert widget.exit_code == INTERRUPTED, "\n".join(widget.log_text[-20:])
     assert "resumes" in widget.status.text() and widget.bundle is None and not output.exists()
-    stopped_at = max(step for values in read_metrics(work).values() for step, _ in values)
+    stopped_at = max((step for values in read_metrics(work).values() for step, _ in values), default=0)
 
     # second sitting: Start resumes from the checkpoint; steps go on from where the first stopped
     widget.start()
