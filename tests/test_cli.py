@@ -126,3 +126,30 @@ def test_failure_inside_the_scene_worker_keeps_its_type(tmp_path, tiny_cannula, 
     monkeypatch.setattr(ccm.physics.scene_worker, "fill_scenes", broken)  # the forked worker inherits the patch
     with pytest.raises(ValueError, match="drawing failed on purpose"):
         simulate_stack(tiny_cannula, tmp_path / "x.h5", 8, "2d", progress=False)
+
+
+def test_calibrate_refuses_an_existing_stack_without_overwrite(tmp_path, capsys):
+    existing = tmp_path / "cal.h5"
+    existing.write_bytes(b"a stack the user recorded yesterday")
+    assert main(["calibrate", "--method", "display", "--source", "sim", "--n", "2", "-o", str(existing), "--no-progress"]) == 2
+    assert "exists" in capsys.readouterr().err and existing.read_bytes() == b"a stack the user recorded yesterday"
+
+
+def test_an_error_from_a_reader_process_is_one_line():
+    """torch's DataLoader re-raises a worker's CcmError with the worker's traceback in its message; the
+    CLI prints the user's line only."""
+    from torch._utils import ExceptionWrapper
+
+    from ccm.cli.main import _one_line
+    from ccm.errors import RecordingError
+
+    line = "movie.tif: cannot read frames 96–127: the file ends early (truncated?)"
+    try:
+        try:
+            raise RecordingError(line)
+        except RecordingError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+    except RecordingError as err:
+        assert "Original Traceback" in str(err)
+        assert _one_line(str(err)) == line
+    assert _one_line(line) == line

@@ -479,6 +479,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from ccm.acquire import calibrate as cal
     from ccm.devices import load_device
 
+    if args.output.exists() and not args.overwrite:  # a partial (.NAME.partial) is resumed; a finished stack is kept
+        raise UsageError(f"{args.output} exists; choose another name or pass --overwrite")
     device = load_device(args.device)
     if args.method == "display":
         if args.source == "sim":
@@ -778,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which targets (default: 0)")
     p.add_argument("-o", "--output", type=Path, required=True, help="calibration stack to write (.h5)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing stack (only once the new one is complete)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch")
@@ -885,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CcmError, OSError) as err:
         if args.debug or (isinstance(err, OSError) and not isinstance(err, CcmError) and err.errno not in USER_OS_ERRORS):
             raise
-        message = str(err) if isinstance(err, CcmError) else _os_error_line(err)
+        message = _one_line(str(err)) if isinstance(err, CcmError) else _os_error_line(err)
         print(f"ccm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -894,6 +897,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(message: str) -> str:
+    """A CcmError re-raised by torch's DataLoader from a reader process carries the worker's formatted
+    traceback in its message ("Caught RecordingError in DataLoader worker process 0. Original
+    Traceback …"); the user's line is its last one, without the exception's class name."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.split(": ", 1)[0].rsplit(".", 1)[-1].endswith("Error") and ": " in last else last
 
 
 def _os_error_line(err: OSError) -> str:
