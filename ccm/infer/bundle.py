@@ -229,6 +229,36 @@ def _header(path: Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
     return meta, shapes
 
 
+def read_header(path: Path, fmt: str, version: int, what: str, required_meta: tuple[str, ...],
+                required_tensors: tuple[str, ...]) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]], CannulaDevice | WindowDevice]:
+    """The checks every ccm safetensors file (bundles, classifiers) gets before any tensor is read: not a
+    pickle, a readable header, the expected ``fmt`` and ``version``, the required metadata keys and
+    tensors, and a device description that matches its fingerprint. Returns (metadata, {tensor: (shape,
+    dtype)}, device); anything else raises :class:`BundleError` naming ``path`` and ``what`` it should be."""
+    _refuse_non_safetensors(path)
+    try:
+        meta, shapes = _header(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable safetensors file ({err})") from None
+    if meta.get("format") != fmt:
+        other = {FORMAT: "a reconstruction bundle (pass it as --bundle)"}.get(meta.get("format", ""))
+        raise BundleError(f"{path}: not a ccm {what} (format {meta.get('format')!r}, expected {fmt!r})"
+                          + (f" — this is {other}" if other else ""))
+    if meta.get("format_version") != str(version):
+        raise BundleError(f"{path}: {what} format version {meta.get('format_version')}; this ccm reads version {version}")
+    missing = [k for k in required_meta if k not in meta] + [k for k in required_tensors if k not in shapes]
+    if missing:
+        raise BundleError(f"{path}: invalid {what} — missing {', '.join(missing)}")
+    try:
+        device = device_from_json(meta["device_json"], source=f"{path} (device_json)")
+    except (DeviceError, ValueError) as err:
+        raise BundleError(f"{path}: invalid {what} ({type(err).__name__}: {err})") from None
+    if fingerprint(device) != meta["device_fingerprint"]:
+        raise BundleError(f"{path}: the stored device fingerprint {meta['device_fingerprint']} does not match its device "
+                          f"description ({fingerprint(device)}): the file was altered")
+    return meta, shapes, device
+
+
 def _check_before_loading(path: Path, meta: dict, shapes: dict, device, architecture: Architecture,
                           preprocess: PreprocessConfig, depths: tuple[float, ...]) -> None:
     """Everything that can be checked from the header: the architecture against the device and the
@@ -286,23 +316,8 @@ def load_bundle(path: Path, self_test: bool = True) -> Bundle:
     tensor's shape against the architecture — so a hostile or broken bundle is refused with a
     :class:`BundleError`, never by running out of memory."""
     path = resolve_shipped(path, "models", ".safetensors", "bundle")
-    _refuse_non_safetensors(path)
+    meta, shapes, device = read_header(path, FORMAT, FORMAT_VERSION, "model bundle", REQUIRED_METADATA, REQUIRED_TENSORS)
     try:
-        meta, shapes = _header(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BundleError(f"{path}: unreadable safetensors file ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a ccm model bundle (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise BundleError(f"{path}: bundle format version {meta.get('format_version')}; this ccm reads version {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED_METADATA if k not in meta] + [k for k in REQUIRED_TENSORS if k not in shapes]
-    if missing:
-        raise BundleError(f"{path}: invalid bundle — missing {', '.join(missing)}")
-    try:
-        device = device_from_json(meta["device_json"], source=f"{path} (device_json)")
-        if fingerprint(device) != meta["device_fingerprint"]:
-            raise BundleError(f"{path}: the stored device fingerprint {meta['device_fingerprint']} does not match its device "
-                              f"description ({fingerprint(device)}): the file was altered")
         architecture = architecture_from_dict(json.loads(meta["architecture"]))
         preprocess = PreprocessConfig.model_validate_json(meta["preprocess"])
         depths = json.loads(meta["depths_um"])

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_json, device_to_json, fingerprint
+from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_to_json, fingerprint
 from ccm.errors import BundleError, StackError, UsageError
 
 FORMAT = "ccm-classifier"
@@ -224,31 +224,15 @@ REQUIRED_METADATA = ("format", "format_version", "name", "input", "architecture"
 
 def load_classifier(path: Path, self_test: bool = True) -> Classifier:
     """Read and validate a classifier file (refusing pickles and altered files); with ``self_test``, check its sample."""
-    from ccm.infer.bundle import _header, _refuse_non_safetensors
+    from ccm.infer.bundle import read_header
 
     path = Path(path)
     if not path.exists():
         from ccm.errors import NotFoundError
 
         raise NotFoundError(f"{path}: no such classifier file")
-    _refuse_non_safetensors(path)
+    meta, shapes, device = read_header(path, FORMAT, FORMAT_VERSION, "classifier", REQUIRED_METADATA, ("sample.input", "sample.probs"))
     try:
-        meta, shapes = _header(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BundleError(f"{path}: unreadable safetensors file ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a ccm classifier (format {meta.get('format')!r}, expected {FORMAT!r})"
-                          + (" — this is a reconstruction bundle; pass it as --bundle" if meta.get("format") == "ccm-model-bundle" else ""))
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise BundleError(f"{path}: classifier format version {meta.get('format_version')}; this ccm reads version {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED_METADATA if k not in meta] + [k for k in ("sample.input", "sample.probs") if k not in shapes]
-    if missing:
-        raise BundleError(f"{path}: invalid classifier — missing {', '.join(missing)}")
-    try:
-        device = device_from_json(meta["device_json"], source=f"{path} (device_json)")
-        if fingerprint(device) != meta["device_fingerprint"]:
-            raise BundleError(f"{path}: the stored device fingerprint {meta['device_fingerprint']} does not match its device "
-                              f"description ({fingerprint(device)}): the file was altered")
         if meta["input"] not in INPUT_KINDS:
             raise BundleError(f"{path}: invalid classifier — input {meta['input']!r}, expected one of {list(INPUT_KINDS)}")
         config = ClassifierConfig.model_validate_json(meta["architecture"])
