@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ def _natural_key(path: str) -> list:
 
 
 @dataclass
-class Recording:
+class Recording(ABC):
     """Frames of one recording; see the module docstring. One subclass per format reads it:
     :class:`TiffRecording`, :class:`TiffFolderRecording`, :class:`NDTiffRecording`, :class:`HDF5Recording`.
 
@@ -90,9 +91,9 @@ class Recording:
     def _identity_extra(self) -> dict:
         return {"dataset": None, "series": 0}
 
+    @abstractmethod
     def _open(self) -> Any:
         """The format's open handle (cached; reopened in each process)."""
-        raise NotImplementedError
 
     def _close_handle(self, handle: Any) -> None:
         handle.close()
@@ -126,8 +127,9 @@ class Recording:
         except Exception as err:  # a damaged file can make a reader library fail in any way; --debug shows where
             raise RecordingError(f"{self.description}: cannot read frames {start}–{stop - 1}: {err or type(err).__name__}") from err
 
+    @abstractmethod
     def _read(self, start: int, stop: int) -> np.ndarray:
-        raise NotImplementedError
+        """Frames ``start`` … ``stop − 1`` → (n, H, W), without the range check and error wrapping of :meth:`read`."""
 
 
 @dataclass
@@ -199,8 +201,11 @@ class TiffFolderRecording(Recording):
     def description(self) -> str:
         return self.paths[0] if len(self.paths) == 1 else f"{Path(self.paths[0]).parent}/ ({len(self.paths)} files)"
 
-    def close(self) -> None:
+    def _open(self) -> None:
         return None  # each frame's file is opened and closed as it is read
+
+    def close(self) -> None:
+        return None
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         import tifffile

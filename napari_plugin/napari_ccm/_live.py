@@ -376,8 +376,9 @@ class LiveWidget(QWidget):
         if self.pipeline is None:
             return
         if on:
-            folder = Path(self.record_folder.text()).expanduser()
-            path = _new_recording_path(folder)
+            from ccm.acquire.pipeline import recording_path
+
+            path = recording_path(Path(self.record_folder.text()).expanduser())
             try:
                 self.pipeline.record(path)
             except Exception as err:  # noqa: BLE001  (an unwritable folder)
@@ -573,15 +574,6 @@ def _replace_layer(viewer, data, kwargs):
 def _number(value: float) -> str:
     """A score as people read it: 772, 1173, 6.6 (no exponents below a million)."""
     return f"{value:.0f}" if abs(value) >= 100 and abs(value) < 1e6 else f"{value:.3g}"
-
-
-def _new_recording_path(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, k = folder / f"live-{stamp}.h5", 1
-    while path.exists():
-        path, k = folder / f"live-{stamp}-{k}.h5", k + 1
-    return path
 
 
 def _describe(err: BaseException) -> str:
