@@ -518,16 +518,21 @@ class LiveWidget(QWidget):
 
         def compute():
             z, _ = model.residual(preprocessor(frame.image[None], label), np.asarray(volume)[None])
-            return frame.index, z[0, 0].numpy()
+            return pipeline, frame.index, z[0, 0].numpy()
 
         worker = create_worker(compute, _ignore_errors=True)
-        worker.returned.connect(lambda result: self._show_residual(pipeline, *result))
+        # a bound method, not a lambda: Qt drops the connection when the widget is destroyed (a result
+        # that arrives after the viewer closed must not touch deleted widgets)
+        worker.returned.connect(self._on_residual)
         worker.finished.connect(self._residual_done)
         self._residual_worker = worker
         worker.start()
 
     def _residual_done(self) -> None:
         self._residual_worker = None
+
+    def _on_residual(self, result: tuple) -> None:
+        self._show_residual(*result)
 
     def _show_residual(self, pipeline, index: int, residual: np.ndarray) -> None:
         if not self.show_residual.isChecked() or self.raw_layer is None:
