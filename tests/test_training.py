@@ -142,9 +142,14 @@ def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
     assert [b["name"] for b in report["bundles"]] == ["tiny-net", "tiny-linear"]
     for entry in report["bundles"]:
         assert entry["metrics"]["images"] == 60
-        assert set(entry["metrics"]["overall"]) >= {"ssim", "psnr", "mae", "pearson"}
+        assert set(entry["metrics"]["overall"]) >= {"ssim", "psnr", "mae", "pearson", "false_energy", "false_structure"}
+        robust = entry["robustness"]
+        assert robust["pairs"] == 60 and robust["other_cannula_seed"] == 2
+        assert robust["shift_1px"]["pearson"] < robust["as_calibrated"]["pearson"]
         assert len(entry["resolution"]["resolution_um"]) == 1
         assert entry["sectioning"]["emitter_depths_um"][0] == 10.0
+    assert report["all_black"]["pearson"] == 0 and report["all_black"]["false_structure"] == 0
+    assert report["bundles"][0]["robustness"]["as_calibrated"]["flagged"] <= 0.2  # the tiny bundle has a consistency model
     assert report_path.with_suffix(".png").stat().st_size > 10_000
     # scoring on the training stack uses only the stored test split
     assert main(["evaluate", "--bundle", str(out), "--data", str(train), "-o", str(tmp_path / "self.json"), "--no-probes"]) == 0

@@ -43,7 +43,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             raise UsageError(f"{path}: no part {args.part!r}; it defines {sorted(recipe.parts)}")
         part = recipe.parts[args.part]
         from_recipe = {"device": recipe.device, "planes": recipe.planes, "n": part.n, "seed": part.seed,
-                       "scenes": list(part.scenes or recipe.scenes), "brightness": part.brightness, "photons": part.photons}
+                       "scenes": list(part.scenes or recipe.scenes), "brightness": part.brightness, "photons": part.photons,
+                       "other_seeds": list(part.other_seeds)}
         _fill_from_recipe(args, from_recipe, f"{path} (part {args.part})")
     if args.scene_files and args.scenes is None:
         args.scenes = []  # your own images alone: no default scene class mixed in
@@ -51,12 +52,13 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     device = load_device(args.device)
     out = simulate_stack(device, args.output, args.n, mode=args.planes, scenes=args.scenes, scene_files=args.scene_files,
                          seed=args.seed, progress=not args.no_progress, command=shlex.join(sys.argv),
-                         brightness=args.brightness, overwrite=args.overwrite, photons=args.photons)
+                         brightness=tuple(args.brightness) if isinstance(args.brightness, list) else args.brightness,
+                         overwrite=args.overwrite, photons=args.photons, other_seeds=args.other_seeds)
     print(f"wrote {out}")
 
 
 SIMULATE_DEFAULTS = {"device": "cannula-220um", "planes": "2d", "n": 1000, "seed": 0, "scenes": ["neurons"], "brightness": 1.0,
-                     "photons": 1.0}
+                     "photons": 1.0, "other_seeds": []}
 
 
 def _fill_from_recipe(args: argparse.Namespace, values: dict, source: str) -> None:
@@ -81,6 +83,25 @@ def _cmd_psf(args: argparse.Namespace) -> None:
 
     device = load_device(args.device)
     print(f"wrote {psf_figure(device, args.output, args.positions_um, args.depths_um)}")
+
+
+def _cmd_budget(args: argparse.Namespace) -> None:
+    from ccm.devices import load_device
+    from ccm.physics.budget import photon_budget
+
+    report = photon_budget(load_device(args.device), args.depths_um, photons=args.photons)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"{report['device']}: a {report['emitter']} per plane, at the axis / half-way to the edge "
+          f"(photons {report['photons']:g} of the budget; reconstructable: {report['criterion']})")
+    print(f"{'depth µm':>9} {'signal e-':>19} {'peak e-':>13} {'detection SNR':>15} {'depth SNR':>13}  reconstructable")
+    for plane in report["planes"]:
+        def pair(values, fmt):
+            return " / ".join("—" if v is None else format(v, fmt) for v in values)
+        print(f"{plane['depth_um']:>9g} {pair(plane['signal_e'], '.3g'):>19} {pair(plane['peak_e'], '.3g'):>13} "
+              f"{pair(plane['detection_snr'], '.1f'):>15} {pair(plane['depth_snr'], '.1f'):>13}  "
+              f"{'yes' if plane['reconstructable'] else 'no'}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -157,7 +178,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from ccm.learn.evaluate import evaluate, load_for_evaluation
 
     bundles = load_for_evaluation([args.bundle, *args.compare])
-    evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs)
+    evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs,
+             robust=not args.no_robustness)
 
 
 def _cmd_classify_train(args: argparse.Namespace) -> None:
@@ -612,9 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=None, help="number of pairs (default: 1000)")
     p.add_argument("--planes", choices=["2d", "3d"], default=None, help="one plane, or the device's depth planes (default: 2d)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same data (default: 0)")
-    p.add_argument("--brightness", type=float, default=None,
+    p.add_argument("--brightness", type=float, nargs="+", default=None, metavar="B",
                    help="fluorophore density of the scenes, in (0, 1]: dense scenes (digits) saturate the "
-                        "cannula's camera at 1 (default: 1)")
+                        "cannula's camera at 1; two values LO HI: each scene draws its own (default: 1)")
+    p.add_argument("--other-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="also image through same-spec devices with these seeds (other cannulas), in equal blocks")
     p.add_argument("--photons", type=float, default=None,
                    help="fraction of the device's photon budget: 0.1 = a ten times shorter exposure (signal and "
                         "background light scale, the ground truth does not; default: 1)")
@@ -633,6 +657,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths-um", nargs="+", type=float, help="emitter depths, µm below the face (cannula only)")
     p.add_argument("-o", "--output", type=Path, default=Path("psf.png"), help="output PNG (default: psf.png)")
     p.set_defaults(func=_cmd_psf)
+
+    p = sub.add_parser("budget", help="what the physics allows: photons and SNR of one emitter per depth plane",
+                       description="Per depth plane: the photo-electrons a 4 µm emitter puts on the camera, and the SNR "
+                                   "with which any reconstruction could detect it and tell its plane from the next one.")
+    _device_arg(p)
+    p.add_argument("--depths-um", nargs="+", type=float, help="planes, µm below the face (default: the device's 3D planes)")
+    p.add_argument("--photons", type=float, default=1.0, help="fraction of the device's photon budget (default: 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_budget)
 
     p = sub.add_parser("info", help="summarise a calibration stack")
     p.add_argument("stack", type=Path)
@@ -677,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report JSON; the PNG goes next to it (default: evaluation.json)")
     p.add_argument("--max-pairs", type=int, help="score at most this many pairs")
     p.add_argument("--no-probes", action="store_true", help="skip the resolution and sectioning probes")
+    p.add_argument("--no-robustness", action="store_true",
+                   help="skip re-imaging 200 pairs shifted by 1 px, rotated 1°, through another cannula and at 20 %% exposure")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("reconstruct", help="reconstruct recorded stacks (TIFF, OME, ImageJ, NDTiff, MM, HDF5) → OME-TIFF/HDF5",

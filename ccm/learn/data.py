@@ -2,8 +2,9 @@
 
 Pairs are streamed from the HDF5 stack (each loader worker opens its own handle) and prepared by
 the bundle's :class:`ccm.infer.preprocess.Preprocessor` — the same code that reconstructs later. Only
-physics-preserving augmentation exists (see :class:`Augment`); raw frames are never flipped or
-rotated, because a cannula's pattern is not mirror- or rotation-symmetric.
+physics-preserving augmentation exists (see :class:`Augment`): raw frames are never flipped, and
+they move (a fraction of a pixel, a degree) only with the target fixed — the cannula that drifted on
+the camera after calibration, not another scene.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def split_indices(n: int, config: SplitConfig) -> dict[str, np.ndarray]:
 
 class Augment(BaseModel):
     """Augmentation that keeps the physics: a brighter or dimmer scene scales the signal and the
-    target together (``intensity``), and extra camera noise (``noise``) — nothing geometric."""
+    target together (``intensity``), extra camera noise (``noise``), and the raw pattern moved on the
+    camera while the target stays (``shift_px``, ``rotation_deg``): a cannula that slipped or turned
+    since calibration images the same scene onto a shifted, rotated pattern."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,6 +58,13 @@ class Augment(BaseModel):
     """Range of the factor applied to the dark-subtracted frame and to the target (≤ 1 keeps targets in [0, 1])."""
     noise: float = Field(default=0.0, ge=0)
     """Standard deviation of extra Gaussian noise on the network input (input units: 1 = ``scale_adu``)."""
+    shift_px: float = Field(default=0.0, ge=0, le=8)
+    """Largest shift of the raw pattern, in network-input pixels (the standard 2D recipe's input pixel is
+    2 camera pixels, 1.72 µm), drawn uniformly in x and y per pair."""
+    rotation_deg: float = Field(default=0.0, ge=0, le=10)
+    """Largest rotation of the raw pattern about the frame's centre (the cannula axis), degrees."""
+    geometric_fraction: float = Field(default=0.5, ge=0, le=1)
+    """Share of pairs moved by ``shift_px``/``rotation_deg``; the rest stay as calibrated."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, 1, H, W), y (N, D, h, w) → augmented copies."""
@@ -62,9 +72,29 @@ class Augment(BaseModel):
         if (lo, hi) != (1.0, 1.0):
             s = lo + (hi - lo) * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
             x, y = x * s, y * s
+        if self.shift_px > 0 or self.rotation_deg > 0:
+            x = self._move(x, generator)
         if self.noise > 0:
             x = x + self.noise * torch.randn(x.shape, generator=generator, device=x.device)
         return x, y
+
+    def _move(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Shift and rotate a random ``geometric_fraction`` of the frames (bilinear; outside the frame is dark)."""
+        n, _, h, w = x.shape
+
+        def uniform(size: tuple[int, ...], limit: float) -> torch.Tensor:
+            return (2 * torch.rand(size, generator=generator, device=x.device) - 1) * limit
+
+        moved = (torch.rand(n, generator=generator, device=x.device) < self.geometric_fraction).float()
+        angle = torch.deg2rad(uniform((n,), self.rotation_deg)) * moved
+        shift = uniform((n, 2), self.shift_px) * moved[:, None]
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin * h / w, sin * w / h, cos
+        theta[:, 0, 2], theta[:, 1, 2] = -2 * shift[:, 0] / w, -2 * shift[:, 1] / h  # normalised coordinates span 2
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
+                                               align_corners=False).to(x.dtype)
 
 
 class StackPairs(Dataset):

@@ -24,6 +24,7 @@ from ccm.io.stack import CalibrationStack, StackError
 from ccm.learn.data import iterate_pairs
 from ccm.learn.metrics import MetricAccumulator
 from ccm.learn.probes import axial_sectioning, two_point_resolution
+from ccm.learn.robustness import CONDITIONS, robustness
 from ccm.learn.training import file_sha256
 from ccm.provenance import versions
 
@@ -61,9 +62,25 @@ def score_bundle(bundle: Bundle, data: Path, data_sha256: str, max_pairs: int | 
     return result, indices
 
 
+def score_black(data: Path, indices: np.ndarray, depths_um) -> dict:
+    """Overall metrics of an all-black reconstruction on the same pairs: the floor any bundle must clear
+    (SSIM of a black image is high on sparse scenes; Pearson is 0)."""
+    scores = MetricAccumulator()
+    with CalibrationStack(data) as stack:
+        for start in range(0, len(indices), 256):
+            chunk = np.sort(np.asarray(indices[start:start + 256])).tolist()
+            target = torch.from_numpy(stack.target[chunk])
+            scores.update(torch.zeros_like(target), target)
+    return scores.result(depths_um)["overall"]
+
+
 def evaluate(bundles: list[Bundle], data: Path, output: Path, probes: bool = True, max_pairs: int | None = None,
-             seed: int = 0, log=print) -> dict:
-    """Evaluate ``bundles`` on the stack ``data``; writes ``output`` (.json) and the PNG next to it."""
+             seed: int = 0, log=print, robust: bool = True) -> dict:
+    """Evaluate ``bundles`` on the stack ``data``; writes ``output`` (.json) and the PNG next to it.
+
+    Besides the image metrics (with the hallucination measures of :mod:`ccm.learn.metrics`), the report
+    holds an all-black reconstruction's scores on the same pairs (``all_black``), and per bundle the
+    probes (``probes``) and the robustness conditions of :mod:`ccm.learn.robustness` (``robust``)."""
     data, output = Path(data), Path(output)
     if output.suffix != ".json":
         output = output.with_suffix(".json")
@@ -85,8 +102,16 @@ def evaluate(bundles: list[Bundle], data: Path, output: Path, probes: bool = Tru
             log(f"note: {data} is the stack {bundle.name} was trained on; scoring its held-out test split only")
         entry["metrics"], indices = score_bundle(bundle, data, sha, max_pairs)
         o = entry["metrics"]["overall"]
-        log(f"{bundle.name}: SSIM {o['ssim']:.3f}  PSNR {o['psnr']:.2f} dB  MAE {o['mae']:.4f}  Pearson {o['pearson']:.3f} "
-            f"({entry['metrics']['images']} pairs)")
+        log(f"{bundle.name}: SSIM {o['ssim']:.3f}  PSNR {o['psnr']:.2f} dB  MAE {o['mae']:.4f}  Pearson {o['pearson']:.3f}  "
+            f"false energy {o['false_energy']:.3f}  false structure {o['false_structure']:.3f} ({entry['metrics']['images']} pairs)")
+        if "all_black" not in report:
+            report["all_black"] = black = score_black(data, indices, bundle.depths_um)
+            log(f"all-black image: SSIM {black['ssim']:.3f}  PSNR {black['psnr']:.2f} dB  Pearson {black['pearson']:.3f}")
+        if robust:
+            entry["robustness"] = robustness(Reconstructor(bundle), data, indices, seed=seed)
+            log("  robustness (Pearson): " + "  ".join(f"{c} {entry['robustness'][c]['pearson']:.3f}" for c in CONDITIONS)
+                + (f"  (flagged: {', '.join(str(entry['robustness'][c]['flagged']) for c in CONDITIONS)})"
+                   if "flagged" in entry["robustness"][CONDITIONS[0]] else ""))
         if probes:
             reconstructor = Reconstructor(bundle)
             t = time.perf_counter()

@@ -6,6 +6,10 @@ the prediction (a common way to inflate PSNR and SSIM). SSIM is Wang et al.'s (2
 Gaussian window of σ = 1.5 px, K1 = 0.01, K2 = 0.03, averaged over the valid region (no padding),
 computed with separable convolutions so it is cheap enough to be a training loss. All functions
 take (N, D, h, w) float tensors and score every (image, plane) separately.
+
+SSIM alone flatters sparse scenes (an all-black image scores ~0.8 on neurons), so two
+hallucination measures sit beside it (:func:`false_energy`, :func:`false_structure`): how much of a
+reconstruction lies where the truth is dark, and how much of what it draws has no counterpart.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 DATA_RANGE = 1.0
-METRICS = ("ssim", "psnr", "mae", "pearson")
+METRICS = ("ssim", "psnr", "mae", "pearson", "false_energy", "false_structure")
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 
 
@@ -62,7 +66,44 @@ def pearson(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, (p * t).sum(-1) / denom.clamp(min=1e-12), torch.zeros_like(denom))
 
 
-OCCUPIED = 0.05
+SUPPORT_LEVEL = 0.1
+"""Truth pixels above this fraction of their plane's brightest pixel are structure."""
+SUPPORT_MARGIN_PX = 2
+"""Structure's neighbourhood: the truth's structure grown by this many target pixels (blur is not invention)."""
+DRAWN_LEVEL = 0.25
+"""Predicted pixels above this fraction of the truth plane's brightest pixel count as drawn structure."""
+
+
+def _support(target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → bool: pixels within ``SUPPORT_MARGIN_PX`` of the truth's structure."""
+    t = target.float()
+    structure = (t > SUPPORT_LEVEL * t.flatten(2).amax(-1)[..., None, None]).float()
+    k = 2 * SUPPORT_MARGIN_PX + 1
+    n, d, h, w = t.shape
+    grown = F.max_pool2d(structure.reshape(n * d, 1, h, w), k, stride=1, padding=SUPPORT_MARGIN_PX)
+    return grown.reshape(n, d, h, w) > 0
+
+
+def false_energy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D): the share of the reconstruction's summed intensity that lies where the truth
+    is dark (outside :func:`_support`); 0 for an all-dark reconstruction."""
+    p = pred.float().clamp(min=0)
+    total = p.sum(dim=(-2, -1))
+    outside = (p * ~_support(target)).sum(dim=(-2, -1))
+    return torch.where(total > 0, outside / total.clamp(min=1e-12), torch.zeros_like(total))
+
+
+def false_structure(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, D, h, w) → (N, D): the fraction of drawn pixels (prediction above ``DRAWN_LEVEL`` of the truth's
+    peak) with no truth structure within ``SUPPORT_MARGIN_PX`` — invented structure; 0 if nothing is drawn."""
+    p = pred.float()
+    drawn = p > DRAWN_LEVEL * target.float().flatten(2).amax(-1)[..., None, None]
+    count = drawn.sum(dim=(-2, -1)).float()
+    invented = (drawn & ~_support(target)).sum(dim=(-2, -1)).float()
+    return torch.where(count > 0, invented / count.clamp(min=1), torch.zeros_like(count))
+
+
+OCCUPIED = 0.005
 """A target plane counts as occupied when its brightest pixel exceeds this (of the data range)."""
 
 
@@ -75,7 +116,8 @@ def occupied(target: torch.Tensor) -> torch.Tensor:
 
 def all_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every metric of :data:`METRICS`, each (N, D)."""
-    return {"ssim": ssim(pred, target), "psnr": psnr(pred, target), "mae": mae(pred, target), "pearson": pearson(pred, target)}
+    return {"ssim": ssim(pred, target), "psnr": psnr(pred, target), "mae": mae(pred, target), "pearson": pearson(pred, target),
+            "false_energy": false_energy(pred, target), "false_structure": false_structure(pred, target)}
 
 
 def mean_over_occupied(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

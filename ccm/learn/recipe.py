@@ -7,7 +7,7 @@ parsed as YAML, never evaluated as code).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,6 +42,9 @@ class LossConfig(_Strict):
     l1: float = Field(default=1.0, ge=0)
     mse: float = Field(default=0.0, ge=0)
     ssim: float = Field(default=0.0, ge=0)
+    bright_weight: float = Field(default=0.0, ge=0)
+    """Weight the L1 and MSE terms per pixel by 1 + ``bright_weight`` × target: in sparse 3D volumes
+    almost every pixel is dark, and an unweighted loss is minimised by predicting nothing."""
 
     @model_validator(mode="after")
     def _some(self) -> LossConfig:
@@ -135,10 +138,13 @@ class DatasetPart(_Strict):
     seed: int
     scenes: tuple[str, ...] | None = None
     """Scene classes of this part, if not the recipe's (e.g. a test set of another class)."""
-    brightness: float = Field(default=1.0, gt=0, le=1)
-    """Fluorophore density of the scenes (1 = as drawn); dense scenes need less to stay below saturation."""
+    brightness: Annotated[float, Field(gt=0, le=1)] | tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = 1.0
+    """Fluorophore density of the scenes (1 = as drawn); dense scenes need less to stay below saturation.
+    A range [lo, hi]: each scene draws its own, log-uniformly (a wide brightness range, real noise at each)."""
     photons: float = Field(default=1.0, gt=0, le=100)
     """Fraction of the device's photon budget (0.1: a ten times shorter exposure); the scenes are unchanged."""
+    other_seeds: tuple[int, ...] = ()
+    """Also image through same-spec devices with these seeds (other cannulas): see ``simulate_stack``."""
 
 
 class DatasetRecipe(_Strict):

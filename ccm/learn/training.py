@@ -57,10 +57,11 @@ class ReconstructionModule(pl.LightningModule):
     def _loss_fp32(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = self.loss_config
         loss = pred.new_zeros(())
+        weight = 1 + c.bright_weight * y if c.bright_weight else None
         if c.l1:
-            loss = loss + c.l1 * F.l1_loss(pred, y)
+            loss = loss + c.l1 * (F.l1_loss(pred, y) if weight is None else ((pred - y).abs() * weight).mean())
         if c.mse:
-            loss = loss + c.mse * F.mse_loss(pred, y)
+            loss = loss + c.mse * (F.mse_loss(pred, y) if weight is None else ((pred - y) ** 2 * weight).mean())
         if c.ssim:
             loss = loss + c.ssim * (1 - ssim(pred, y).mean())
         return loss

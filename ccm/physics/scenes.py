@@ -8,6 +8,12 @@ Scene classes:
 
 - ``beads``   — sub-resolution point beads and 4 µm beads, scattered over the planes;
 - ``neurons`` — cultured-neuron-like cells: somata 10–20 µm, branching neurites ~2 µm wide;
+- ``nuclei``  — round and oval nuclei / cell bodies 5–25 µm across, textured, from sparse to packed;
+- ``tissue``  — dense tissue: a smooth autofluorescent background, packed cell bodies and fibres;
+- ``points``  — isolated sub-resolution points and close pairs (2–15 µm apart): resolution content;
+- ``patterns`` — structured test patterns: gratings, rings, crosses and checkerboards;
+- ``vessels`` — thick, smooth branching tubes (labelled blood vessels); no recipe trains on them, so they
+  stay a class the generalist has never seen;
 - ``digits``  — real handwritten digits (UCI optical digits, see ``datasets/README.md``), for
   the see-through window's display;
 - ``mnist`` / ``mnist-test`` — real 28×28 handwritten MNIST digits (``datasets/mnist-5k.npz``): 4,000
@@ -23,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
@@ -32,8 +37,6 @@ from ccm.devices import CannulaDevice, WindowDevice
 from ccm.errors import NotFoundError, SceneError
 from ccm.resources import shipped_path
 
-SceneKind = Literal["beads", "neurons", "digits", "mnist", "mnist-test"]
-SCENE_KINDS: tuple[str, ...] = ("beads", "neurons", "digits", "mnist", "mnist-test")
 _AA_SHIFT = 4  # OpenCV fixed-point sub-pixel bits for drawing
 _SCALE = 1 << _AA_SHIFT
 
@@ -115,6 +118,142 @@ def beads(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Ge
     return _finish(volume, device, sigma_px=0.5)
 
 
+def _random_centres(rng: np.random.Generator, count: int, w: int, h: int, margin: float = 0.05) -> np.ndarray:
+    """(count, 2) float positions (x, y) in pixels, uniform over the grid less a margin."""
+    return rng.uniform(margin, 1 - margin, (count, 2)) * (w, h)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float) -> np.ndarray:
+    """(h, w) float32 Gaussian-filtered white noise rescaled to [0, 1]: a texture of ~``sigma_px`` grain."""
+    field = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigmaX=sigma_px)
+    lo, hi = float(field.min()), float(field.max())
+    return (field - lo) / (hi - lo) if hi > lo else np.zeros(shape, np.float32)
+
+
+def _draw_nuclei(plane: np.ndarray, rng: np.random.Generator, px: float, count: int, diameter_um: tuple[float, float],
+                 peak: float) -> None:
+    """Add ``count`` filled ellipses (nuclei) to a float32 plane in 0..255, each textured by chromatin-like noise."""
+    h, w = plane.shape
+    canvas = np.zeros((h, w), np.float32)
+    for x, y in _random_centres(rng, count, w, h):
+        axes = np.array([1.0, rng.uniform(0.6, 1.0)]) * rng.uniform(*diameter_um) / 2 / px
+        value = 255.0 * peak * rng.uniform(0.3, 1.0)
+        cv2.ellipse(canvas, (int(x * _SCALE), int(y * _SCALE)), tuple(int(v) for v in _fixed(axes)), 180 * rng.random(),
+                    0, 360, value, thickness=-1, lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+    texture = 0.6 + 0.4 * _smooth_noise(rng, (h, w), sigma_px=1.2 / px)
+    np.maximum(plane, canvas * texture, out=plane)
+
+
+def nuclei(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """Nuclei or cell bodies (5–25 µm, round to oval, textured), from a few to a packed field.
+
+    Dense fields are drawn dimmer (peak ~0.35 at 60 nuclei) so that, as in a real preparation
+    imaged at one exposure, the camera stays mostly below saturation.
+    """
+    h, w = device.target.shape
+    px = device.target.pixel_size_um
+    volume = np.zeros((n_planes, h, w), np.float32)
+    count = int(rng.integers(3, 61))
+    small, large = sorted(rng.uniform(5, 25, 2))
+    peak = float(np.clip(4.0 / np.sqrt(count), 0.3, 1.0))
+    for plane in range(n_planes):
+        share = count if n_planes == 1 else int(rng.integers(0, max(2, count // n_planes + 1)))
+        if share:
+            _draw_nuclei(volume[plane], rng, px, share, (small, max(large, small + 2)), peak)
+    return _finish(volume, device, sigma_px=0.5)
+
+
+def tissue(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """Dense tissue: a smooth autofluorescent background (0.05–0.25), packed cell bodies and short fibres.
+
+    Everything in the field is fluorescent here — the scene class where an inverse that assumes sparsity fails.
+    """
+    h, w = device.target.shape
+    px = device.target.pixel_size_um
+    volume = np.zeros((n_planes, h, w), np.float32)
+    for plane in volume:
+        plane += 255.0 * rng.uniform(0.05, 0.25) * _smooth_noise(rng, (h, w), sigma_px=rng.uniform(3, 10) / px)
+        _draw_nuclei(plane, rng, px, int(rng.integers(15, 50)), (6.0, 14.0), 0.45)
+        fibres = _fixed(_random_centres(rng, 2 * int(rng.integers(5, 25)), w, h).reshape(-1, 2, 2))
+        value = 255.0 * rng.uniform(0.2, 0.45)
+        cv2.polylines(plane, list(fibres), False, value, thickness=1, lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+    return _finish(volume, device, sigma_px=0.6)
+
+
+def points(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """Sub-resolution points (0.5 µm), half of them as close pairs 2–15 µm apart: what two-point resolution probes."""
+    h, w = device.target.shape
+    px = device.target.pixel_size_um
+    volume = np.zeros((n_planes, h, w), np.uint8)
+    radius = max(1, int(round(0.25 / px * _SCALE)))
+    for _ in range(int(rng.integers(2, 16))):
+        plane = volume[rng.integers(n_planes)]
+        first = rng.uniform(0.1, 0.9, 2) * (w, h)
+        members = [first]
+        if rng.random() < 0.5:
+            angle = rng.uniform(0, np.pi)
+            members.append(first + rng.uniform(2, 15) / px * np.array([np.cos(angle), np.sin(angle)]))
+        value = int(255 * rng.uniform(0.5, 1.0))
+        for centre in members:
+            cv2.circle(plane, tuple(int(v) for v in _fixed(centre - 0.5)), radius, value, thickness=-1,
+                       lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+    return _finish(volume, device, sigma_px=0.5)
+
+
+def patterns(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """A structured test pattern on one plane: a line grating (period 4–25 µm, any angle), concentric
+    rings, a cross of bars, or a checkerboard — each inside a random patch of the field."""
+    h, w = device.target.shape
+    px = device.target.pixel_size_um
+    volume = np.zeros((n_planes, h, w), np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    centre = rng.uniform(0.3, 0.7, 2) * (w, h)
+    x, y = xx - centre[0], yy - centre[1]
+    angle = rng.uniform(0, np.pi)
+    u = x * np.cos(angle) + y * np.sin(angle)
+    v = -x * np.sin(angle) + y * np.cos(angle)
+    period = rng.uniform(4, 25) / px
+    kind = rng.integers(4)
+    if kind == 0:
+        image = (np.cos(2 * np.pi * u / period) > rng.uniform(-0.3, 0.5)).astype(np.float32)
+    elif kind == 1:
+        image = (np.cos(2 * np.pi * np.hypot(x, y) / period) > 0.3).astype(np.float32)
+    elif kind == 2:
+        width = rng.uniform(2, 8) / px
+        image = ((np.abs(u) < width) | (np.abs(v) < width)).astype(np.float32)
+    else:
+        image = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    patch = rng.uniform(25, 90) / px
+    image *= (np.maximum(np.abs(u), np.abs(v)) < patch) if rng.random() < 0.5 else (np.hypot(x, y) < patch)
+    volume[rng.integers(n_planes)] = 255.0 * rng.uniform(0.35, 0.8) * image
+    return _finish(volume, device, sigma_px=0.7)
+
+
+def vessels(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+    """Labelled blood vessels: 1–3 smooth tubes 4–12 µm wide with a branch each, brighter at the walls."""
+    h, w = device.target.shape
+    px = device.target.pixel_size_um
+    volume = np.zeros((n_planes, h, w), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        plane = volume[rng.integers(n_planes)]
+        start = _random_centres(rng, 1, w, h, margin=0.1)[0]
+        heading = rng.uniform(0, 2 * np.pi)
+        for branch in range(2):
+            steps = int(rng.uniform(40, 120) / 3.0)
+            turns = heading + np.cumsum(rng.normal(0, 0.08, steps))
+            path = start + np.cumsum(np.stack([np.cos(turns), np.sin(turns)], 1) * 3.0 / px, axis=0)
+            width = max(2, int(round(rng.uniform(4, 12) / px / (1.5 if branch else 1))))
+            value = 255.0 * rng.uniform(0.4, 0.8)
+            tube = np.zeros((h, w), np.float32)
+            cv2.polylines(tube, [_fixed(path)], False, value, thickness=width, lineType=cv2.LINE_AA, shift=_AA_SHIFT)
+            lumen = np.zeros((h, w), np.float32)
+            cv2.polylines(lumen, [_fixed(path)], False, 0.5 * value, thickness=max(1, width // 2), lineType=cv2.LINE_AA,
+                          shift=_AA_SHIFT)
+            np.maximum(plane, tube - lumen, out=plane)
+            start, heading = path[len(path) // 2], turns[len(path) // 2] + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2)
+    return _finish(volume, device, sigma_px=0.6)
+
+
 DIGIT_CLASSES: tuple[str, ...] = tuple("0123456789")
 
 
@@ -178,19 +317,21 @@ def draw_labelled(source, device: CannulaDevice | WindowDevice, n_planes: int,
     return labelled(device, n_planes, rng) if labelled is not None else (source(device, n_planes, rng), -1)
 
 
-def _finish(volume_u8: np.ndarray, device: CannulaDevice | WindowDevice, sigma_px: float) -> np.ndarray:
-    """uint8 drawing → float32 in [0, 1], slightly smoothed, masked to the field of view."""
-    volume = np.zeros(volume_u8.shape, np.float32)
+def _finish(drawn_volume: np.ndarray, device: CannulaDevice | WindowDevice, sigma_px: float) -> np.ndarray:
+    """Drawing (uint8 or float32, 0..255) → float32 in [0, 1], slightly smoothed, masked to the field of view."""
+    volume = np.zeros(drawn_volume.shape, np.float32)
     mask = field_of_view_mask(device)
-    for drawn, plane in zip(volume_u8, volume):
+    for drawn, plane in zip(drawn_volume, volume):
         if drawn.any():
             cv2.GaussianBlur(drawn.astype(np.float32), (0, 0), sigmaX=sigma_px, dst=plane)
             cv2.multiply(plane, mask, dst=plane, scale=1.0 / 255.0)
+            np.clip(plane, 0, 1, out=plane)
     return volume
 
 
 GENERATORS: dict[str, Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]] = {
-    "beads": beads, "neurons": neurons, "digits": digits, "mnist": mnist, "mnist-test": mnist_test,
+    "beads": beads, "neurons": neurons, "nuclei": nuclei, "tissue": tissue, "points": points, "patterns": patterns,
+    "vessels": vessels, "digits": digits, "mnist": mnist, "mnist-test": mnist_test,
 }
 
 

@@ -140,15 +140,27 @@ class Simulator:
         return dark_frame(self.device.sensor, np.random.default_rng([self.device.seed, 51]))
 
 
+Brightness = float | tuple[float, float]
+"""A scene brightness factor in (0, 1], or a range (lo, hi) from which each scene draws its own, log-uniformly."""
+
+
 class ScaledScenes:
     """A scene source whose fluorophore density is multiplied by ``factor`` (a dimmer sample: the
-    ground truth and the light it sends scale together)."""
+    ground truth and the light it sends scale together). A range (lo, hi) draws each scene's factor
+    log-uniformly from the scene's own random stream — from dim samples near the read noise to bright ones."""
 
-    def __init__(self, source: SceneSource, factor: float):
-        self.source, self.factor = source, float(factor)
+    def __init__(self, source: SceneSource, factor: Brightness):
+        self.source = source
+        self.factor = (float(factor[0]), float(factor[1])) if isinstance(factor, tuple) else float(factor)
+
+    def _draw_factor(self, rng: np.random.Generator) -> np.float32:
+        if isinstance(self.factor, tuple):
+            lo, hi = self.factor
+            return np.float32(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        return np.float32(self.factor)
 
     def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
-        return self.source(device, n_planes, rng) * np.float32(self.factor)
+        return self.labelled(device, n_planes, rng)[0]
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
@@ -156,17 +168,24 @@ class ScaledScenes:
 
     def labelled(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         volume, label = draw_labelled(self.source, device, n_planes, rng)
-        return volume * np.float32(self.factor), label
+        return volume * self._draw_factor(rng), label
 
 
-def scene_sources(kinds: Sequence[str], files: Sequence[Path] = (), brightness: float = 1.0) -> list[SceneSource]:
-    """Scene generators for named classes (``beads``, ``neurons``, ``digits``) and user files,
-    scaled by ``brightness`` (1 = as drawn: the brightest structures reach 1)."""
+def check_brightness(brightness: Brightness) -> Brightness:
+    """``brightness`` as a float or an ordered (lo, hi) tuple, each in (0, 1]; UsageError otherwise."""
+    values = tuple(brightness) if isinstance(brightness, (tuple, list)) else (brightness,)
+    if len(values) not in (1, 2) or not all(0 < float(v) <= 1 for v in values) or values != tuple(sorted(values)):
+        raise UsageError(f"brightness must be a factor in (0, 1] or a range lo ≤ hi in (0, 1], got {brightness}")
+    return float(values[0]) if len(values) == 1 else (float(values[0]), float(values[1]))
+
+
+def scene_sources(kinds: Sequence[str], files: Sequence[Path] = (), brightness: Brightness = 1.0) -> list[SceneSource]:
+    """Scene generators for named classes (see :data:`ccm.physics.scenes.GENERATORS`) and user files,
+    scaled by ``brightness`` (1 = as drawn: the brightest structures reach 1; a range: per scene)."""
     unknown = [k for k in kinds if k not in GENERATORS]
     if unknown:
         raise UsageError(f"unknown scene class {unknown}; choose from {sorted(GENERATORS)}")
-    if not 0 < brightness <= 1:
-        raise UsageError(f"brightness must be in (0, 1], got {brightness}")
+    brightness = check_brightness(brightness)
     sources: list[SceneSource] = [GENERATORS[k] for k in kinds]
     if files:
         sources.append(ImageScenes(list(files)))
@@ -194,8 +213,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
                    scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
                    chunk_size: int = 32, progress: bool = True, command: str = "",
-                   simulator: Simulator | None = None, brightness: float = 1.0, overwrite: bool = False,
-                   photons: float = 1.0) -> Path:
+                   simulator: Simulator | None = None, brightness: Brightness = 1.0, overwrite: bool = False,
+                   photons: float = 1.0, other_seeds: Sequence[int] = ()) -> Path:
     """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
 
     Scenes are drawn (and passed through the forward model's scene-side half) in a worker
@@ -211,7 +230,13 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
 
     ``photons`` is the fraction of the device's photon budget (see :class:`Simulator`). Scene classes
     with labels (``digits``, ``mnist``) give the stack a ``labels`` dataset (−1 for frames of an
-    unlabelled class).
+    unlabelled class). ``brightness`` may be a range (see :class:`ScaledScenes`).
+
+    ``other_seeds`` also images scenes through other devices of the same specification (``device``
+    with each of these seeds: another cannula off the same production line): the stack is cut into
+    equal contiguous blocks of chunks, the first imaged through ``device``, the next through each other
+    seed in turn. The stack still belongs to ``device`` (its fingerprint and dark frame); training on it
+    teaches a network what differs from one cannula to the next.
     """
     if n < 1:
         raise UsageError(f"n must be at least 1, got {n}")
@@ -231,26 +256,40 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     elif simulator.device != device or simulator.mode != mode or simulator.photons != photons:
         raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}, photons {simulator.photons}), "
                          f"not {device.name} ({mode}, photons {photons})")
+    brightness = check_brightness(brightness)
     provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
                   "seed": seed, "brightness": brightness, "chunk_size": chunk_size,
                   "photons_per_unit": simulator.photons_per_unit, "command": command}
     if photons != 1:
         provenance["photons"] = photons
+    if other_seeds:
+        provenance["device_seeds"] = [device.seed, *map(int, other_seeds)]
+    simulators = [simulator, *(Simulator(device.model_copy(update={"seed": int(s)}), mode, simulator.planes_um, photons)
+                               for s in other_seeds)]
     with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True,
                      class_names=next(iter(class_names), None)) as writer:
+        n_chunks = -(-n // chunk_size)
         first = writer.written // chunk_size
-        chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, -(-n // chunk_size))]
-        # scenes are drawn and encoded in a worker process while this one applies the operator,
-        # the camera, and writes: two stages on two cores,
-        # so the operator runs single-threaded here
-        with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, _torch_threads(1), \
-                tqdm(total=n, initial=writer.written, unit="frame", desc=f"simulate {Path(path).name}", disable=not progress) as bar:
-            for volumes, encoded, index, slot in drawn:
-                raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
-                if writer.labelled:
-                    writer.append(raw, volumes, labels=drawn.labels)
-                else:
-                    writer.append(raw, volumes)
-                drawn.release(slot)
-                bar.update(len(raw))
+        with tqdm(total=n, initial=writer.written, unit="frame", desc=f"simulate {Path(path).name}", disable=not progress) as bar:
+            for block, block_simulator in enumerate(simulators):
+                chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, n_chunks)
+                          if k * len(simulators) // n_chunks == block]
+                if chunks:
+                    _simulate_chunks(block_simulator, sources, seed, chunks, chunk_size, writer, bar)
     return Path(path)
+
+
+def _simulate_chunks(simulator: Simulator, sources: Sequence[SceneSource], seed: int, chunks: list[tuple[int, int]],
+                     chunk_size: int, writer: StackWriter, bar: tqdm) -> None:
+    """Draw, image and append ``chunks`` [(index, size)] in order."""
+    # scenes are drawn and encoded in a worker process while this one applies the operator,
+    # the camera, and writes: two stages on two cores, so the operator runs single-threaded here
+    with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, _torch_threads(1):
+        for volumes, encoded, index, slot in drawn:
+            raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
+            if writer.labelled:
+                writer.append(raw, volumes, labels=drawn.labels)
+            else:
+                writer.append(raw, volumes)
+            drawn.release(slot)
+            bar.update(len(raw))
