@@ -151,6 +151,7 @@ def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
     assert report["all_black"]["pearson"] == 0 and report["all_black"]["false_structure"] == 0
     assert report["bundles"][0]["robustness"]["as_calibrated"]["flagged"] <= 0.2  # the tiny bundle has a consistency model
     assert report_path.with_suffix(".png").stat().st_size > 10_000
+    assert "| all-black image |" in report_path.with_suffix(".md").read_text()
     # scoring on the training stack uses only the stored test split
     assert main(["evaluate", "--bundle", str(out), "--data", str(train), "-o", str(tmp_path / "self.json"), "--no-probes"]) == 0
     assert json.loads((tmp_path / "self.json").read_text())["bundles"][0]["metrics"]["images"] == 12

@@ -25,6 +25,7 @@ from ccm.learn.data import iterate_pairs
 from ccm.learn.metrics import MetricAccumulator
 from ccm.learn.probes import axial_sectioning, two_point_resolution
 from ccm.learn.robustness import CONDITIONS, robustness
+from ccm.learn.tables import markdown_report
 from ccm.learn.training import file_sha256
 from ccm.provenance import versions
 
@@ -131,7 +132,9 @@ def evaluate(bundles: list[Bundle], data: Path, output: Path, probes: bool = Tru
     from ccm.learn.figures import evaluation_figure
 
     figure = evaluation_figure(report, bundles, data, examples, output.with_suffix(".png"))
-    log(f"wrote {output} and {figure}")
+    table = output.with_suffix(".md")
+    table.write_text(markdown_report(report))
+    log(f"wrote {output}, {table} and {figure}")
     return report
 
 
