@@ -69,6 +69,10 @@ class OptimConfig(_Strict):
     """Early stopping: validation epochs without improvement of the validation loss."""
     val_every_steps: int | None = Field(default=None, ge=1)
     """Validate every this many steps instead of once per epoch."""
+    init_output_bias: bool = False
+    """Start the U-Net's output layer at the training targets' mean (through the sigmoid's inverse where the
+    output is a sigmoid) instead of 0.5: a sparse target's sigmoid head otherwise spends its first steps
+    falling and can saturate at an all-dark output it never leaves."""
 
 
 class TrainerConfig(_Strict):

@@ -240,6 +240,17 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     return bundle
 
 
+def _init_output_bias(net: torch.nn.Module, data: Path, train: np.ndarray, pairs: int = 512) -> None:
+    """Set the output layer's bias to the mean target of up to ``pairs`` training pairs (its logit for a sigmoid head)."""
+    import h5py
+
+    with h5py.File(data, "r") as f:
+        mean = float(np.mean(f["target"][np.sort(train[:pairs]).tolist()]))
+    value = math.log(max(mean, 1e-3) / (1 - max(mean, 1e-3))) if net.config.output == "sigmoid" else mean
+    with torch.no_grad():
+        net.head.bias.fill_(value)
+
+
 def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor: Preprocessor, split: dict,
                  work: Path, restart: bool, progress: bool, log) -> tuple[dict, dict]:
     """Lightning fit with checkpoints in ``work``; returns the best weights and what happened."""
@@ -263,6 +274,8 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(recipe_json)
 
+    if o.init_output_bias and not last.exists():
+        _init_output_bias(net, data, split["train"])
     module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps)
     datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
