@@ -69,6 +69,8 @@ class OptimConfig(_Strict):
     """Early stopping: validation epochs without improvement of the validation loss."""
     val_every_steps: int | None = Field(default=None, ge=1)
     """Validate every this many steps instead of once per epoch."""
+    warmup_fraction: float = Field(default=0.05, gt=0, lt=1)
+    """Share of the planned steps over which the learning rate rises to ``lr`` (the one-cycle warm-up)."""
     init_output_bias: bool = False
     """Start the U-Net's output layer at the training targets' mean (through the sigmoid's inverse where the
     output is a sigmoid) instead of 0.5: a sparse target's sigmoid head otherwise spends its first steps

@@ -89,7 +89,7 @@ class ReconstructionModule(pl.LightningModule):
         params = [p for p in self.net.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.optim.lr, total_steps=self.total_steps + 1,
-                                                       pct_start=0.05)
+                                                       pct_start=self.optim.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -251,6 +251,16 @@ def _init_output_bias(net: torch.nn.Module, data: Path, train: np.ndarray, pairs
         net.head.bias.fill_(value)
 
 
+def _same_recipe(stored_json: str, recipe_json: str) -> bool:
+    """Whether a work folder's stored recipe is this one — read through today's schema, so a field added to
+    recipes since (with its default) does not make an interrupted run unresumable."""
+    try:
+        stored = Recipe.model_validate(json.loads(stored_json)).model_dump(mode="json", exclude={"optim": {"max_minutes"}})
+    except ValueError:
+        return False
+    return json.dumps(stored, sort_keys=True) == recipe_json
+
+
 def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor: Preprocessor, split: dict,
                  work: Path, restart: bool, progress: bool, log) -> tuple[dict, dict]:
     """Lightning fit with checkpoints in ``work``; returns the best weights and what happened."""
@@ -269,7 +279,7 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
         import shutil
 
         shutil.rmtree(work)
-    if stamp.exists() and stamp.read_text() != recipe_json:
+    if stamp.exists() and not _same_recipe(stamp.read_text(), recipe_json):
         raise UsageError(f"{work} holds a run of a different recipe; pass --restart to discard it, or --workdir elsewhere")
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(recipe_json)
