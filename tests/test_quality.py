@@ -121,3 +121,16 @@ def test_reference_style_training_options_train_a_non_blank_network(tiny_bundle,
     assert main(["train", "--data", str(folder / "train.h5"), "--recipe", str(path), "-o", str(out), "--no-progress"]) == 0
     volumes = Reconstructor(load_bundle(out))(raw[:8])
     assert volumes.std() > 1e-3  # not a constant (collapsed) output
+
+
+def test_own_device_pairs_follow_the_simulated_blocks(tiny_cannula, tmp_path):
+    from ccm.physics.simulate import own_device_pairs
+
+    mixed = simulate_stack(tiny_cannula, tmp_path / "mixed.h5", 70, seed=3, chunk_size=16, progress=False, other_seeds=[7, 8])
+    one = simulate_stack(tiny_cannula, tmp_path / "one.h5", 70, seed=3, chunk_size=16, progress=False)
+    with CalibrationStack(mixed) as a, CalibrationStack(one) as b:
+        own = own_device_pairs(a.provenance, len(a), np.arange(70))
+        assert np.array_equal(a.raw[own.tolist()], b.raw[own.tolist()])  # exactly the pairs through the device itself
+        others = np.setdiff1d(np.arange(70), own)
+        assert len(own) and all(not np.array_equal(a.raw[k], b.raw[k]) for k in others)
+        assert np.array_equal(own_device_pairs(b.provenance, len(b), np.arange(70)), np.arange(70))

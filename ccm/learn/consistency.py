@@ -20,8 +20,9 @@ from ccm.infer.bundle import Bundle
 from ccm.infer.consistency import QUANTILES, ConsistencyModel, NoiseModel
 from ccm.infer.linear import LinearFit, LinearSpec, fit_linear_inverse
 from ccm.infer.reconstruct import Reconstructor
+from ccm.io.stack import CalibrationStack
 from ccm.learn.data import iterate_pairs
-from ccm.physics.simulate import move_on_sensor
+from ccm.physics.simulate import move_on_sensor, own_device_pairs
 
 
 def forward_spec(bundle: Bundle, fit: LinearFit) -> LinearSpec:
@@ -54,9 +55,12 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
     """Fit the forward-consistency model of ``bundle`` on the calibration stack ``data``.
 
     ``split``: index arrays ``train`` (fits the operator), ``val`` (its regularisation) and ``test``
-    (held-out pairs whose reconstructions give the calibrated range; ``val`` if ``test`` is empty).
+    (held-out pairs whose reconstructions give the calibrated range; ``val`` if ``test`` is empty); of a
+    stack simulated through several cannulas, only the pairs of the stack's own device are used.
     """
     fit = fit or LinearFit(max_frames=20000)
+    with CalibrationStack(data) as stack:  # the operator of this device: pairs through other cannulas are left out
+        split = {part: own_device_pairs(stack.provenance, len(stack), indices) for part, indices in split.items()}
     preprocessor, device = bundle.preprocessor(), bundle.device
     spec = forward_spec(bundle, fit)
     forward, report = fit_linear_inverse(spec, fit, _swapped(iterate_pairs(Path(data), split["train"], preprocessor)),

@@ -273,10 +273,26 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
         with tqdm(total=n, initial=writer.written, unit="frame", desc=f"simulate {Path(path).name}", disable=not progress) as bar:
             for block, block_simulator in enumerate(simulators):
                 chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, n_chunks)
-                          if k * len(simulators) // n_chunks == block]
+                          if chunk_block(k, n_chunks, len(simulators)) == block]
                 if chunks:
                     _simulate_chunks(block_simulator, sources, seed, chunks, chunk_size, writer, bar)
     return Path(path)
+
+
+def chunk_block(chunk: int | np.ndarray, n_chunks: int, n_devices: int) -> int | np.ndarray:
+    """Which device block (0 = the stack's own device) chunk index ``chunk`` of ``n_chunks`` belongs to."""
+    return chunk * n_devices // n_chunks
+
+
+def own_device_pairs(provenance: dict, n: int, indices: np.ndarray) -> np.ndarray:
+    """The subset of pair ``indices`` imaged through the stack's own device (all of them unless the stack
+    was simulated with ``other_seeds``; see :func:`simulate_stack`)."""
+    seeds = provenance.get("device_seeds")
+    indices = np.asarray(indices)
+    if not seeds or len(seeds) < 2:
+        return indices
+    chunk = int(provenance["chunk_size"])
+    return indices[chunk_block(indices // chunk, -(-n // chunk), len(seeds)) == 0]
 
 
 def _simulate_chunks(simulator: Simulator, sources: Sequence[SceneSource], seed: int, chunks: list[tuple[int, int]],
