@@ -5,6 +5,7 @@ platform-specific the library uses goes through this module:
 
 - :func:`pread` / :func:`pwrite` — positional file I/O (POSIX), else seek + read/write under a lock;
 - :func:`datasync` — ``fdatasync`` (Linux), else ``fsync`` (macOS, Windows);
+- :func:`fsync_dir` — a folder's entries made durable (POSIX); nothing to do on Windows;
 - :func:`process_context` — ``fork`` where it exists (fast, no re-import of ``__main__``), else ``spawn``;
 - :func:`die_with_parent` — a child process that ends when its parent dies (Linux ``PR_SET_PDEATHSIG``);
   elsewhere workers poll :func:`parent_alive`;
@@ -53,6 +54,18 @@ def datasync(fd: int) -> None:
         os.fdatasync(fd)
     else:
         os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of folder ``path`` (files created or renamed in it) durable: ``fsync`` of the
+    folder on POSIX; Windows cannot open a folder for that and needs nothing (NTFS journals its metadata)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def process_context() -> mp.context.BaseContext:

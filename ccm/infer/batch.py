@@ -7,7 +7,7 @@ writing overlap, and Lightning is never imported (it costs seconds of start-up).
 
 Several GPUs or nodes (``--devices``, ``--num-nodes``, ``--strategy ddp``) go through Lightning's
 prediction loop (:mod:`ccm.infer.distributed`); every process writes its own volumes into the one
-partial output file (:mod:`ccm.io.volume_writer`). Either way predictions are not collected in
+partial output (:mod:`ccm.io.volume_writer`). Either way predictions are not collected in
 memory, so memory does not grow with the length of the recording.
 
 Before anything is written, the recording is checked against the bundle: frame shape, a numeric
@@ -31,7 +31,7 @@ from ccm.infer.reconstruct import Reconstructor
 from ccm.io.atomic import refuse_output_over_inputs
 from ccm.io.background import BackgroundWriter
 from ccm.io.recorded import Recording, RecordingError, Selection, open_recording
-from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, prepare
+from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, output_bytes, prepare
 from ccm.portable import peak_rss_mb, process_uptime_s
 
 SYNC_SECONDS = 2.0
@@ -119,8 +119,8 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     if convert_from is not None:
         spec.job["convert_from"] = convert_from
     if spec.format == "hdf5" and (num_nodes > 1 or devices not in (1, "1")):
-        raise OutputError(f"{spec.path}: several processes cannot write one HDF5 file; write OME-TIFF (.ome.tif) with "
-                          "--devices/--num-nodes, or HDF5 from one process")
+        raise OutputError(f"{spec.path}: several processes cannot write one HDF5 file; write OME-TIFF (.ome.tif) or OME-Zarr "
+                          "(.ome.zarr) with --devices/--num-nodes, or HDF5 from one process")
     check_recording(recording, bundle, frame_indices, convert_from)
     done = prepare(spec, restart=restart, overwrite=overwrite)
     todo = np.flatnonzero(~done)
@@ -155,7 +155,7 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     uptime = process_uptime_s()
     summary.update(frames_done=int(len(todo)), seconds=round(seconds, 2), frames_per_s=round(len(todo) / seconds, 1) if len(todo) else None,
                    wall_s=round(uptime, 2) if uptime is not None else None, model_s=round(model_s, 2) or None,
-                   bytes=spec.path.stat().st_size,
+                   bytes=output_bytes(spec.path),
                    peak_rss_mb=round(rss) if rss is not None else None,
                    peak_rss_workers_mb=round(rss_workers) if rss_workers is not None else None)
     return summary

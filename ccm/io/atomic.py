@@ -25,6 +25,31 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def replace_output(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the complete partial output ``tmp`` to ``final``: ``os.replace``, atomic for a file. A folder
+    (an OME-Zarr store) cannot replace an existing output atomically: the old one is renamed aside first and
+    deleted after, so ``final`` holds the old output or the new complete one, never a mix (for a moment, neither)."""
+    tmp, final = Path(tmp), Path(final)
+    if not tmp.is_dir():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old")
+    _remove(old)  # left by an interrupted replacement
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield the partial path to write; on success flush it and rename it to ``path``.
@@ -58,15 +83,13 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def refuse_output_over_inputs(output: str | os.PathLike, inputs, what: str = "input") -> None:
     """Raise :class:`OutputError` if ``output`` (or its partial file) is one of ``inputs`` — the same
-    file, a hard link or a symlink to it. ``--overwrite`` never overrides this: ccm does not destroy
-    the data it reads."""
+    file or folder (an OME-Zarr store), a hard link or a symlink to it. ``--overwrite`` never overrides
+    this: ccm does not destroy the data it reads."""
     from ccm.errors import OutputError
 
     output = Path(output)
     for source in inputs:
         source = Path(source)
-        if source.is_dir():
-            continue
         for target in (output, partial_path(output)):
             if same_file(target, source):
                 how = "is" if output.absolute() == source.absolute() else "is a link to (or the same file as)"

@@ -1,5 +1,5 @@
 """Recorded raw frames, whatever the container: TIFF (multi-page, BigTIFF, OME, ImageJ, Micro-Manager
-OME-TIFF), a folder or glob of single-frame TIFFs, NDTiff datasets (pycromanager), HDF5.
+OME-TIFF), a folder or glob of single-frame TIFFs, NDTiff datasets (pycromanager), HDF5, OME-Zarr.
 
 :func:`open_recording` returns a :class:`Recording`: ``n`` frames of (H, W) laid out on extra axes
 (time, channel, position, …; C order), read a few at a time — memory does not grow with the
@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ccm.errors import RecordingError
+from ccm.io import ome_zarr
 from ccm.portable import pread
 
 NDTIFF_AXES = {"time": "T", "channel": "C", "z": "Z", "position": "P", "row": "R", "column": "U"}
@@ -46,7 +47,8 @@ def _natural_key(path: str) -> list:
 @dataclass
 class Recording(ABC):
     """Frames of one recording; see the module docstring. One subclass per format reads it:
-    :class:`TiffRecording`, :class:`TiffFolderRecording`, :class:`NDTiffRecording`, :class:`HDF5Recording`.
+    :class:`TiffRecording`, :class:`TiffFolderRecording`, :class:`NDTiffRecording`, :class:`HDF5Recording`,
+    :class:`ZarrRecording`.
 
     paths : the file(s) (for a folder, one per frame, in order).
     axes : one letter per extra axis (e.g. ``"TC"``); ``shape`` their sizes; frame ``i`` is the C-order
@@ -56,7 +58,7 @@ class Recording(ABC):
     """
 
     kind: ClassVar[str] = ""
-    """``tiff``, ``tiff-folder``, ``ndtiff`` or ``hdf5``: recorded in resumable jobs' identities."""
+    """``tiff``, ``tiff-folder``, ``ndtiff``, ``hdf5`` or ``ome-zarr``: recorded in resumable jobs' identities."""
 
     paths: list[str]
     axes: str
@@ -292,6 +294,47 @@ class HDF5Recording(Recording):
         return np.stack([dataset[np.unravel_index(i, self.shape)] for i in range(start, stop)])
 
 
+@dataclass
+class ZarrRecording(Recording):
+    """An OME-Zarr store (OME-NGFF v0.4/v0.5) as pymmcore-plus, napari and other writers lay it out: level 0
+    of one image, or of one image per stage position (a ``P`` axis after ``T``); see :mod:`ccm.io.ome_zarr`."""
+
+    kind: ClassVar[str] = "ome-zarr"
+    arrays: list[str] = field(default_factory=list)
+    """Level-0 array of each image, relative to the store."""
+    series_axis: int | None = None
+    """Where the images' axis (``P``) is in ``axes`` when there are several images."""
+
+    def _identity_files(self) -> list[str]:
+        return ome_zarr.metadata_files(self.paths[0], self.arrays)
+
+    def _open(self) -> Any:
+        if self._handle is None:
+            self._handle = ome_zarr.open_arrays(self.paths[0], self.arrays)
+        return self._handle
+
+    def _close_handle(self, handle: Any) -> None:
+        return None  # zarr arrays keep no file open between reads
+
+    def _locate(self, frame: int) -> tuple[int, tuple[int, ...]]:
+        """Flat frame index → (image, index over that image's extra axes)."""
+        index = [int(i) for i in np.unravel_index(frame, self.shape)] if self.shape else []
+        image = index.pop(self.series_axis) if self.series_axis is not None else 0
+        return image, tuple(index)
+
+    def _timestamps(self, frames: np.ndarray) -> Any:
+        times = ome_zarr.frame_times(self.paths[0], self.arrays)
+        return [times[self._locate(int(frame))] for frame in frames] if times else None
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        arrays = self._open()
+        frames = []
+        for frame in range(start, stop):
+            image, index = self._locate(frame)
+            frames.append(ome_zarr.read_frame(self.paths[0], self.arrays[image], arrays[image], index, frame))
+        return np.stack(frames)
+
+
 class _TifffileLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -505,6 +548,12 @@ def _hdf5(path: Path, dataset: str | None) -> Recording:
     return HDF5Recording([str(path)], str(axes), shape[:-2], shape[-2:], np.dtype(dtype), meta, dataset=dataset)
 
 
+def _zarr_store(path: Path) -> Recording:
+    layout = ome_zarr.inspect_store(path)
+    return ZarrRecording([str(path)], layout.axes, layout.shape, layout.frame_shape, layout.dtype, layout.metadata,
+                         arrays=layout.arrays, series_axis=layout.series_axis)
+
+
 def _jsonable(value: Any) -> Any:
     """Metadata as JSON-able values (what does not convert becomes its string)."""
     return json.loads(json.dumps(value, default=str))
@@ -512,7 +561,8 @@ def _jsonable(value: Any) -> Any:
 
 def open_recording(spec: str | os.PathLike, series: int = 0, salvage: bool = False) -> Recording:
     """A recording from a path: a TIFF file, a folder of TIFFs or an NDTiff dataset, a glob
-    (``frames/*.tif``), or an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``).
+    (``frames/*.tif``), an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``), or an OME-Zarr store
+    (``run.ome.zarr``, or one image group inside one).
 
     A corrupt or inconsistent TIFF raises :class:`RecordingError` naming the frames that can be read;
     with ``salvage`` the recording is those frames (``metadata["salvaged"]`` says how many of how many)."""
@@ -529,6 +579,8 @@ def open_recording(spec: str | os.PathLike, series: int = 0, salvage: bool = Fal
     if not path.exists():
         raise RecordingError(f"{path}: no such file or folder")
     if path.is_dir():
+        if ome_zarr.is_zarr(path) or any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zattrs")):
+            return _zarr_store(path)
         if any(path.glob("NDTiff.index")) or any(path.glob("*/NDTiff.index")):
             return _ndtiff(path if (path / "NDTiff.index").exists() else next(path.glob("*/NDTiff.index")).parent)
         tiffs = [str(p) for p in path.iterdir() if p.suffix.lower() in (".tif", ".tiff")]
@@ -538,7 +590,8 @@ def open_recording(spec: str | os.PathLike, series: int = 0, salvage: bool = Fal
         return _folder(tiffs, str(path))
     if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8"):
         return _tiff(path, series, salvage)
-    raise RecordingError(f"{path}: unknown format; expected a TIFF file, a folder of TIFFs, an NDTiff dataset or an HDF5 file")
+    raise RecordingError(f"{path}: unknown format; expected a TIFF file, a folder of TIFFs, an NDTiff dataset, an HDF5 file "
+                         "or an OME-Zarr store (a folder)")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
-"""Reconstructed volumes → OME-TIFF or HDF5, written safely and resumably.
+"""Reconstructed volumes → OME-TIFF, HDF5 or OME-Zarr, written safely and resumably.
 
-The output is created at full size under a temporary name next to the destination
-(``.NAME.partial``) and renamed when every volume is in it, so a reader never sees a half-written
-file under the real name. Volumes land at their place in the file in any order (several
-processes may write one OME-TIFF: uncompressed, contiguous, written with ``os.pwrite``). After
+The output is created under a temporary name next to the destination (``.NAME.partial``) and
+renamed when every volume is in it, so a reader never sees a half-written output under the real
+name. Volumes land at their place in the output in any order (several processes may write one
+OME-TIFF: uncompressed, contiguous, written with ``os.pwrite``; or one OME-Zarr: a chunk file per
+volume, :mod:`ccm.io.ome_zarr`). After
 each durability point (data flushed to disk) the positions written are appended to a progress
 file in ``.NAME.ccm-progress/``; re-running the same job reads them and does only what is left.
 A different job (other input, bundle, selection or options) over the same partial output is
@@ -11,9 +12,10 @@ refused rather than mixed in.
 
 Layout: axes = the recording's kept extra axes + ``ZYX`` (e.g. ``TZYX``), physical sizes in µm,
 depth planes as Z; the source's metadata and the bundle's description are carried as JSON (OME
-``Description``; HDF5 attributes). A per-frame forward-consistency score (when the bundle has a
-consistency model) goes into the HDF5 dataset ``consistency_score`` (shape of the extra axes) or an
-OME ``MapAnnotation`` (key ``ccm.consistency_score``: a JSON list in position order) — recorded in the
+``Description``; HDF5 attributes; OME-Zarr ``ccm`` attributes). A per-frame forward-consistency score
+(when the bundle has a consistency model) goes into the HDF5 dataset or OME-Zarr array
+``consistency_score`` (shape of the extra axes) or an OME-TIFF ``MapAnnotation`` (key
+``ccm.consistency_score``: a JSON list in position order) — recorded in the
 progress folder with each durability point, so a resumed run keeps the scores of the frames it skips.
 """
 
@@ -30,11 +32,16 @@ from typing import Any, Literal
 import numpy as np
 
 from ccm.errors import OutputError
-from ccm.io.atomic import ensure_room
+from ccm.io import ome_zarr
+from ccm.io.atomic import ensure_room, replace_output
 from ccm.portable import datasync, pwrite
 
 OME_EXTRA_AXES = ("", "T", "C", "TC", "CT")
 """Extra axes an OME-TIFF output can hold in front of ZYX (OME images are at most 5D: TCZYX)."""
+
+ZARR_EXTRA_AXES = ("", "T", "C", "P", "TC", "TP")
+"""Extra axes an OME-Zarr output can hold in front of ZYX (OME-NGFF: at most a time axis, then one channel
+or custom axis — P, the stage position — then space)."""
 
 
 
@@ -42,7 +49,7 @@ OME_EXTRA_AXES = ("", "T", "C", "TC", "CT")
 class OutputSpec:
     """What a batch reconstruction writes.
 
-    path : the destination (``.ome.tif``/``.tif`` → OME-TIFF; ``.h5``/``.hdf5`` → HDF5).
+    path : the destination (``.ome.tif``/``.tif`` → OME-TIFF; ``.h5``/``.hdf5`` → HDF5; ``.ome.zarr``/``.zarr`` → OME-Zarr).
     axes, shape : the kept extra axes of the recording and their sizes (C order; may be empty).
     volume_shape : (D, h, w).
     dtype : ``float32`` (values in [0, 1]) or ``uint16`` (× 65535, rounded).
@@ -61,7 +68,7 @@ class OutputSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     job: dict[str, Any] = field(default_factory=dict)
     timestamps_s: np.ndarray | None = None
-    """(n,) acquisition time of each position's frame, s (OME Plane DeltaT; HDF5 ``timestamps_s``), if known."""
+    """(n,) acquisition time of each position's frame, s (OME Plane DeltaT; HDF5/OME-Zarr ``timestamps_s``), if known."""
 
     @property
     def format(self) -> str:
@@ -70,7 +77,9 @@ class OutputSpec:
             return "hdf5"
         if name.endswith((".tif", ".tiff")):
             return "ome-tiff"
-        raise OutputError(f"{self.path}: name the output .ome.tif (OME-TIFF) or .h5 (HDF5)")
+        if ome_zarr.is_zarr(name):
+            return "ome-zarr"
+        raise OutputError(f"{self.path}: name the output .ome.tif (OME-TIFF), .h5 (HDF5) or .ome.zarr (OME-Zarr)")
 
     @property
     def n(self) -> int:
@@ -88,6 +97,10 @@ class OutputSpec:
         if self.format == "ome-tiff" and self.axes not in OME_EXTRA_AXES:
             raise OutputError(f"{self.path}: an OME-TIFF holds at most time and channel axes in front of ZYX; the input keeps "
                               f"axes {self.axes!r} — select single positions/planes (e.g. --select P=0) or write HDF5 (.h5)")
+        if self.format == "ome-zarr" and self.axes not in ZARR_EXTRA_AXES:
+            raise OutputError(f"{self.path}: an OME-Zarr image holds at most a time axis and one channel or position axis "
+                              f"in front of ZYX; the input keeps axes {self.axes!r} — select single positions/planes "
+                              "(e.g. --select C=0) or write HDF5 (.h5)")
         return self
 
 
@@ -136,6 +149,9 @@ def _create(spec: OutputSpec) -> None:
     d, h, w = spec.volume_shape
     full_shape = (*spec.shape, d, h, w)
     description = json.dumps(spec.metadata, default=str)
+    if spec.format == "ome-zarr":
+        ome_zarr.create_volumes(spec)
+        return
     if spec.format == "hdf5":
         import h5py
 
@@ -187,12 +203,14 @@ class VolumeWriter:
         self._score_file = open(spec.progress_dir / f"scores-rank{rank}.txt", "a")
         d, h, w = spec.volume_shape
         self._volume_bytes = d * h * w * np.dtype(spec.dtype).itemsize
+        self._fd, self._h5, self._zarr = None, None, None
         if spec.format == "hdf5":
             import h5py
 
             self._h5 = h5py.File(spec.tmp, "r+")
             self._dataset = self._h5["volumes"]
-            self._fd = None
+        elif spec.format == "ome-zarr":
+            self._zarr = ome_zarr.VolumeChunks(spec)
         else:
             import tifffile
 
@@ -201,7 +219,6 @@ class VolumeWriter:
             if self._offset is None:
                 raise OutputError(f"{spec.tmp}: not a contiguous OME-TIFF (was it written by ccm?)")
             self._fd = os.open(spec.tmp, os.O_WRONLY)
-            self._h5 = None
 
     def write(self, positions: np.ndarray, volumes: np.ndarray, scores: np.ndarray | None = None) -> None:
         """positions (n,) int64 output positions (C-order flat over ``spec.shape``); volumes (n, D, h, w) float32;
@@ -221,6 +238,9 @@ class VolumeWriter:
                     while view:  # pwrite may write less than asked
                         written = pwrite(self._fd, view, offset)
                         view, offset = view[written:], offset + written
+                elif self._zarr is not None:
+                    for k, position in enumerate(range(start, stop)):
+                        self._zarr.write(position, block[k])
                 else:
                     for k, position in enumerate(range(start, stop)):
                         self._dataset[np.unravel_index(position, self.spec.shape) if self.spec.shape else ()] = block[k]
@@ -235,6 +255,8 @@ class VolumeWriter:
         try:
             if self._fd is not None:
                 datasync(self._fd)
+            elif self._zarr is not None:
+                self._zarr.sync()
             else:
                 self._h5.flush()
                 self._unsynced = 0
@@ -289,14 +311,17 @@ def written_scores(spec: OutputSpec) -> np.ndarray | None:
 
 
 def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
-    """Put the per-frame scores into the finished partial output (HDF5 dataset / OME MapAnnotation)."""
+    """Put the per-frame scores into the finished partial output (HDF5 dataset / OME-Zarr array / OME MapAnnotation)."""
+    meaning = ("forward-consistency score per frame (ccm.infer.consistency): the 99th percentile of the squared residual "
+               "against the camera noise; compare with the bundle's threshold")
+    if spec.format == "ome-zarr":
+        ome_zarr.store_scores(spec, scores, meaning)
+        return
     if spec.format == "hdf5":
         import h5py
 
         with h5py.File(spec.tmp, "r+") as f:
-            ds = f.create_dataset("consistency_score", data=scores.reshape(spec.shape))
-            ds.attrs["meaning"] = ("forward-consistency score per frame (ccm.infer.consistency): the 99th percentile of the "
-                                   "squared residual against the camera noise; compare with the bundle's threshold")
+            f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = meaning
         return
     import xml.etree.ElementTree as ET
 
@@ -324,6 +349,8 @@ def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
 def read_scores(path: str | os.PathLike) -> np.ndarray | None:
     """The per-frame consistency scores a finished ``ccm reconstruct`` output holds (None if it has none)."""
     path = Path(path)
+    if ome_zarr.is_zarr(path):
+        return ome_zarr.read_scores(path)
     if path.suffix in (".h5", ".hdf5"):
         import h5py
 
@@ -345,6 +372,12 @@ def finish(spec: OutputSpec) -> bool:
     scores = written_scores(spec)
     if scores is not None:
         _store_scores(spec, scores)
-    os.replace(spec.tmp, spec.path)
+    replace_output(spec.tmp, spec.path)
     shutil.rmtree(spec.progress_dir, ignore_errors=True)
     return True
+
+
+def output_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of a finished output: the file, or every file of an OME-Zarr store."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
