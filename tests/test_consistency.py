@@ -106,7 +106,7 @@ def test_live_alarm_fires_after_the_cannula_moves_and_not_before(scored):
     assert counts["fired_at"] - counts["moved_at"] <= 200  # within 1 s of camera frames (200 frames/s)
 
 
-@pytest.mark.parametrize("suffix", [".ome.tif", ".h5"])
+@pytest.mark.parametrize("suffix", [".ome.tif", ".h5", ".ome.zarr"])
 def test_reconstruct_writes_a_score_per_frame(scored, tmp_path, suffix):
     import tifffile
 

@@ -340,10 +340,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _classes_path(output: Path) -> Path:
-    """OUT.ome.tif / OUT.h5 → OUT.classes.csv beside it."""
+    """OUT.ome.tif / OUT.h5 / OUT.ome.zarr → OUT.classes.csv beside it."""
     import re
 
-    return output.with_name(re.sub(r"\.(?:ome\.tiff?|tiff?|h5|hdf5)$", "", output.name, flags=re.I) + ".classes.csv")
+    return output.with_name(re.sub(r"\.(?:ome\.tiff?|tiff?|h5|hdf5|(?:ome\.)?zarr)$", "", output.name, flags=re.I) + ".classes.csv")
 
 
 def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
@@ -352,15 +352,16 @@ def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
     import re
 
     from ccm.io.atomic import refuse_output_over_inputs, same_file
+    from ccm.io.ome_zarr import is_zarr
 
     h5_dataset = re.compile(r"(\.(?:h5|hdf5|he5)):/?.*$", re.I)
     outputs = [args.output]
-    if len(args.inputs) > 1 or args.output.is_dir() or str(args.output).endswith("/"):
-        suffix = ".h5" if args.format == "hdf5" else ".ome.tif"
+    if len(args.inputs) > 1 or (args.output.is_dir() and not is_zarr(args.output)) or str(args.output).endswith("/"):
+        suffix = {"hdf5": ".h5", "ome-zarr": ".ome.zarr"}.get(args.format, ".ome.tif")
         outputs = []
         for source in args.inputs:  # a/run.1.tif → OUT/run.1-recon.ome.tif
             name = Path(h5_dataset.sub(r"\1", str(source).rstrip("/"))).name
-            stem = re.sub(r"\.(?:ome\.tiff?|tiff?|btf|tf8|h5|hdf5|he5)$", "", name, flags=re.I)
+            stem = re.sub(r"\.(?:ome\.tiff?|tiff?|btf|tf8|h5|hdf5|he5|(?:ome\.)?zarr)$", "", name, flags=re.I)
             outputs.append(args.output / (re.sub(r"[*?\[\]]", "", stem) + "-recon" + suffix))
     for i, output in enumerate(outputs):
         for j in range(i):
@@ -714,17 +715,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip re-imaging 200 pairs shifted by 1 px, rotated 1°, through another cannula and at 20 %% exposure")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("reconstruct", help="reconstruct recorded stacks (TIFF, OME, ImageJ, NDTiff, MM, HDF5) → OME-TIFF/HDF5",
+    p = sub.add_parser("reconstruct", help="reconstruct recorded stacks (TIFF, OME, ImageJ, NDTiff, MM, HDF5, OME-Zarr) → "
+                                           "OME-TIFF/HDF5/OME-Zarr",
                        description="Reconstruct recorded raw frames with a bundle: multi-page TIFF/BigTIFF, OME-TIFF, ImageJ "
                                    "hyperstacks, a folder or glob of single-frame TIFFs, NDTiff (pycromanager) and Micro-Manager "
-                                   "OME-TIFF datasets, HDF5 (file.h5 or file.h5:/dataset). Streams (memory does not grow with "
+                                   "OME-TIFF datasets, HDF5 (file.h5 or file.h5:/dataset), OME-Zarr (pymmcore-plus, napari, "
+                                   "other OME-NGFF writers). Streams (memory does not grow with "
                                    "length), writes under a temporary name and renames when complete; re-running the same "
                                    "command resumes an interrupted run. Several GPUs or nodes through Lightning's strategies.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="recordings; quote globs ('frames/*.tif')")
     p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output .ome.tif or .h5 — or a folder (several inputs: one output each)")
-    p.add_argument("--format", choices=["ome-tiff", "hdf5"], default="ome-tiff", help="format when OUTPUT is a folder")
+                   help="output .ome.tif, .h5 or .ome.zarr — or a folder (several inputs: one output each)")
+    p.add_argument("--format", choices=["ome-tiff", "hdf5", "ome-zarr"], default="ome-tiff", help="format when OUTPUT is a folder")
     p.add_argument("--select", nargs="*", default=[], metavar="AXIS=SEL",
                    help="frames to reconstruct per axis: T=0:100 keeps a range, C=1 picks one (the axis is dropped)")
     p.add_argument("--series", type=int, default=0, help="TIFF series (default: 0)")
