@@ -113,7 +113,9 @@ class ConsistencyModel:
         camera's noise alone; compare with :attr:`threshold`, which includes the forward model's own error)."""
         z, _ = self.residual(x, volumes)
         z2 = (z ** 2).flatten(1)[:, self._inside]
-        return torch.quantile(z2, TAIL, dim=1).numpy().astype(np.float32)
+        # the order statistic itself (kthvalue: a partial selection, ~10x cheaper than quantile's sort and interpolation)
+        k = int(TAIL * (z2.shape[1] - 1)) + 1
+        return torch.kthvalue(z2, k, dim=1).values.numpy().astype(np.float32)
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: frames outside the calibrated range."""
