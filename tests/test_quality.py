@@ -134,3 +134,14 @@ def test_own_device_pairs_follow_the_simulated_blocks(tiny_cannula, tmp_path):
         others = np.setdiff1d(np.arange(70), own)
         assert len(own) and all(not np.array_equal(a.raw[k], b.raw[k]) for k in others)
         assert np.array_equal(own_device_pairs(b.provenance, len(b), np.arange(70)), np.arange(70))
+
+
+def test_consistency_command_calibrates_on_the_bundles_own_held_out_pairs(tiny_bundle, tmp_path):
+    from ccm.infer.bundle import load_bundle
+
+    bundle, _, folder = tiny_bundle
+    out = tmp_path / "refit.safetensors"
+    assert main(["consistency", "--bundle", str(bundle.path), "--data", str(folder / "train.h5"), "-o", str(out)]) == 0
+    model = load_bundle(out).consistency
+    assert model.report["held_out_frames"] == len(bundle.split["test"])  # frames the network never trained on
+    assert model.report["forward_fit"]["pairs"] == 160 - len(bundle.split["test"]) - len(bundle.split["val"])

@@ -39,8 +39,9 @@ def test_shipped_bundle_reaches_its_card(card, tmp_path):
     recipe, _ = load_dataset_recipe(card["dataset_recipe"])
     device = load_device(recipe.device)
     assert bundle.fingerprint == card["device_fingerprint"]
-    stack = simulate_stack(device, tmp_path / "fresh.h5", FRESH_PAIRS, mode=recipe.planes, scenes=recipe.scenes,
-                           seed=FRESH_SEED, progress=False)
+    test = recipe.parts["test"]  # fresh scenes drawn as the card's test part draws them
+    stack = simulate_stack(device, tmp_path / "fresh.h5", FRESH_PAIRS, mode=recipe.planes, scenes=test.scenes or recipe.scenes,
+                           seed=FRESH_SEED, progress=False, brightness=test.brightness, photons=test.photons)
     result, _ = score_bundle(bundle, stack, file_sha256(stack))
     for metric, tolerance in card["tolerance"].items():
         reached = result["overall"][metric]

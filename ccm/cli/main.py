@@ -240,7 +240,15 @@ def _cmd_consistency(args: argparse.Namespace) -> None:
             raise UsageError(f"{args.data} was recorded with device {stack.device.name} ({stack.fingerprint}); "
                              f"bundle {bundle.label} is for {bundle.device.name} ({bundle.fingerprint})")
         n = len(stack)
-    split = split_indices(n, SplitConfig(val_fraction=0.1, test_fraction=0.1, max_val=2000))
+    from ccm.learn.training import file_sha256
+
+    # on the bundle's own training stack, its stored split: the calibrated range comes from frames it never trained on
+    own = bundle.training.get("data", {}).get("sha256") == file_sha256(args.data) and len(bundle.split.get("test", []))
+    if own:  # bundles store the held-out parts; training is the rest
+        held = {part: np.asarray(bundle.split[part], np.int64) for part in ("val", "test")}
+        split = {"train": np.setdiff1d(np.arange(n), np.concatenate(list(held.values()))), **held}
+    else:
+        split = split_indices(n, SplitConfig(val_fraction=0.1, test_fraction=0.1, max_val=2000))
     model = fit_consistency(bundle, args.data, split)
     model.alarm_margin = args.alarm_margin
     out = dataclasses.replace(bundle, consistency=model, path=None).save(args.output)
