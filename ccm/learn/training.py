@@ -330,8 +330,12 @@ def _check_checkpoint(path: Path) -> None:
     """Refuse a checkpoint that loads only by unpickling arbitrary objects (which can run code) or not at all."""
     import pickle
 
+    import warnings
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a hostile file before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError,
             ModuleNotFoundError, ImportError, KeyError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
