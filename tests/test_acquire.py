@@ -329,6 +329,37 @@ def test_reference_camera_registration_and_capture(tiny_cannula, tmp_path):
     assert corr > 0.8
 
 
+def test_calibrate_reports_each_pair_and_stops_resumably(tiny_cannula, tmp_path):
+    """ccm.acquire.calibrate.calibrate (what `ccm calibrate` and the napari widget run): ``on_pair`` sees
+    each pair as written; ``stop`` ends the capture with the partial stack left, and the same call resumes
+    it to the same stack an uninterrupted run writes."""
+    from ccm.acquire.calibrate import calibrate
+    from ccm.errors import UsageError
+    from ccm.io.stack import CalibrationStack, partial_path
+
+    out, seen, stop = tmp_path / "cal.h5", [], threading.Event()
+
+    def on_pair(done, n, raw, target):
+        seen.append((done, n, raw.shape, raw.dtype, target.shape, target.dtype))
+        if done == 3:
+            stop.set()
+
+    calibrate(tiny_cannula, out, 6, targets=["neurons"], seed=4, dark_frames=2, progress=False, on_pair=on_pair, stop=stop)
+    assert not out.exists() and partial_path(out).exists()
+    assert seen == [(i, 6, (48, 48), np.uint16, (1, 24, 24), np.float32) for i in (1, 2, 3)]
+    stop.clear()
+    calibrate(tiny_cannula, out, 6, targets=["neurons"], seed=4, dark_frames=2, progress=False, on_pair=on_pair, stop=stop)
+    assert [s[0] for s in seen] == [1, 2, 3, 4, 5, 6] and out.exists() and not partial_path(out).exists()
+    calibrate(tiny_cannula, tmp_path / "whole.h5", 6, targets=["neurons"], seed=4, dark_frames=2, progress=False)
+    with CalibrationStack(out) as resumed, CalibrationStack(tmp_path / "whole.h5") as whole:
+        assert len(resumed) == 6
+        np.testing.assert_array_equal(resumed.target[...], whole.target[...])  # the same targets, drawn per index
+    with pytest.raises(UsageError, match="exists"):
+        calibrate(tiny_cannula, out, 6, progress=False)
+    with pytest.raises(UsageError, match="folder"):
+        calibrate(tiny_cannula, tmp_path, 6, progress=False)
+
+
 def test_qt_display_shows_targets_full_screen(monkeypatch):
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
     pytest.importorskip("qtpy")

@@ -16,15 +16,21 @@ Two ways to know the ground truth, as in the lab:
 Both: dark frames first (display black / light off), exposure from the source, ``frames_per_target``
 frames averaged per target, and an interrupted capture resumes where it stopped (re-run the same
 command; targets are drawn per index from the seed, so a resumed run shows the same ones).
+
+:func:`calibrate` is what ``ccm calibrate`` and the napari Calibrate widget run: it opens the camera
+and the display a setting names, captures, and closes them. Its ``on_pair`` hook sees each pair as
+it is written (progress, a live view) and its ``stop`` event ends the capture after the current pair,
+leaving the partial stack that the same call resumes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
@@ -34,8 +40,15 @@ from ccm.devices import CannulaDevice, WindowDevice
 from ccm.errors import UsageError
 from ccm.io.stack import StackWriter, partial_path
 
+if TYPE_CHECKING:
+    from ccm.acquire.mmcore import MMCoreSource
+
 MIN_ECC = 0.8
 """Registrations whose ECC correlation is below this are refused."""
+
+PairHook = Callable[[int, int, np.ndarray, np.ndarray], None]
+"""``on_pair(done, n, raw, target)``: called after each pair is written — ``done`` pairs are in the stack
+(of ``n``), ``raw`` (H, W) uint16 the camera frame, ``target`` (D, h, w) float32 what it saw."""
 
 
 class Display(Protocol):
@@ -102,9 +115,13 @@ def _average(snap: Callable[[], Frame], n: int) -> np.ndarray:
 
 def capture_display_targets(source, display: Display, device: CannulaDevice | WindowDevice, output: Path, n: int,
                             kinds: Sequence[str] = ("digits",), seed: int = 0, frames_per_target: int = 1,
-                            dark_frames: int = 16, settle_s: float = 0.0, progress: bool = True) -> Path:
+                            dark_frames: int = 16, settle_s: float = 0.0, progress: bool = True,
+                            on_pair: PairHook | None = None, stop: threading.Event | None = None) -> Path:
     """Show ``n`` targets on ``display``, capture ``source``'s frame for each (averaged over
-    ``frames_per_target``), write the calibration stack ``output``. Re-running resumes."""
+    ``frames_per_target``), write the calibration stack ``output``. Re-running resumes.
+
+    ``on_pair``: see :data:`PairHook`. ``stop``: once set, the capture ends after the current pair and
+    the partial stack stays (``output`` does not exist yet); the same call resumes it."""
     if tuple(source.frame_shape) != tuple(device.sensor.shape):
         raise SourceError(f"{source.name} gives {source.frame_shape} frames; {device.name} expects {tuple(device.sensor.shape)}")
     target = display_targets(device, list(kinds), seed)
@@ -117,7 +134,7 @@ def capture_display_targets(source, display: Display, device: CannulaDevice | Wi
         time.sleep(settle_s)  # the display's own response time, not synchronisation
         dark = _average(source.snap, dark_frames).astype(np.float32)
     return _capture(source, device, output, n, provenance, dark, resuming, progress, frames_per_target,
-                    lambda i: _show(display, target(i), settle_s))
+                    lambda i: _show(display, target(i), settle_s), on_pair, stop)
 
 
 def _show(display: Display, volume: np.ndarray, settle_s: float) -> np.ndarray:
@@ -128,7 +145,8 @@ def _show(display: Display, volume: np.ndarray, settle_s: float) -> np.ndarray:
 
 
 def _capture(source, device, output, n, provenance, dark, resuming, progress, frames_per_target,
-             prepare: Callable[[int], np.ndarray]) -> Path:
+             prepare: Callable[[int], np.ndarray], on_pair: PairHook | None = None,
+             stop: threading.Event | None = None) -> Path:
     from tqdm import tqdm
 
     depths = device.target.planes("2d")
@@ -137,9 +155,13 @@ def _capture(source, device, output, n, provenance, dark, resuming, progress, fr
         start = writer.written
         for i in tqdm(range(start, n), initial=start, total=n, unit="pair", desc=f"calibrate → {Path(output).name}",
                       disable=not progress):
-            volume = prepare(i)
+            if stop is not None and stop.is_set():  # the writer closes the partial stack: resumable
+                break
+            volume = prepare(i).astype(np.float32)
             raw = np.clip(np.rint(_average(source.snap, frames_per_target)), 0, 65535).astype(np.uint16)
-            writer.append(raw[None], volume[None].astype(np.float32))
+            writer.append(raw[None], volume[None])
+            if on_pair is not None:
+                on_pair(i + 1, n, raw, volume)
     return Path(output)
 
 
@@ -244,11 +266,13 @@ class SimulatedReferenceCamera:
 
 def capture_reference_camera(source, reference, sample_next: Callable[[int], object], registration: Registration,
                              device: CannulaDevice | WindowDevice, output: Path, n: int, frames_per_target: int = 1,
-                             dark_frames: int = 16, progress: bool = True) -> Path:
+                             dark_frames: int = 16, progress: bool = True, on_pair: PairHook | None = None,
+                             stop: threading.Event | None = None) -> Path:
     """Capture ``n`` pairs: for each, ``sample_next(i)`` changes the sample (a stage move, a new field),
     then the device's frame (``source``) and the reference camera's image, registered to the target
     grid, minus the reference's background (its image before the first sample, averaged over
-    ``dark_frames``) and normalised to [0, 1] (99.9th percentile → 1), become one pair."""
+    ``dark_frames``) and normalised to [0, 1] (99.9th percentile → 1), become one pair. ``on_pair``
+    and ``stop`` as in :func:`capture_display_targets`."""
     h, w = device.target.shape
     provenance = {"source": "captured", "method": "reference camera", "n": n, "frames_per_target": frames_per_target,
                   "camera": source.name, "reference": reference.name, "registration": registration.as_dict()}
@@ -262,4 +286,112 @@ def capture_reference_camera(source, reference, sample_next: Callable[[int], obj
         scale = max(float(np.percentile(image, 99.9)), 1e-6)
         return np.clip(image / scale, 0, 1)[None].astype(np.float32)
 
-    return _capture(source, device, output, n, provenance, dark, resuming, progress, frames_per_target, prepare)
+    return _capture(source, device, output, n, provenance, dark, resuming, progress, frames_per_target, prepare,
+                    on_pair, stop)
+
+
+# --- the whole capture, as `ccm calibrate` and the napari widget run it ----------------------------
+
+METHODS = ("display", "reference")
+SOURCES = ("sim", "mmcore")
+DISPLAYS = ("sim", "qt")
+
+
+def calibrate(device: str | Path | CannulaDevice | WindowDevice, output: str | Path, n: int, *, method: str = "display",
+              source: str = "sim", display: str = "sim", screen: int = 1, config: str | Path | None = None,
+              targets: Sequence[str] = ("digits",), seed: int = 0, frames_per_target: int = 1, dark_frames: int = 16,
+              exposure_ms: float | None = None, settle_s: float = 0.0, overwrite: bool = False, progress: bool = True,
+              on_pair: PairHook | None = None, stop: threading.Event | None = None,
+              make_display: Callable[[int], Display] | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Capture the calibration stack ``output`` (``n`` pairs) from ``device`` (a device, a shipped name or a
+    YAML file): open the camera and the display, capture, close them. Re-running resumes a partial stack.
+
+    method : ``"display"`` (targets shown on a display) or ``"reference"`` (a reference camera registered to
+        the target grid; simulated only: with two real cameras use :func:`register_reference` and
+        :func:`capture_reference_camera`).
+    source : the device's camera: ``"sim"`` (the device's physics looking at a simulated display) or
+        ``"mmcore"`` (Micro-Manager configuration ``config`` through pymmcore-plus, at ``exposure_ms``).
+    display : where targets are shown: ``"sim"`` or ``"qt"`` (full screen on ``screen``, made by
+        ``make_display(screen)``; default :class:`ccm.acquire.qt_display.QtDisplay`).
+    overwrite : replace a complete stack already at ``output`` (only once the new one is complete);
+        without it such a stack is refused.
+    on_pair, stop : see :func:`capture_display_targets`; with ``stop`` set the partial stack stays and
+        ``output`` does not exist yet. ``log`` receives progress lines that are not pairs (the registration).
+    Returns ``output``.
+    """
+    from ccm.devices import load_device
+
+    output = Path(output)
+    if method not in METHODS or source not in SOURCES or display not in DISPLAYS:
+        raise UsageError(f"method {method!r}, source {source!r}, display {display!r}: choose method from {METHODS}, "
+                         f"source from {SOURCES}, display from {DISPLAYS}")
+    if n < 1 or frames_per_target < 1 or dark_frames < 1:
+        raise UsageError(f"pairs ({n}), frames per target ({frames_per_target}) and dark frames ({dark_frames}) must be at least 1")
+    if output.is_dir():
+        raise UsageError(f"{output} is a folder; name the calibration stack to write (e.g. {output / 'calibration.h5'})")
+    if output.exists() and not overwrite:  # a partial (.NAME.partial) is resumed; a finished stack is kept
+        raise UsageError(f"{output} exists; choose another name or pass --overwrite")
+    if not isinstance(device, (CannulaDevice, WindowDevice)):
+        device = load_device(device)
+    if method == "reference":
+        if source != "sim" or display != "sim":
+            raise UsageError("reference-camera capture here is simulated (source and display sim); with two real cameras "
+                             "use ccm.acquire.calibrate.register_reference and capture_reference_camera with two FrameSources")
+        return _simulated_reference(device, output, n, list(targets), seed, frames_per_target, dark_frames, progress,
+                                    on_pair, stop, log)
+    if source == "sim" and display != "sim":
+        raise UsageError("the simulated camera sees only a simulated display: choose the simulated display (--display sim)")
+    if source != "sim" and display == "sim":
+        raise UsageError("a real camera needs a real display: choose the Qt display (--display qt, full screen on --screen)")
+    core = None
+    if source == "sim":
+        simulated = SimulatedDisplay(device.target.shape)
+        shown: Display = simulated
+        camera: DisplayCamera | MMCoreSource = DisplayCamera(device, simulated, exposure_ms=exposure_ms or 10.0, seed=seed)
+    else:
+        from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
+
+        core = load_core(config)
+        try:
+            if exposure_ms is not None:
+                core.setExposure(exposure_ms)
+            camera = MMCoreSource(core, device=device)
+            shown = (make_display or _qt_display)(screen)
+        except BaseException:
+            release_core(core)
+            raise
+    try:
+        return capture_display_targets(camera, shown, device, output, n, kinds=list(targets), seed=seed,
+                                       frames_per_target=frames_per_target, dark_frames=dark_frames, settle_s=settle_s,
+                                       progress=progress, on_pair=on_pair, stop=stop)
+    finally:
+        shown.close()
+        if core is not None:
+            release_core(core)
+
+
+def _qt_display(screen: int) -> Display:
+    from ccm.acquire.qt_display import QtDisplay
+
+    return QtDisplay(screen=screen)
+
+
+def _simulated_reference(device, output, n, targets, seed, frames_per_target, dark_frames, progress, on_pair, stop, log) -> Path:
+    """The reference-camera drill on the simulated device: a reference camera rotated, scaled and shifted
+    against the target grid, registered on a neuron pattern, then the capture."""
+    display = SimulatedDisplay(device.target.shape)
+    camera = DisplayCamera(device, display, seed=seed)
+    h, w = device.target.shape
+    true = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.4)
+    true[:, 2] += np.array((15.0, 11.0))
+    sample = SimulatedSample(device, targets, seed=seed)
+    reference = SimulatedReferenceCamera(sample, true, (int(h * 1.6), int(w * 1.7)), seed=seed)
+    pattern = display_targets(device, ["neurons"], seed + 1)(0)
+    sample.volume = pattern
+    registration = register_reference(reference.snap().image, pattern[0], device)
+    if log is not None:
+        log(f"reference camera registered: ECC correlation {registration.ecc:.3f}")
+    sample.volume = pattern * 0
+    return capture_reference_camera(camera, reference, lambda i: display.show(sample.next(i)[0]), registration, device,
+                                    output, n, frames_per_target=frames_per_target, dark_frames=dark_frames,
+                                    progress=progress, on_pair=on_pair, stop=stop)

@@ -507,63 +507,14 @@ def _cmd_acquire(args: argparse.Namespace) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
-    from ccm.acquire import calibrate as cal
-    from ccm.devices import load_device
+    from ccm.acquire.calibrate import calibrate
 
-    if args.output.exists() and not args.overwrite:  # a partial (.NAME.partial) is resumed; a finished stack is kept
-        raise UsageError(f"{args.output} exists; choose another name or pass --overwrite")
-    device = load_device(args.device)
-    if args.method == "display":
-        if args.source == "sim":
-            display = cal.SimulatedDisplay(device.target.shape) if args.display == "sim" else _qt_display(args)
-            if args.display != "sim":
-                raise UsageError("--source sim sees only a simulated display; use --display sim")
-            source = cal.DisplayCamera(device, display, exposure_ms=args.exposure_ms or 10.0, seed=args.seed)
-            cleanup = display.close
-        else:
-            from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
-
-            if args.display == "sim":
-                raise UsageError("a real camera needs a real display: --display qt (full screen on --screen)")
-            core = load_core(args.config)
-            if args.exposure_ms is not None:
-                core.setExposure(args.exposure_ms)
-            source, display = MMCoreSource(core, device=device), _qt_display(args)
-            cleanup = lambda: (display.close(), release_core(core))  # noqa: E731
-        try:
-            out = cal.capture_display_targets(source, display, device, args.output, args.n, kinds=args.targets, seed=args.seed,
-                                              frames_per_target=args.frames_per_target, dark_frames=args.dark_frames,
-                                              settle_s=args.settle_s, progress=not args.no_progress)
-        finally:
-            cleanup()
-    else:
-        if args.source != "sim":
-            raise UsageError("reference-camera capture from the command line is simulated (--source sim); with two real "
-                             "cameras use ccm.acquire.calibrate.register_reference and capture_reference_camera with two FrameSources")
-        import cv2
-
-        display = cal.SimulatedDisplay(device.target.shape)
-        source = cal.DisplayCamera(device, display, seed=args.seed)
-        h, w = device.target.shape
-        true = cv2.getRotationMatrix2D((w / 2, h / 2), 3.0, 1.4)
-        true[:, 2] += (15.0, 11.0)
-        sample = cal.SimulatedSample(device, args.targets, seed=args.seed)
-        reference = cal.SimulatedReferenceCamera(sample, true, (int(h * 1.6), int(w * 1.7)), seed=args.seed)
-        pattern = cal.display_targets(device, ["neurons"], args.seed + 1)(0)
-        sample.volume = pattern
-        registration = cal.register_reference(reference.snap().image, pattern[0], device)
-        print(f"reference camera registered: ECC correlation {registration.ecc:.3f}", file=sys.stderr)
-        sample.volume = pattern * 0
-        out = cal.capture_reference_camera(source, reference, lambda i: display.show(sample.next(i)[0]), registration, device,
-                                           args.output, args.n, frames_per_target=args.frames_per_target,
-                                           dark_frames=args.dark_frames, progress=not args.no_progress)
+    out = calibrate(args.device, args.output, args.n, method=args.method, source=args.source, display=args.display,
+                    screen=args.screen, config=args.config, targets=args.targets, seed=args.seed,
+                    frames_per_target=args.frames_per_target, dark_frames=args.dark_frames, exposure_ms=args.exposure_ms,
+                    settle_s=args.settle_s, overwrite=args.overwrite, progress=not args.no_progress,
+                    log=lambda line: print(line, file=sys.stderr))
     print(f"wrote {out}")
-
-
-def _qt_display(args: argparse.Namespace):
-    from ccm.acquire.qt_display import QtDisplay
-
-    return QtDisplay(screen=args.screen)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
