@@ -49,7 +49,8 @@ def test_npe2_discovers_the_plugin_and_every_contribution():
     manifest = pm.get_manifest("ccm")
     assert manifest.package_metadata.name == "ccm"
     contributions = manifest.contributions
-    assert {w.display_name for w in contributions.widgets} == {"Live reconstruction", "Reconstruct recordings", "Train a bundle"}
+    assert {w.display_name for w in contributions.widgets} == {"Live reconstruction", "Reconstruct recordings", "Train a bundle",
+                                                                 "Capture a calibration stack"}
     assert [r.command for r in contributions.readers] == ["ccm.get_reader"]
     assert [w.command for w in contributions.writers] == ["ccm.write_image"]
     assert {s.key for s in contributions.sample_data} >= {"cannula-2d-reconstructed", "cannula-3d-reconstructed", "cannula-2d"}

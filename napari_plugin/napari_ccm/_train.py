@@ -6,7 +6,8 @@ and keeps its work folder (``OUTPUT.training/``), so Start again resumes from th
 exactly as re-running the command does. A ``QTimer`` reads ``OUTPUT.training/logs/version_*/metrics.csv``
 (one version per sitting; steps continue across them) and redraws train_loss, val_loss and val_ssim.
 At the end the widget shows the bundle's path and metrics and "Use in Live" selects it in the Live
-widget of this viewer (opening one if there is none).
+widget of this viewer (opening one if there is none). :meth:`TrainWidget.use_stack` fills in a
+calibration stack (the Calibrate widget's "Train on it").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import csv
 import os
 import signal
 import sys
+import weakref
 from pathlib import Path
 
 from napari.utils.notifications import show_error, show_info
@@ -36,6 +38,7 @@ PLOT_EVERY_MS = 1000
 """How often the loss curve is re-read from the CSV log."""
 INTERRUPTED = 130
 """``ccm train``'s exit status after Ctrl-C (SIGINT): stopped, resumable."""
+DEFAULT_OUTPUT = Path.home() / "ccm-bundles" / "my-bundle.safetensors"
 
 
 def shipped_recipes() -> list[str]:
@@ -99,7 +102,7 @@ class TrainWidget(QWidget):
         self.overrides = QPlainTextEdit()
         self.overrides.setPlaceholderText("one override a line (ccm train --set), e.g.\noptim.max_epochs=3")
         self.overrides.setMaximumHeight(70)
-        self.output = QLineEdit(str(Path.home() / "ccm-bundles" / "my-bundle.safetensors"))
+        self.output = QLineEdit(str(DEFAULT_OUTPUT))
         self.start_button = QPushButton("Start")
         self.start_button.clicked.connect(self.start)
         self.stop_button = QPushButton("Stop")
@@ -140,6 +143,7 @@ class TrainWidget(QWidget):
         holder = {"process": None}
         self._holder = holder
         self.destroyed.connect(lambda *_: _interrupt(holder.get("process")))
+        TRAIN_WIDGETS.add(self)
 
     # --- controls --------------------------------------------------------------------------------
 
@@ -159,6 +163,18 @@ class TrainWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Bundle to write", self.output.text(), "ccm bundle (*.safetensors)")
         if path:
             self.output.setText(path if path.endswith(".safetensors") else path + ".safetensors")
+
+    def use_stack(self, path: str | Path, device_name: str | None = None) -> None:
+        """Train on the calibration stack ``path`` from the next Start: it fills the stack in, the bundle
+        beside it (``STACK.safetensors``) while the output is still the default, and the shipped 2D recipe
+        of ``device_name`` when there is one."""
+        path = Path(path)
+        self.data.setText(str(path))
+        if self.output.text().strip() in ("", str(DEFAULT_OUTPUT)):
+            self.output.setText(str(path.with_name(path.name.split(".")[0] + ".safetensors")))
+        recipe = f"{device_name}-2d" if device_name else None
+        if recipe is not None and recipe in shipped_recipes():
+            self.recipe.setCurrentText(recipe)
 
     @property
     def running(self) -> bool:
@@ -337,6 +353,10 @@ class TrainWidget(QWidget):
             combo.setCurrentText(path)
         show_info(f"ccm: Live uses {self.bundle_path.name}" + (" from its next Start" if live.running else ""))
         return live
+
+
+TRAIN_WIDGETS: weakref.WeakSet[TrainWidget] = weakref.WeakSet()
+"""Train widgets alive in this process (the Calibrate widget's "Train on it" finds its viewer's one here)."""
 
 
 def metrics_summary(bundle) -> str:
