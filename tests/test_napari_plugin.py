@@ -204,6 +204,10 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
     raw = viewer.layers["raw"]
     assert residual.scale[0] == pytest.approx(2 * raw.scale[0])
     quiet_residual = float(np.abs(residual.data).mean())
+    qtbot.waitUntil(lambda: "unexplained brightness" in viewer.layers, timeout=10000)  # the confidence map
+    confidence = viewer.layers["unexplained brightness"]
+    assert confidence.data.shape == (128, 128) and tuple(confidence.scale) == pytest.approx(tuple(widget.recon_layer.scale)[-2:])
+    quiet_unexplained = float(confidence.data.mean())
 
     widget.pipeline.source.camera.shift_um = 10.0  # the cannula moved since calibration
     shifted_from = widget._shown_index
@@ -216,6 +220,7 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
     # the residual layer follows the frames after the shift (its size is the score's business, checked above)
     qtbot.waitUntil(lambda: widget._residual_index is not None and widget._residual_index > shifted_from + 25, timeout=20000)
     assert np.isfinite(viewer.layers["consistency residual"].data).all() and quiet_residual > 0
+    assert float(viewer.layers["unexplained brightness"].data.mean()) > 2 * quiet_unexplained  # the moved cannula shows
     # ticks go on while the alarm stays on: still one notification for this alarm
     ticks = widget.pipeline.stats().reconstructed
     qtbot.waitUntil(lambda: widget.pipeline.stats().reconstructed >= ticks + 100, timeout=10000)

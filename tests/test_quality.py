@@ -145,3 +145,24 @@ def test_consistency_command_calibrates_on_the_bundles_own_held_out_pairs(tiny_b
     model = load_bundle(out).consistency
     assert model.report["held_out_frames"] == len(bundle.split["test"])  # frames the network never trained on
     assert model.report["forward_fit"]["pairs"] == 160 - len(bundle.split["test"]) - len(bundle.split["val"])
+
+
+def test_confidence_map_grows_where_the_frame_is_not_explained(tiny_bundle):
+    from ccm.infer.consistency import linear_stage, unexplained_brightness
+    from ccm.infer.reconstruct import Reconstructor
+    from ccm.physics.simulate import move_on_sensor
+
+    bundle, raw, _ = tiny_bundle
+    reconstructor = Reconstructor(bundle)
+    inverse = linear_stage(bundle.model())
+    assert inverse is not None
+
+    def mean_map(frames):
+        x = reconstructor.preprocessor(frames)
+        volumes = reconstructor.run_preprocessed(x)
+        unexplained = unexplained_brightness(bundle.consistency, inverse, x, volumes)
+        assert unexplained.shape == volumes.shape and (unexplained >= 0).all()
+        return float(unexplained.mean())
+
+    moved = move_on_sensor(raw, bundle.device.sensor.pixel_size_um, shift_um=3 * bundle.device.sensor.pixel_size_um)
+    assert mean_map(moved) > 1.5 * mean_map(raw)

@@ -19,6 +19,15 @@ explain and score above :attr:`ConsistencyModel.threshold`.
 
 The normalised residual image itself (:meth:`ConsistencyModel.residual`, on the camera grid) shows
 *where* a frame is not explained. Cost: one more linear stage per frame (≈ the network's first stage).
+
+The **confidence map** (:func:`unexplained_brightness`) carries that residual onto the reconstruction's
+own grid: the bundle's linear inverse (raw → target, the network's first stage) applied to the
+residual's linear part gives, per reconstructed pixel, the brightness the raw frame implies there
+beyond (or short of) what the reconstruction shows — in the reconstruction's units (0–1). Near 0:
+the frame supports the pixel; large: the network drew what the frame does not show, or missed what
+it does. It costs one linear stage more (the residual's forward pass is shared with the score), cheap
+enough to compute for the frames a user looks at; a network's own uncertainty (ensembles, test-time
+noise resampling) would cost several network passes per frame.
 """
 
 from __future__ import annotations
@@ -164,6 +173,26 @@ class ConsistencyModel:
         model = cls(forward, noise, aperture, quantiles, meta.get("report"))
         model.alarm_margin = float(meta.get("alarm_margin", ALARM_MARGIN))
         return model
+
+
+def unexplained_brightness(model: ConsistencyModel, inverse: LinearInverse, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+    """The confidence map (see the module docstring): (N, 1, H', W') preprocessed frames and their (N, D, h, w)
+    reconstructions → (N, D, h, w) float32 ≥ 0, the absolute brightness (reconstruction units) that the
+    frame's unexplained residual implies at each reconstructed pixel. ``inverse``: the bundle's linear
+    stage (:func:`linear_stage`)."""
+    with torch.inference_mode():
+        predicted = model.forward(torch.from_numpy(np.ascontiguousarray(volumes, np.float32)))
+        r = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) - predicted) * model.aperture
+        return inverse.apply_map(r, affine=False).abs().numpy().astype(np.float32)
+
+
+def linear_stage(model: torch.nn.Module) -> LinearInverse | None:
+    """The linear inverse of a bundle's module (:meth:`ccm.infer.bundle.Bundle.model`): the module itself for
+    a linear bundle, its first stage for a U-Net with one; None otherwise (no confidence map)."""
+    if isinstance(model, LinearInverse):
+        return model
+    stage = getattr(model, "linear", None)
+    return stage if isinstance(stage, LinearInverse) else None
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:

@@ -251,6 +251,12 @@ class LinearInverse(nn.Module):
             self.bias = torch.stack([real, imag], 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.apply_map(x, affine=True)
+        return y.clamp(0, 1) if self.spec.clip else y
+
+    def apply_map(self, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
+        """The fitted map without clipping; ``affine=False`` leaves out the means (the linear part alone, for
+        differences such as a residual: ``apply_map(a − b, False) == apply_map(a) − apply_map(b)``)."""
         with torch.autocast(x.device.type, enabled=False):  # the linear stage stays in float32
             x = x.float()
             if self.spec.basis == "polar":
@@ -258,13 +264,14 @@ class LinearInverse(nn.Module):
                 n, m = s.shape[0], s.shape[-1]
                 a = s.permute(3, 2, 0, 1).reshape(m, 2 * n, -1)  # (M, 2N, F): real rows, then imaginary rows
                 p, q = a @ self.wr, a @ self.wi  # each weight matrix is read once per batch (memory-bound at batch 1)
-                b = torch.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1) + self.bias[:, :, None]  # (M, 2, N, G)
+                b = torch.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1)  # (M, 2, N, G)
+                if affine:
+                    b = b + self.bias[:, :, None]
                 d, r = self.spec.out_channels, self.spec.n_rings_target
-                y = self.basis.synthesise(b.reshape(m, 2, n, d, r).permute(2, 3, 4, 1, 0).reshape(n, d, r, 2 * m))
-            else:
-                b = torch.einsum("nmf,mfg->nmg", self.basis.features(x) - self.mean_in, self.weight) + self.mean_out
-                y = self.basis.image(b)
-        return y.clamp(0, 1) if self.spec.clip else y
+                return self.basis.synthesise(b.reshape(m, 2, n, d, r).permute(2, 3, 4, 1, 0).reshape(n, d, r, 2 * m))
+            features = self.basis.features(x)
+            b = torch.einsum("nmf,mfg->nmg", features - self.mean_in if affine else features, self.weight)
+            return self.basis.image(b + self.mean_out if affine else b)
 
 
 def _refresh_after_loading(module: LinearInverse, _incompatible_keys) -> None:

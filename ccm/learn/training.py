@@ -329,7 +329,6 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
 def _check_checkpoint(path: Path) -> None:
     """Refuse a checkpoint that loads only by unpickling arbitrary objects (which can run code) or not at all."""
     import pickle
-
     import warnings
 
     try:

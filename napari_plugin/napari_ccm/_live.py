@@ -13,7 +13,9 @@ Trust: a bundle with a forward-consistency model (``bundle.consistency``) has ev
 by the pipeline; the widget shows the running window's median score next to the calibrated range
 (the alarm level and the single-frame threshold) and, when the pipeline's recalibration alarm goes
 on, a red line saying what to do and one napari warning per alarm. "Show residual" adds the layer
-``consistency residual`` — the newest frame's noise-normalised residual on the camera grid —
+``consistency residual`` — the newest frame's noise-normalised residual on the camera grid — and
+the confidence map ``unexplained brightness`` on the reconstruction's grid (the brightness the frame
+implies beyond or short of the reconstruction, :func:`ccm.infer.consistency.unexplained_brightness`),
 started by the display timer at most ``RESIDUAL_HZ`` times a second in a worker thread (never on the
 GUI thread, never in the pipeline's).
 """
@@ -43,6 +45,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
 
+from ccm.infer.consistency import linear_stage, unexplained_brightness
 from napari_ccm._common import (
     add_bundle_picker,
     bundle_choice,
@@ -97,6 +100,7 @@ class LiveWidget(QWidget):
         self._residual_at = 0.0
         self._residual_index: int | None = None
         self.residual_layer = None
+        self.unexplained_layer = None
         self._residual_worker = None
         LIVE_WIDGETS.add(self)
 
@@ -144,8 +148,9 @@ class LiveWidget(QWidget):
         self.alarm_label.setStyleSheet(ALARM_STYLE)
         self.alarm_label.setVisible(False)
         self.show_residual = QCheckBox("show residual")
-        self.show_residual.setToolTip("add the layer 'consistency residual': where the newest frame is not explained "
-                                      "by its reconstruction (normalised by the camera noise, on the camera grid)")
+        self.show_residual.setToolTip("add the layers 'consistency residual' (where the newest frame is not explained "
+                                      "by its reconstruction, normalised by the camera noise, on the camera grid) and "
+                                      "'unexplained brightness' (the same on the reconstruction's grid: a confidence map)")
         self.show_residual.toggled.connect(self._residual_toggled)
 
         form = QFormLayout()
@@ -499,9 +504,10 @@ class LiveWidget(QWidget):
 
     def _residual_toggled(self, on: bool) -> None:
         if not on:
-            if self.residual_layer is not None and self.residual_layer in self.viewer.layers:
-                self.viewer.layers.remove(self.residual_layer)
-            self.residual_layer = None
+            for layer in (self.residual_layer, self.unexplained_layer):
+                if layer is not None and layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+            self.residual_layer = self.unexplained_layer = None
             self._residual_index = None
         elif self.pipeline is not None and (latest := self.pipeline.latest()) is not None:
             self._update_residual(self.pipeline, *latest)
@@ -516,9 +522,13 @@ class LiveWidget(QWidget):
         preprocessor = pipeline.reconstructor.preprocessor
         label = f"{pipeline.source.name} frame {frame.index}"
 
+        inverse = self._linear_stage(pipeline)
+
         def compute():
-            z, _ = model.residual(preprocessor(frame.image[None], label), np.asarray(volume)[None])
-            return pipeline, frame.index, z[0, 0].numpy()
+            x, v = preprocessor(frame.image[None], label), np.asarray(volume)[None]
+            z, _ = model.residual(x, v)
+            unexplained = unexplained_brightness(model, inverse, x, v)[0] if inverse is not None else None
+            return pipeline, frame.index, z[0, 0].numpy(), unexplained
 
         worker = create_worker(compute, _ignore_errors=True)
         # a bound method, not a lambda: Qt drops the connection when the widget is destroyed (a result
@@ -528,16 +538,24 @@ class LiveWidget(QWidget):
         self._residual_worker = worker
         worker.start()
 
+    def _linear_stage(self, pipeline):
+        """The bundle's linear inverse for the confidence map, built once per pipeline (None: the bundle has none)."""
+        if getattr(self, "_inverse_for", None) is not pipeline:
+            self._inverse_for, self._inverse = pipeline, linear_stage(pipeline.reconstructor.bundle.model())
+        return self._inverse
+
     def _residual_done(self) -> None:
         self._residual_worker = None
 
     def _on_residual(self, result: tuple) -> None:
         self._show_residual(*result)
 
-    def _show_residual(self, pipeline, index: int, residual: np.ndarray) -> None:
+    def _show_residual(self, pipeline, index: int, residual: np.ndarray, unexplained: np.ndarray | None) -> None:
         if not self.show_residual.isChecked() or self.raw_layer is None:
             return
         self._residual_index = index
+        if unexplained is not None and self.recon_layer is not None:
+            self._show_unexplained(index, unexplained)
         if self.residual_layer is not None and self.residual_layer in self.viewer.layers:
             self.residual_layer.data = residual
             return
@@ -555,6 +573,20 @@ class LiveWidget(QWidget):
             "units": ("µm", "µm"), "colormap": "PiYG", "contrast_limits": (-8.0, 8.0), "opacity": 0.7,
             "metadata": {"what": "(x - F(v)) / sigma: the frame minus the reconstruction pushed back through the "
                                  "forward model, in units of the camera noise", "frame": index}})
+
+
+    def _show_unexplained(self, index: int, unexplained: np.ndarray) -> None:
+        """The confidence map on the reconstruction's grid (same scale and placement as its layer)."""
+        data = unexplained[0] if unexplained.shape[0] == 1 else unexplained
+        if self.unexplained_layer is not None and self.unexplained_layer in self.viewer.layers:
+            self.unexplained_layer.data = data
+            return
+        self.unexplained_layer = _replace_layer(self.viewer, data, {
+            "name": "unexplained brightness", "scale": tuple(self.recon_layer.scale)[-data.ndim:],
+            "translate": tuple(self.recon_layer.translate)[-data.ndim:], "units": tuple(self.recon_layer.units)[-data.ndim:],
+            "colormap": "inferno", "contrast_limits": (0.0, 0.5), "opacity": 0.6, "blending": "additive",
+            "metadata": {"what": "brightness (reconstruction units) the raw frame implies beyond or short of the "
+                                 "reconstruction at each pixel: near 0 = supported by the frame", "frame": index}})
 
 
 LIVE_WIDGETS: weakref.WeakSet[LiveWidget] = weakref.WeakSet()
