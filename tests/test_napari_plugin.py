@@ -59,6 +59,7 @@ def test_npe2_discovers_the_plugin_and_every_contribution():
         assert callable(getattr(importlib.import_module(module), name)), command.id
     # napari's own lookup by file name: ccm's reader is offered for ccm's files
     assert any(r.plugin_name == "ccm" for r in pm.iter_compatible_readers(["recon.ome.tif"]))
+    assert any(r.plugin_name == "ccm" for r in pm.iter_compatible_readers(["recon.ome.zarr"]))
 
 
 def test_bundle_samples_load_instantly_with_um_scale():
@@ -372,6 +373,59 @@ def test_reader_opens_recordings_and_stacks_in_um(tiny_cannula, tmp_path):
     with h5py.File(stack) as f:
         np.testing.assert_array_equal(np.asarray(target), f["target"][()])
     assert get_reader(str(tmp_path / "nothing.txt")) is None
+
+
+def test_reader_opens_ccm_ome_zarr_outputs_lazily_in_um(make_napari_viewer, tmp_path, capsys):
+    """OME-Zarr written by ccm's volume writer (a 3D time series) and by ``ccm reconstruct -o x.ome.zarr``
+    (2D, the shipped bundle) open lazily with the lateral scale in µm and the depth planes as Z."""
+    pytest.importorskip("zarr", minversion="3.1")
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    import ccm
+    from ccm.cli.main import main
+    from ccm.io.volume_writer import OutputSpec, VolumeWriter, finish, prepare
+    from napari_ccm._reader import get_reader
+
+    spec = OutputSpec(path=tmp_path / "v.ome.zarr", axes="T", shape=(3,), volume_shape=(4, 6, 8), pixel_size_um=1.72,
+                      depths_um=(100.0, 150.0, 200.0, 250.0), metadata={"bundle": "test"}, job={"job": 1},
+                      timestamps_s=np.array([0.0, 0.5, 1.0]))
+    volumes = np.random.default_rng(2).random((3, 4, 6, 8), dtype=np.float32)
+    prepare(spec)
+    writer = VolumeWriter(spec)
+    writer.write(np.arange(3), volumes)
+    writer.close()
+    assert finish(spec)
+    reader = get_reader(str(spec.path))
+    assert reader is not None
+    ((data, kwargs, kind),) = reader(str(spec.path))
+    assert kind == "image" and isinstance(data, da.Array) and data.chunksize == (1, 4, 6, 8)  # lazy, a volume a chunk
+    np.testing.assert_array_equal(np.asarray(data), volumes)
+    assert kwargs["scale"] == pytest.approx((1.0, 50.0, 1.72, 1.72)) and kwargs["translate"] == pytest.approx((0, 100.0, 0, 0))
+    assert kwargs["units"] == ("pixel", "µm", "µm", "µm") and kwargs["metadata"]["axes"] == "TZYX"
+    assert kwargs["metadata"]["depths_um"] == [100.0, 150.0, 200.0, 250.0] and kwargs["contrast_limits"] == (0.0, 1.0)
+    np.testing.assert_array_equal(kwargs["metadata"]["timestamps_s"], [0.0, 0.5, 1.0])
+
+    # what `ccm reconstruct -o x.ome.zarr` writes, opened in a viewer through the plugin
+    bundle = ccm.load_bundle("cannula-220um-2d")
+    frames = np.stack([bundle.sample_raw, np.fliplr(bundle.sample_raw)])
+    tifffile.imwrite(tmp_path / "movie.tif", frames)
+    out = tmp_path / "movie-recon.ome.zarr"
+    assert main(["reconstruct", str(tmp_path / "movie.tif"), "--bundle", "cannula-220um-2d", "-o", str(out)]) == 0, capsys.readouterr().err
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(out), plugin="ccm")
+    assert layer.name == "movie-recon reconstruction" and layer.data.shape == (2, 128, 128)
+    assert tuple(layer.scale) == pytest.approx((1.0, 1.72, 1.72)) and [str(u) for u in layer.units][1:] == ["micrometer"] * 2
+    np.testing.assert_allclose(np.asarray(layer.data), zarr.open_array(str(out / "0"), mode="r")[:, 0], atol=0)
+    np.testing.assert_allclose(np.asarray(layer.data), ccm.Reconstructor(bundle)(frames)[:, 0], atol=1e-5)
+
+    # other folders and other tools' OME-Zarr stores are left to other readers
+    (tmp_path / "plain.zarr").mkdir()
+    other = zarr.open_group(str(tmp_path / "other.ome.zarr"), mode="w")
+    other.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "y"}, {"name": "x"}], "datasets": [{"path": "0"}]}]}
+    assert get_reader(str(tmp_path / "plain.zarr")) is None and get_reader(str(tmp_path / "other.ome.zarr")) is None
+    assert get_reader(str(tmp_path)) is None
 
 
 def test_reader_opens_a_live_recording(make_napari_viewer, qtbot, tmp_path):

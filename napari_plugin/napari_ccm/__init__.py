@@ -2,8 +2,9 @@
 ``ccm`` distribution that installs it (``pip install "ccm[napari]"``).
 
 Contributions: the Live widget (camera → reconstruction, live), the Reconstruct widget (layers and
-recordings on disk), readers for ccm's OME-TIFF and HDF5 files, an OME-TIFF writer that keeps the
-scale in µm, and sample data. Widgets import Qt and napari; importing this package does not.
+recordings on disk), the Train widget (``ccm train``), the Calibrate widget (``ccm calibrate``), readers
+for ccm's OME-TIFF, OME-Zarr and HDF5 files, an OME-TIFF writer that keeps the scale in µm, and sample data.
+Widgets import Qt and napari; importing this package does not.
 Nothing here is imported by ``ccm`` itself.
 """
 

@@ -7,8 +7,12 @@
 - HDF5 live recordings (the Live widget, ``ccm live --record``): ``raw`` and ``volumes``, with the
   frame times in the layer metadata.
 - HDF5 outputs of ``ccm reconstruct``: ``volumes`` with its axes, pixel size and depth planes.
+- OME-Zarr outputs of ``ccm reconstruct`` (``-o x.ome.zarr``, a folder): the level-0 image with its
+  NGFF axes (``t``, ``c`` or ``p``, then ``z, y, x``), the lateral scale from its coordinate
+  transformations in µm and the depth planes (exact, from ccm's attributes) as Z. Other OME-Zarr
+  stores are left to other readers.
 
-HDF5 datasets are read lazily (dask arrays over the open file, one frame per chunk).
+HDF5 datasets and OME-Zarr arrays are read lazily (dask arrays, one frame per chunk).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis
 
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5")
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 
 
 def get_reader(path):
@@ -30,7 +35,9 @@ def get_reader(path):
         if len(path) != 1:
             return None
         path = path[0]
-    name = str(path).lower()
+    name = str(path).rstrip("/\\").lower()
+    if name.endswith(ZARR_SUFFIXES):
+        return read_ccm if _ccm_zarr(Path(path)) is not None else None
     if name.endswith(HDF5_SUFFIXES):
         return read_ccm if _hdf5_kind(Path(path)) is not None else None
     if name.endswith(TIFF_SUFFIXES):
@@ -39,10 +46,12 @@ def get_reader(path):
 
 
 def read_ccm(path) -> list[tuple]:
-    """Layer data tuples ``(data, kwargs, "image")`` for a ccm OME-TIFF or HDF5 file."""
+    """Layer data tuples ``(data, kwargs, "image")`` for a ccm OME-TIFF, OME-Zarr or HDF5 file."""
     if isinstance(path, list):
         return [layer for p in path for layer in read_ccm(p)]
     path = Path(path)
+    if str(path).rstrip("/\\").lower().endswith(ZARR_SUFFIXES):
+        return _read_zarr(path)
     if str(path).lower().endswith(HDF5_SUFFIXES):
         return _read_hdf5(path)
     return _read_ome_tiff(path)
@@ -206,3 +215,68 @@ def _volumes_layer(data, axes: str, px: float, depths: list, name: str, path: Pa
         scale, translate, units = (*(1.0,) * lead, step, px, px), (*(0.0,) * lead, first, 0.0, 0.0), (*("",) * lead, "µm", "µm", "µm")
     return (data, {"name": name, "scale": scale, "translate": translate, "units": _units(units), "colormap": RECONSTRUCTION_COLORMAP,
                    "contrast_limits": (0.0, 1.0), "metadata": {"path": str(path), "axes": axes, "depths_um": depths}}, "image")
+
+
+# --- OME-Zarr ------------------------------------------------------------------------------------
+
+def _ccm_zarr(path: Path) -> dict | None:
+    """The first multiscale and ccm's attributes of an OME-Zarr output of ``ccm reconstruct``, or None for
+    anything else (another tool's store, not a store, no zarr 3 installed)."""
+    if not path.is_dir():
+        return None
+    try:
+        import zarr
+
+        if int(zarr.__version__.split(".")[0]) < 3:
+            return None
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001  (not a store napari should open with this reader)
+        return None
+    ome = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+    multiscales = ome.get("multiscales")
+    if not multiscales or not isinstance(attrs.get("ccm"), dict) or "depths_um" not in attrs["ccm"]:
+        return None
+    return {"multiscale": multiscales[0], "ccm": attrs["ccm"]}
+
+
+def _read_zarr(path: Path) -> list[tuple]:
+    """A ccm OME-Zarr output: its level-0 array (lazy, one volume per chunk) as volumes with the extra
+    axes first, the lateral scale in µm, the depth planes as Z."""
+    import dask.array as da
+    import zarr
+
+    from ccm.io.ome_zarr import NGFF_AXES, UM_PER_UNIT
+
+    info = _ccm_zarr(path)
+    if info is None:
+        from ccm import RecordingError
+
+        raise RecordingError(f"{path}: not an OME-Zarr output of ccm reconstruct (no OME-NGFF image with ccm's attributes)")
+    multiscale, ccm_attrs = info["multiscale"], info["ccm"]
+    dataset = multiscale["datasets"][0]
+    array = zarr.open_array(str(path / dataset["path"]), mode="r")
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale.get("axes", [])]
+    letters = "".join(NGFF_AXES.get(name.lower(), name[:1].upper()) for name in axes)
+    if len(letters) != array.ndim or not letters.endswith("ZYX"):
+        from ccm import RecordingError
+
+        raise RecordingError(f"{path}: axes {axes} for an array of shape {list(array.shape)}; expected (…, z, y, x)")
+    scale = np.ones(array.ndim)
+    for transform in [*dataset.get("coordinateTransformations", []), *multiscale.get("coordinateTransformations", [])]:
+        if transform.get("type") == "scale" and len(transform.get("scale", [])) == array.ndim:
+            scale = scale * np.asarray(transform["scale"], np.float64)
+    units = [a.get("unit") if isinstance(a, dict) else None for a in multiscale.get("axes", [])]
+    px = float(scale[-1]) * UM_PER_UNIT.get(str(units[-1]), 1.0)
+    depths = [float(d) for d in ccm_attrs["depths_um"]]
+    data = da.from_zarr(array)  # zarr's chunks: one volume each
+    stem = path.name.split(".")[0]
+    layer = _volumes_layer(data, letters, px, depths, f"{stem} reconstruction", path)
+    kwargs = layer[1]
+    kwargs["metadata"]["ccm"] = ccm_attrs
+    if array.dtype == np.uint16:  # [0, 65535] stands for [0, 1]
+        kwargs["contrast_limits"] = (0, 65535)
+    group = zarr.open_group(str(path), mode="r")
+    for name in ("timestamps_s", "consistency_score"):
+        if name in group:
+            kwargs["metadata"][name] = np.asarray(group[name][...])
+    return [layer]
