@@ -245,3 +245,25 @@ def test_micro_manager_camera_with_the_full_screen_target_window(make_napari_vie
     still_shown = [w for w in QApplication.topLevelWidgets()
                    if isinstance(w, QLabel) and w.isVisible() and id(w) not in windows_before]
     assert still_shown == []  # the target window closed with the capture
+
+
+def test_closing_the_viewer_mid_capture_stops_it_and_keeps_the_partial(make_napari_viewer, qtbot, tiny_device_yaml, tmp_path):
+    import time
+
+    from ccm.io.stack import partial_path
+    from napari_ccm._calibrate import _pairs_written
+
+    out = tmp_path / "cal.h5"
+    viewer = make_napari_viewer()
+    widget = _widget(viewer, tiny_device_yaml, out, 400)
+    widget.settle.setValue(0.02)
+    widget.start()
+    qtbot.waitUntil(lambda: widget._shown is not None and widget._shown >= 3, timeout=60000)
+    stop, worker = widget.stop_event, widget.worker
+    viewer.close()
+    assert stop.is_set()  # the dock's destruction stopped the capture
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=10000)  # after the pair in hand
+    written = _pairs_written(partial_path(out))
+    time.sleep(0.3)
+    qtbot.wait(300)  # its result arrives at a widget that is gone: nothing is raised in the event loop
+    assert _pairs_written(partial_path(out)) == written and 3 <= written < 400 and not out.exists()
