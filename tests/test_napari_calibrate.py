@@ -177,6 +177,39 @@ def test_a_camera_that_stops_is_a_notification_and_the_pairs_are_kept(make_napar
         assert len(stack) == 10
 
 
+def test_a_full_disk_is_a_notification_and_the_pairs_are_kept(make_napari_viewer, qtbot, tiny_device_yaml, tmp_path, errors,
+                                                              monkeypatch):
+    import shutil
+
+    import ccm
+    from ccm.io.stack import partial_path
+
+    usage, calls = shutil.disk_usage, {"n": 0}
+
+    def filling(path):
+        real = usage(path)
+        if str(path).startswith(str(tmp_path)):
+            calls["n"] += 1
+            if calls["n"] > 1 + 4:  # the new stack, then 4 pairs
+                return type(real)(real.total, real.total, 0)
+        return real
+
+    monkeypatch.setattr(shutil, "disk_usage", filling)
+    out = tmp_path / "cal.h5"
+    viewer = make_napari_viewer()
+    widget = _widget(viewer, tiny_device_yaml, out, 10)
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    assert "free space" in widget.last_error and "4 pairs kept" in widget.last_error
+    assert any(e.startswith("ccm calibrate: ") and "free space" in e for e in errors)
+    monkeypatch.setattr(shutil, "disk_usage", usage)  # space freed: Start resumes
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    assert widget.last_error is None and not partial_path(out).exists()
+    with ccm.CalibrationStack(out) as stack:
+        assert len(stack) == 10
+
+
 @pytest.mark.slow
 def test_standard_cannula_layers_in_um_and_screenshot(make_napari_viewer, qtbot, tmp_path, errors):
     """The shipped cannula: the camera frame at 0.86 µm/px beside the target at 1.72 µm/px."""
