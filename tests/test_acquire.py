@@ -154,7 +154,7 @@ def mm_core(tmp_path):
     gc.collect()
 
 
-def test_micromanager_core_snaps_and_streams_the_simulated_camera(mm_core, tiny_bundle):
+def test_micromanager_core_snaps_and_streams_the_simulated_camera(mm_core, tiny_bundle, tmp_path):
     from ccm.acquire.mmcore import MMCoreSource
 
     mm_core.snapImage()
@@ -163,11 +163,19 @@ def test_micromanager_core_snaps_and_streams_the_simulated_camera(mm_core, tiny_
     assert source.device is not None and source.frame_shape == (48, 48)
     until = _Until(40)
     pipeline = LivePipeline(source, Reconstructor(tiny_bundle[0], batch_size=4), on_result=until)
+    recorder = pipeline.record(tmp_path / "mm.h5")
     pipeline.start()
     assert until.done.wait(60)
     stats = pipeline.stop()
     assert stats.dropped == 0 and stats.reconstructed == stats.received >= 40
     assert pipeline.error is None
+    # the recording keeps Micro-Manager's per-frame metadata beside ccm's own frame times
+    with h5py.File(recorder.path) as f:
+        n = f.attrs["frames_written"]
+        tags = [json.loads(m)["mm"] for m in f["metadata"].asstr()[:]]
+        assert len(tags) == n == stats.recorded and all("Camera" in t for t in tags)
+        camera_ms = f["camera_time_ms"][:]
+        assert np.isfinite(camera_ms).all() and (np.diff(camera_ms) >= 0).all()
 
 
 def test_micromanager_camera_disconnect_is_reported(mm_core, tiny_bundle):

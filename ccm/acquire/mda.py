@@ -34,7 +34,6 @@ File layout (``ccm-mda-recording`` v1; written as ``.NAME.partial`` and renamed 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ccm.acquire.source import metadata_json
 from ccm.errors import OutputError
 
 if TYPE_CHECKING:
@@ -69,22 +69,6 @@ class MDAStats:
     waiting: int
     seconds: float
     latency_ms_median: float | None
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "model_dump"):  # an MDAEvent without its whole sequence (that is in the file once)
-        return value.model_dump(mode="json", exclude_unset=True, exclude={"sequence"} if hasattr(value, "sequence") else None)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, default=_jsonable)
 
 
 def sequence_axes(sequence) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -157,7 +141,7 @@ class _H5Writer:
             "metadata": frames.create_dataset("metadata", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,)),
         }
         for key, value in {"format": FORMAT, "format_version": FORMAT_VERSION, "axes": "".join(axes), **attrs}.items():
-            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else _dumps(value)
+            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else metadata_json(value)
         f.attrs["complete"] = False
         self.rows = 0
 
@@ -191,7 +175,7 @@ class _H5Writer:
 
     def flush(self, attrs: dict) -> None:
         for key, value in attrs.items():
-            self._file.attrs[key] = value if isinstance(value, (str, int, float, bool)) else _dumps(value)
+            self._file.attrs[key] = value if isinstance(value, (str, int, float, bool)) else metadata_json(value)
         self._file.flush()
 
     def close(self, attrs: dict, complete: bool) -> Path:
@@ -371,7 +355,7 @@ class MDAReconstructor:
                 "y_um": number(pos.get("y", getattr(event, "y_pos", None))),
                 "z_um": number(pos.get("z", getattr(event, "z_pos", None))),
                 "exposure_ms": number(meta.get("exposure_ms", getattr(event, "exposure", None))),
-                "metadata": _dumps(meta)}
+                "metadata": metadata_json(meta)}
 
     def _work(self, sequence, meta: dict, q: queue.Queue) -> None:
         _lower_this_threads_priority()

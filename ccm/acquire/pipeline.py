@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccm.acquire.source import Frame, FrameSource, SourceError
+from ccm.acquire.source import Frame, FrameSource, SourceError, metadata_json
 from ccm.errors import OutputError
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.atomic import ensure_room, fsync_path, partial_path, refuse_existing
@@ -76,7 +76,10 @@ class LiveRecorder:
     """Raw frames and reconstructions → one HDF5 file, appended from a writer thread.
 
     Datasets: ``raw`` (N, H, W) uint16 (a stack ``ccm reconstruct`` reads), ``volumes`` (N, D, h, w)
-    float32, ``frame_index``, ``timestamp_s`` (since the first frame), ``exposure_ms``; attributes:
+    float32, ``frame_index``, ``timestamp_s`` (ccm's clock, since the first frame), ``exposure_ms``,
+    ``camera_time_ms`` (the camera's own clock where Micro-Manager reports it, ``ElapsedTime-ms``;
+    NaN otherwise) and ``metadata`` (each frame's metadata as the source gave it — Micro-Manager's
+    tags, positions, custom tags — as JSON); attributes:
     the device description and fingerprint (when known), the bundle, ``frames_written``. Flushed
     every second and on close, so a crash loses at most the last second.
 
@@ -107,6 +110,8 @@ class LiveRecorder:
         self._index = f.create_dataset("frame_index", (0,), np.int64, maxshape=(None,), chunks=(1024,))
         self._time = f.create_dataset("timestamp_s", (0,), np.float64, maxshape=(None,), chunks=(1024,))
         self._exposure = f.create_dataset("exposure_ms", (0,), np.float32, maxshape=(None,), chunks=(1024,))
+        self._camera_time = f.create_dataset("camera_time_ms", (0,), np.float64, maxshape=(None,), chunks=(1024,))
+        self._metadata = f.create_dataset("metadata", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.attrs["frames_written"] = 0
@@ -158,13 +163,15 @@ class LiveRecorder:
         if self._t0 is None:
             self._t0 = frames[0].timestamp_s
         n0, n = self.written, len(frames)
-        for dataset in (self._raw, self._volumes, self._index, self._time, self._exposure):
+        for dataset in (self._raw, self._volumes, self._index, self._time, self._exposure, self._camera_time, self._metadata):
             dataset.resize(n0 + n, axis=0)
         self._raw[n0:] = np.stack([f.image for f in frames])
         self._volumes[n0:] = volumes
         self._index[n0:] = [f.index for f in frames]
         self._time[n0:] = [f.timestamp_s - self._t0 for f in frames]
         self._exposure[n0:] = [f.exposure_ms for f in frames]
+        self._camera_time[n0:] = [_camera_time_ms(f.metadata) for f in frames]
+        self._metadata[n0:] = [metadata_json(f.metadata) for f in frames]
         self.written = n0 + n
 
     def _flush(self) -> None:
@@ -186,6 +193,14 @@ class LiveRecorder:
             raise self.error
         fsync_path(self.tmp)
         os.replace(self.tmp, self.path)
+
+
+def _camera_time_ms(metadata: dict) -> float:
+    """The camera's own frame time (Micro-Manager's ``ElapsedTime-ms`` tag), NaN where the source has none."""
+    try:
+        return float((metadata.get("mm") or {}).get("ElapsedTime-ms", "nan"))
+    except (TypeError, ValueError, AttributeError):
+        return float("nan")
 
 
 @dataclass

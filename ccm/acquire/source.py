@@ -15,10 +15,12 @@ No Qt here: the napari plugin, the command line and scripts share this layer.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +47,25 @@ class Frame:
     timestamp_s: float
     exposure_ms: float
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):  # an MDAEvent without its whole sequence (that is in the file once)
+        return value.model_dump(mode="json", exclude_unset=True, exclude={"sequence"} if hasattr(value, "sequence") else None)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def metadata_json(value: Any) -> str:
+    """JSON of per-frame or per-run metadata (Micro-Manager tags, useq events, numpy values): one implementation for
+    every recording."""
+    return json.dumps(value, default=_jsonable)
+
 
 
 class FrameSource(Protocol):
