@@ -231,6 +231,42 @@ def test_pycromanager_acquisition_reconstructs_on_the_fly(mm_core, tiny_bundle, 
         release_pymmcore_plus()
 
 
+def test_pycromanager_without_micromanager_is_refused_in_one_line(monkeypatch):
+    """Nothing on the port: refused at once. A server that never answers pycromanager's handshake: refused
+    after the time-out, its socket thread's own exception kept out of threading.excepthook."""
+    pytest.importorskip("pycromanager")
+    import socket
+    import time
+
+    from mmpycorex import launcher
+
+    from ccm.acquire.pycromanager_source import PycromanagerSource
+
+    monkeypatch.setattr(launcher, "_PYMMCORES", [])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=f"no Micro-Manager on port {port} \\(connection refused"):
+        PycromanagerSource(port=port)
+    assert time.monotonic() - started < 2
+    hooked: list = []
+
+    def hook(args) -> None:
+        hooked.append(args)
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+    with socket.socket() as silent:  # listens, never answers
+        silent.bind(("127.0.0.1", port))
+        silent.listen(1)
+        started = time.monotonic()
+        with pytest.raises(SourceError, match=f"port {port} \\(something listens there but did not answer") as refused:
+            PycromanagerSource(port=port, connect_timeout_s=0.5)
+        took = time.monotonic() - started
+    assert "\n" not in str(refused.value) and "Run server on port" in str(refused.value) and took < 8
+    assert hooked == [] and threading.excepthook is hook  # nothing reached it; given back
+
+
 # --- calibration capture -------------------------------------------------------------------------
 
 def test_display_calibration_capture_trains_a_bundle_that_reconstructs(tmp_path, monkeypatch):

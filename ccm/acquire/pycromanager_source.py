@@ -95,19 +95,63 @@ def release_pymmcore_plus() -> None:
     _PYMMCORES.clear()
 
 
+def _no_server(port: int, why: str) -> SourceError:
+    return SourceError(f"no Micro-Manager on port {port} ({why}): start Micro-Manager with Tools > Options > "
+                       f"'Run server on port {port}' on, or choose another camera")
+
+
+def connect(port: int = 4827, timeout_s: float = 2.0):
+    """pycromanager's core for the Micro-Manager on ``port``: the in-process Python-backend core when
+    one is registered (``use_pymmcore_plus``, ``start_headless(python_backend=True)``), else the Java
+    core over ZMQ. Nothing listening on the port is refused at once, a server that does not complete
+    pycromanager's handshake within ``timeout_s`` after that time; either is a :class:`SourceError`
+    of one line. (pycromanager's own failed handshake ends in an exception in its socket thread,
+    which is kept out of ``threading.excepthook``: the caller gets the one line.)"""
+    import socket
+    import threading
+
+    from mmpycorex.launcher import _PYMMCORES
+
+    if _PYMMCORES:
+        return _PYMMCORES[0]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s):
+            pass
+    except OSError as err:  # refused (nothing listening), unreachable or timed out
+        raise _no_server(port, "connection refused: nothing is listening" if isinstance(err, ConnectionRefusedError)
+                         else f"{type(err).__name__}: {err}") from None
+    from pycromanager import Core
+
+    bridge_thread = f"BridgeSocketThread_port{port}"
+    previous = threading.excepthook
+
+    def quiet(args) -> None:  # pycromanager's socket thread reports its handshake time-out by raising
+        if args.thread is None or args.thread.name != bridge_thread:
+            previous(args)
+
+    threading.excepthook = quiet
+    try:
+        return Core(port=port, timeout=max(1, int(timeout_s * 1000)))
+    except Exception:  # noqa: BLE001  (pycromanager raises a bare Exception saying only "Couldn't create Core")
+        for thread in threading.enumerate():  # its socket thread raises as it closes: let it finish quietly
+            if thread.name == bridge_thread:
+                thread.join(10.0)
+        raise _no_server(port, f"something listens there but did not answer pycromanager's handshake within {timeout_s:g} s") from None
+    finally:
+        if threading.excepthook is quiet:
+            threading.excepthook = previous
+
+
 class PycromanagerSource(CircularBufferSource):
     """Live frames from a pycromanager core (see the module docstring); ``core`` defaults to
-    ``pycromanager.Core(port=port)``, the running Micro-Manager."""
+    ``pycromanager.Core(port=port)``, the running Micro-Manager (or the in-process Python-backend core
+    when one is registered). With nothing listening on ``port`` it refuses at once; a server that
+    does not answer pycromanager's handshake within ``connect_timeout_s`` is refused after that time —
+    both as a :class:`SourceError` of one line naming the port and what to start."""
 
-    def __init__(self, core=None, port: int = 4827, device=None, timeout_s: float = 2.0):
+    def __init__(self, core=None, port: int = 4827, device=None, timeout_s: float = 2.0, connect_timeout_s: float = 2.0):
         if core is None:
-            try:
-                from pycromanager import Core
-
-                core = Core(port=port)
-            except Exception as err:
-                raise SourceError(f"no Micro-Manager reachable on port {port} (is it running with the ZMQ server on, "
-                                  f"Tools > Options > Run server on port {port}?): {err}") from err
+            core = connect(port, connect_timeout_s)
         self.core = core
         self.name = f"pycromanager camera {core.get_camera_device()!r}"
         self.device = device
@@ -117,8 +161,8 @@ class PycromanagerSource(CircularBufferSource):
 
     def snap(self) -> Frame:
         self.core.snap_image()
-        tagged = self.core.get_tagged_image(0, self.core.get_camera_device(), *self.frame_shape)
-        return Frame(np.asarray(tagged.pix).reshape(self.frame_shape), 0, time.monotonic(), self.exposure_ms, {"source": self.name})
+        image = self.core.get_image()  # MMCoreJ's getImage (a numpy array through pycromanager) or the proxy's
+        return Frame(np.asarray(image).reshape(self.frame_shape), 0, time.monotonic(), self.exposure_ms, {"source": self.name})
 
     def _start_sequence(self) -> None:
         self.core.start_continuous_sequence_acquisition(0)
