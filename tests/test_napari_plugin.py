@@ -297,6 +297,71 @@ def test_live_on_a_core_already_in_the_window(make_napari_viewer, qtbot, monkeyp
         release_core(core)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_live_pycromanager_without_micromanager_is_one_notification(make_napari_viewer, qtbot, errors, monkeypatch):
+    """"Micro-Manager via pycromanager" with nothing listening on the port: one line naming the port and
+    what to start, at once; the GUI is never blocked (the camera is opened in the start worker)."""
+    import time
+
+    from mmpycorex import launcher
+
+    from napari_ccm._live import PYCROMANAGER
+
+    monkeypatch.setattr(launcher, "_PYMMCORES", [])  # no in-process Python-backend core: the Java one on the port
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    widget.camera.setCurrentIndex(PYCROMANAGER)
+    assert widget.port.isEnabled() and widget.port.value() == 4827 and not widget.config.isEnabled()
+    port = _free_port()
+    widget.port.setValue(port)
+    started = time.monotonic()
+    widget.start()
+    assert widget.starting and time.monotonic() - started < 0.5  # returned at once: connecting is the worker's
+    qtbot.waitUntil(lambda: widget.last_error is not None, timeout=30000)
+    took = time.monotonic() - started
+    message = widget.last_error
+    print(f"pycromanager refusal after {took:.2f} s: {message}")
+    assert f"port {port}" in message and "connection refused" in message and "Run server on port" in message
+    assert "\n" not in message and errors == [f"ccm live: {message}"] and took < 10
+    assert not widget.running and not widget.starting and widget.start_button.text() == "Start" and _ccm_threads() == []
+
+
+def test_live_through_pycromanager_in_process(make_napari_viewer, qtbot):
+    """pycromanager's core API over a pymmcore-plus UniMMCore (its Python backend, in process; the
+    shipped configuration's simulated cannula camera): a Live run shows both layers."""
+    pytest.importorskip("pycromanager")
+    from ccm.acquire.mmcore import load_core, release_core
+    from ccm.acquire.pycromanager_source import release_pymmcore_plus, use_pymmcore_plus
+    from napari_ccm._live import PYCROMANAGER
+
+    core = load_core()
+    use_pymmcore_plus(core)
+    try:
+        viewer = make_napari_viewer()
+        widget = _live_widget(viewer)
+        widget.camera.setCurrentIndex(PYCROMANAGER)
+        widget.start()
+        qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None and widget._shown_index >= 20, timeout=60000)
+        assert widget.last_error is None and widget.pipeline.source.name.startswith("pycromanager camera")
+        raw, recon = viewer.layers["raw"], viewer.layers["reconstruction"]
+        assert raw.data.shape == (256, 256) and raw.data.dtype == np.uint16 and recon.data.shape == (128, 128)
+        assert float(np.asarray(recon.data).max()) > 0.1 and tuple(recon.scale) == pytest.approx((1.72, 1.72))
+        stats = widget.pipeline.stats()
+        print(f"pycromanager live: {stats.line()}")
+        widget.stop()
+        assert widget.last_error is None and _ccm_threads() == [] and not core.isSequenceRunning()
+    finally:
+        release_pymmcore_plus()
+        release_core(core)
+
+
 # --- Reconstruct ---------------------------------------------------------------------------------
 
 def test_reconstruct_widget_on_a_layer(make_napari_viewer, qtbot, tmp_path):

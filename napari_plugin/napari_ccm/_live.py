@@ -18,6 +18,11 @@ the confidence map ``unexplained brightness`` on the reconstruction's grid (the 
 implies beyond or short of the reconstruction, :func:`ccm.infer.consistency.unexplained_brightness`),
 started by the display timer at most ``RESIDUAL_HZ`` times a second in a worker thread (never on the
 GUI thread, never in the pipeline's).
+
+Cameras: the simulated device, a Micro-Manager configuration (pymmcore-plus), the core already in
+this window, or a running Micro-Manager through pycromanager (its ZMQ server's port). Every camera is
+opened in the start worker; pycromanager's connection is refused at once when nothing listens on the
+port and after a short handshake time-out otherwise, as one line naming the port and what to start.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -63,7 +69,13 @@ RESIDUAL_HZ = 4
 RECALIBRATE = "Recalibrate: the reconstruction no longer explains the camera frames — ccm calibrate → ccm train"
 ALARM_STYLE = "color: #ff5050; font-weight: bold"
 
-CAMERAS = ("Simulated device", "Micro-Manager configuration (pymmcore-plus)", "Micro-Manager core in this window")
+CAMERAS = ("Simulated device", "Micro-Manager configuration (pymmcore-plus)", "Micro-Manager core in this window",
+           "Micro-Manager via pycromanager")
+SIMULATED, MM_CONFIG, MM_CORE, PYCROMANAGER = range(len(CAMERAS))
+PYCROMANAGER_PORT = 4827
+"""Micro-Manager's default ZMQ server port (Tools › Options › Run server on port)."""
+CONNECT_TIMEOUT_S = 2.0
+"""How long a pycromanager handshake may take before the camera is refused (in the start worker)."""
 RAW_GAP_UM = 20.0
 """Space between the raw frame (left) and the reconstruction (right), in µm."""
 
@@ -116,6 +128,8 @@ class LiveWidget(QWidget):
         config_row = QHBoxLayout()
         config_row.addWidget(self.config)
         config_row.addWidget(config_browse)
+        self.port = QSpinBox(minimum=1, maximum=65535, value=PYCROMANAGER_PORT)
+        self.port.setToolTip("the port of Micro-Manager's ZMQ server (Tools › Options › Run server on port)")
         self.bundle = QComboBox()
         self.bundle.addItems(shipped_bundles())
         bundle_row = add_bundle_picker(self, self.bundle)
@@ -159,6 +173,7 @@ class LiveWidget(QWidget):
         form.addRow("Frame rate", self.fps)
         form.addRow("Exposure", self.exposure)
         form.addRow("MM config", config_row)
+        form.addRow("pycromanager port", self.port)
         form.addRow("Bundle", bundle_row)
         form.addRow("Backend", self.backend)
         form.addRow("Precision", self.precision)
@@ -192,10 +207,12 @@ class LiveWidget(QWidget):
     # --- controls --------------------------------------------------------------------------------
 
     def _camera_changed(self) -> None:
-        simulated = self.camera.currentIndex() == 0
+        camera = self.camera.currentIndex()
         for w in (self.device, self.fps):
-            w.setEnabled(simulated)
-        self.config.setEnabled(self.camera.currentIndex() == 1)
+            w.setEnabled(camera == SIMULATED)
+        self.exposure.setEnabled(camera in (SIMULATED, MM_CONFIG))  # the others keep the exposure Micro-Manager has
+        self.config.setEnabled(camera == MM_CONFIG)
+        self.port.setEnabled(camera == PYCROMANAGER)
 
     def _browse_config(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Micro-Manager configuration", str(Path(self.config.text()).parent),
@@ -225,8 +242,9 @@ class LiveWidget(QWidget):
         self._set_message("")
         settings = {"camera": self.camera.currentIndex(), "device": self.device.currentText(), "fps": self.fps.value(),
                     "exposure_ms": self.exposure.value(), "config": self.config.text(), "bundle": bundle_choice(self.bundle),
-                    "backend": self.backend.currentText(), "precision": self.precision.currentText()}
-        if settings["camera"] == 2:
+                    "backend": self.backend.currentText(), "precision": self.precision.currentText(),
+                    "port": self.port.value()}
+        if settings["camera"] == MM_CORE:
             self._core, self._own_core = existing_core(), False
             if self._core is None:
                 self._fail("no Micro-Manager core is running in this window (start napari-micromanager or load a "
@@ -246,16 +264,21 @@ class LiveWidget(QWidget):
         import ccm
 
         options = options_from(settings["backend"], settings["precision"])
+        source = None
+        if settings["camera"] == PYCROMANAGER:  # first, before torch and the bundle: a missing Micro-Manager is said at
+            from ccm.acquire.pycromanager_source import PycromanagerSource  # once (nothing listening) or after the time-out
+
+            source = PycromanagerSource(port=settings["port"], connect_timeout_s=CONNECT_TIMEOUT_S)
         bundle = ccm.load_bundle(settings["bundle"])
         loaded = None
-        if settings["camera"] == 0:
+        if settings["camera"] == SIMULATED:
             device = ccm.load_device(settings["device"])
             exposure = min(settings["exposure_ms"], 1000.0 / settings["fps"])
             source = ccm.SimulatedSource(device, fps=settings["fps"], exposure_ms=exposure, seed=0)
-        else:
+        elif settings["camera"] in (MM_CONFIG, MM_CORE):
             from ccm.acquire.mmcore import MMCoreSource, load_core, release_core
 
-            if settings["camera"] == 1:
+            if settings["camera"] == MM_CONFIG:
                 core = loaded = load_core(settings["config"])
                 core.setExposure(settings["exposure_ms"])
             try:
@@ -266,7 +289,7 @@ class LiveWidget(QWidget):
                 raise
         try:
             reconstructor = ccm.Reconstructor(bundle, options, batch_size=16)
-            reconstructor(source.snap().image if settings["camera"] else bundle.sample_raw)  # warm up; checks pixel type
+            reconstructor(source.snap().image if settings["camera"] != SIMULATED else bundle.sample_raw)  # warm up; checks pixel type
             return ccm.LivePipeline(source, reconstructor), loaded
         except BaseException:
             if loaded is not None:
