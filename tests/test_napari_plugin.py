@@ -297,6 +297,62 @@ def test_live_on_a_core_already_in_the_window(make_napari_viewer, qtbot, monkeyp
         release_core(core)
 
 
+def _window_classifier(folder: Path) -> Path:
+    """A small raw-frame classifier of the shipped see-through window: 120 labelled MNIST frames, 4 epochs
+    (seconds, once the device's light transport is built — which the live camera then reuses)."""
+    import ccm
+    from ccm.learn.classify import train_classifier
+
+    stack = ccm.simulate_stack(ccm.load_device("window-see-through"), folder / "digits.h5", 120, scenes=["mnist"], seed=1,
+                               progress=False)
+    path = folder / "window-raw.safetensors"
+    train_classifier(stack, "raw", path, epochs=4, batch_size=16, hidden=64, progress=False, log=lambda *a: None)
+    return path
+
+
+@pytest.mark.slow
+def test_live_shows_the_displayed_frames_class_as_a_text_overlay(make_napari_viewer, qtbot, errors, tmp_path):
+    """A classifier beside the bundle: the see-through window's simulated camera, every frame classified by
+    the pipeline, the displayed frame's class and confidence on napari's text overlay and in the status."""
+    from ccm.infer.classifier import load_classifier
+    from napari_ccm._live import class_text
+
+    path = _window_classifier(tmp_path)
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    # refused for a bundle of another device (the default cannula one): a notification and a red line
+    assert widget.bundle.currentText() == "cannula-220um-2d"
+    widget.set_classifier(str(path))
+    assert widget.classifier_error is not None and "'window-see-through'" in widget.classifier_error
+    assert any(e.startswith("ccm live: classifier window-raw.safetensors") for e in errors)
+    widget.device.setCurrentText("window-see-through")
+    widget.bundle.setCurrentText("window-see-through-2d")
+    assert widget.classifier_error is None
+    assert widget.classifier_info.text() == "raw-frame classifier of window-see-through, 10 classes"
+
+    widget.start()
+    qtbot.waitUntil(lambda: widget.running and widget.classification is not None, timeout=60000)
+    overlay = viewer.text_overlay
+    assert overlay.visible and all("window-raw" in e for e in errors)  # no error but the refusal above
+    qtbot.waitUntil(lambda: widget.pipeline.stats().reconstructed >= 100 and widget.classification[0] == widget._shown_index,
+                    timeout=20000)
+    index, name, confidence = widget.classification
+    reported = {i: (c, p) for i, c, p in widget.pipeline.predictions()}
+    assert reported[index] == (name, confidence)  # what the pipeline reported for the displayed frame
+    assert overlay.text == class_text(name, confidence) == f"digit {name} ({confidence:.2f})"
+    # the same classifier on the raw layer's frame (the displayed one) gives that class
+    labels, confidences = load_classifier(path).predict(np.asarray(viewer.layers["raw"].data)[None])
+    assert str(labels[0]) == name and confidences[0] == pytest.approx(confidence, abs=1e-4)
+    stats = widget.pipeline.stats()
+    assert stats.classified >= stats.reconstructed - 16 and stats.dropped == 0
+    qtbot.waitUntil(lambda: "digit " in widget.status.text(), timeout=5000)
+    assert widget.status_numbers["predicted_class"] in list("0123456789")
+    print(f"classify: {stats.line()}; overlay {overlay.text!r} for frame {index}")
+    _screenshot(viewer.screenshot(canvas_only=False, flash=False), None, "napari-live-classify", tmp_path)
+    widget.stop()
+    assert not overlay.visible and not widget.running and _ccm_threads() == []
+
+
 def _free_port() -> int:
     import socket
 

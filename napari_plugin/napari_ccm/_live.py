@@ -19,6 +19,13 @@ implies beyond or short of the reconstruction, :func:`ccm.infer.consistency.unex
 started by the display timer at most ``RESIDUAL_HZ`` times a second in a worker thread (never on the
 GUI thread, never in the pipeline's).
 
+Classification: an optional classifier file (``ccm classify train``) goes to the pipeline beside the
+bundle, which gives every frame a class and confidence. It is checked against the bundle when it is
+chosen (headers only: a raw-frame classifier takes frames of the bundle's device, a classifier of
+reconstructions that bundle's) and fully at Start; a refusal is a napari notification. While it runs,
+napari's text overlay shows the displayed frame's class and confidence ("digit 7 (0.93)"), as does the
+status line.
+
 Cameras: the simulated device, a Micro-Manager configuration (pymmcore-plus), the core already in
 this window, or a running Micro-Manager through pycromanager (its ZMQ server's port). Every camera is
 opened in the start worker; pycromanager's connection is refused at once when nothing listens on the
@@ -76,6 +83,7 @@ PYCROMANAGER_PORT = 4827
 """Micro-Manager's default ZMQ server port (Tools › Options › Run server on port)."""
 CONNECT_TIMEOUT_S = 2.0
 """How long a pycromanager handshake may take before the camera is refused (in the start worker)."""
+OVERLAY_FONT_SIZE = 20
 RAW_GAP_UM = 20.0
 """Space between the raw frame (left) and the reconstruction (right), in µm."""
 
@@ -114,6 +122,11 @@ class LiveWidget(QWidget):
         self.residual_layer = None
         self.unexplained_layer = None
         self._residual_worker = None
+        self.classification: tuple[int, str, float] | None = None
+        """(frame index, class, confidence) the overlay shows: the displayed frame's, as the pipeline classified it."""
+        self.classifier_error: str | None = None
+        self._classifier_checked: tuple[str, str] | None = None
+        self._overlay_before: tuple[bool, str] | None = None
         LIVE_WIDGETS.add(self)
 
         self.camera = QComboBox()
@@ -137,6 +150,24 @@ class LiveWidget(QWidget):
         self.backend.addItems(["onnx", "torch"])
         self.precision = QComboBox()
         self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
+        self.classifier = QLineEdit()
+        self.classifier.setPlaceholderText("none (optional)")
+        self.classifier.setToolTip("a classifier file (.safetensors) from `ccm classify train`: every frame gets a class "
+                                   "and confidence, shown over the canvas. Raw-frame classifiers take frames of the "
+                                   "device they were trained on; classifiers of reconstructions, their bundle's")
+        self.classifier.editingFinished.connect(self._classifier_changed)
+        classifier_browse = QPushButton("…")
+        classifier_browse.clicked.connect(self._browse_classifier)
+        classifier_clear = QPushButton("×")
+        classifier_clear.setToolTip("no classifier")
+        classifier_clear.clicked.connect(lambda: self.set_classifier(""))
+        classifier_row = QHBoxLayout()
+        classifier_row.addWidget(self.classifier, 1)
+        classifier_row.addWidget(classifier_browse)
+        classifier_row.addWidget(classifier_clear)
+        self.classifier_info = QLabel("")
+        self.classifier_info.setWordWrap(True)
+        self.bundle.currentTextChanged.connect(lambda _: self._classifier_changed(notify=False))  # typing: no notifications
         self.start_button = QPushButton("Start")
         self.start_button.clicked.connect(self._toggle)
         self.record_button = QPushButton("Record")
@@ -177,6 +208,8 @@ class LiveWidget(QWidget):
         form.addRow("Bundle", bundle_row)
         form.addRow("Backend", self.backend)
         form.addRow("Precision", self.precision)
+        form.addRow("Classifier", classifier_row)
+        form.addRow("", self.classifier_info)
         form.addRow("Record to", self.record_folder)
         buttons = QHBoxLayout()
         for button in (self.start_button, self.record_button, self.snapshot_button):
@@ -214,6 +247,47 @@ class LiveWidget(QWidget):
         self.config.setEnabled(camera == MM_CONFIG)
         self.port.setEnabled(camera == PYCROMANAGER)
 
+    def _browse_classifier(self) -> None:
+        start = Path(self.classifier.text()).parent if self.classifier.text().strip() else Path.home()
+        path, _ = QFileDialog.getOpenFileName(self, "Classifier", str(start), "ccm classifier (*.safetensors)")
+        if path:
+            self.set_classifier(path)
+
+    def set_classifier(self, path: str) -> None:
+        """Use the classifier file ``path`` ("" for none); checked against the bundle at once."""
+        self.classifier.setText(path)
+        self._classifier_changed()
+
+    def _classifier_changed(self, notify: bool = True) -> None:
+        """Check the chosen classifier against the chosen bundle from their headers: a line saying what it
+        is, or a red line (and, when a classifier was just chosen, a notification) saying why it cannot
+        classify this bundle's frames. Start checks again and refuses with a notification."""
+        from ccm.errors import NotFoundError
+
+        path, bundle = self.classifier.text().strip(), bundle_choice(self.bundle)
+        if (path, bundle) == self._classifier_checked:
+            return
+        self._classifier_checked = (path, bundle)
+        self.classifier_error = None
+        if not path:
+            self.classifier_info.setText("")
+            return
+        try:
+            description = classifier_fit(path, bundle)
+        except Exception as err:  # noqa: BLE001  (ccm's refusals, an unreadable file)
+            if not notify and isinstance(err, NotFoundError):  # a bundle name or path still being typed
+                self.classifier_info.setText("")
+                self._classifier_checked = None
+                return
+            self.classifier_error = _describe(err)
+            self.classifier_info.setText(self.classifier_error)
+            self.classifier_info.setStyleSheet("color: #ff6060")
+            if notify:
+                show_error(f"ccm live: {self.classifier_error}")
+            return
+        self.classifier_info.setText(description)
+        self.classifier_info.setStyleSheet("")
+
     def _browse_config(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Micro-Manager configuration", str(Path(self.config.text()).parent),
                                               "Micro-Manager configuration (*.cfg)")
@@ -243,7 +317,7 @@ class LiveWidget(QWidget):
         settings = {"camera": self.camera.currentIndex(), "device": self.device.currentText(), "fps": self.fps.value(),
                     "exposure_ms": self.exposure.value(), "config": self.config.text(), "bundle": bundle_choice(self.bundle),
                     "backend": self.backend.currentText(), "precision": self.precision.currentText(),
-                    "port": self.port.value()}
+                    "port": self.port.value(), "classifier": self.classifier.text().strip() or None}
         if settings["camera"] == MM_CORE:
             self._core, self._own_core = existing_core(), False
             if self._core is None:
@@ -270,6 +344,11 @@ class LiveWidget(QWidget):
 
             source = PycromanagerSource(port=settings["port"], connect_timeout_s=CONNECT_TIMEOUT_S)
         bundle = ccm.load_bundle(settings["bundle"])
+        classifier = None
+        if settings["classifier"] is not None:
+            from ccm.infer.classifier import load_classifier
+
+            classifier = load_classifier(Path(settings["classifier"]).expanduser())
         loaded = None
         if settings["camera"] == SIMULATED:
             device = ccm.load_device(settings["device"])
@@ -290,7 +369,7 @@ class LiveWidget(QWidget):
         try:
             reconstructor = ccm.Reconstructor(bundle, options, batch_size=16)
             reconstructor(source.snap().image if settings["camera"] != SIMULATED else bundle.sample_raw)  # warm up; checks pixel type
-            return ccm.LivePipeline(source, reconstructor), loaded
+            return ccm.LivePipeline(source, reconstructor, classifier=classifier), loaded
         except BaseException:
             if loaded is not None:
                 release_core(loaded)
@@ -306,6 +385,9 @@ class LiveWidget(QWidget):
         self._draws.clear()
         self._alarms_notified = 0
         self._residual_index = None
+        self.classification = None
+        if pipeline.classifier is not None:
+            self._show_overlay(f"{pipeline.classifier.classifier.name}: classifying…")
         self.alarm_label.setVisible(False)
         self.trust.setText("" if pipeline.consistency is not None
                            else f"consistency: – ({pipeline.reconstructor.bundle.name} has no forward-consistency model)")
@@ -342,6 +424,7 @@ class LiveWidget(QWidget):
         self._reset_controls()
 
     def _reset_controls(self) -> None:
+        self._hide_overlay()
         self.record_button.blockSignals(True)
         self.record_button.setChecked(False)
         self.record_button.blockSignals(False)
@@ -475,6 +558,8 @@ class LiveWidget(QWidget):
             self.recon_layer.data = volume[0] if self.recon_layer.ndim == 2 else volume
             self._shown_index = frame.index
             self._draws.append(now)
+        if pipeline.classifier is not None:
+            self._update_classification(pipeline)
         if latest is not None and self.show_residual.isChecked() and now - self._residual_at >= 1.0 / RESIDUAL_HZ:
             self._residual_at = now
             self._update_residual(pipeline, *latest)
@@ -498,6 +583,10 @@ class LiveWidget(QWidget):
                    if stats.latency_ms_median is not None else "latency –")
         line = (f"camera {camera_fps:.0f} fps · reconstruction {stats.frames_per_s:.0f} fps · dropped {stats.dropped} · "
                 f"{latency} · display {self.display_fps():.0f} fps · recorded {stats.recorded}")
+        if self.classification is not None:
+            _, name, confidence = self.classification
+            self.status_numbers.update(predicted_class=name, confidence=round(confidence, 4), classified=stats.classified)
+            line += f" · {class_text(name, confidence)}"
         self.status.setText(line)
         trust = self._trust_line(pipeline, stats)
         self.viewer.status = f"ccm live: {line}" + (f" · {trust}" if trust else "")
@@ -522,6 +611,38 @@ class LiveWidget(QWidget):
             self._alarms_notified = stats.alarms
             show_warning(f"ccm live: {RECALIBRATE} (consistency {shown}, calibrated alarm level {_number(model.alarm_level)})")
         return trust + (f" · {RECALIBRATE}" if stats.recalibrate else "")
+
+    # --- classification --------------------------------------------------------------------------
+
+    def _update_classification(self, pipeline) -> None:
+        """The displayed frame's class on the text overlay, once the pipeline has classified it (it does
+        so right after publishing the frame's reconstruction: at most a tick later)."""
+        shown = self._shown_index
+        if shown is None or (self.classification is not None and self.classification[0] == shown):
+            return
+        for index, name, confidence in reversed(pipeline.predictions()):
+            if index == shown:
+                self.classification = (index, name, confidence)
+                self._show_overlay(class_text(name, confidence))
+                return
+            if index < shown:
+                return
+
+    def _show_overlay(self, text: str) -> None:
+        overlay = self.viewer.text_overlay
+        if self._overlay_before is None:  # what the overlay showed before ccm took it, given back at stop
+            self._overlay_before = (overlay.visible, overlay.text)
+            overlay.position = "top_left"
+            overlay.font_size = OVERLAY_FONT_SIZE
+        overlay.text = text
+        overlay.visible = True
+
+    def _hide_overlay(self) -> None:
+        if self._overlay_before is None:
+            return
+        overlay = self.viewer.text_overlay
+        overlay.visible, overlay.text = self._overlay_before
+        self._overlay_before = None
 
     # --- consistency residual --------------------------------------------------------------------
 
@@ -629,6 +750,43 @@ def _replace_layer(viewer, data, kwargs):
             return layer
         viewer.layers.remove(layer)
     return viewer.add_image(data, **kwargs)
+
+
+def class_text(name: str, confidence: float) -> str:
+    """A class as the overlay shows it: "digit 7 (0.93)" for the digit classes, else "name (0.93)"."""
+    return f"{'digit ' if len(name) == 1 and name.isdigit() else ''}{name} ({confidence:.2f})"
+
+
+def classifier_fit(path: str, bundle: str) -> str:
+    """What the classifier file ``path`` is ("raw-frame classifier of window-see-through, 10 classes"), if
+    it can classify the live frames of ``bundle`` (a shipped name or a file) — from both headers, without
+    loading either; otherwise ccm's error saying why not. Start checks again in full (weights, digests)."""
+    import json
+
+    from ccm.acquire.camera_check import bundle_device
+    from ccm.devices import fingerprint
+    from ccm.errors import BundleError, NotFoundError, UsageError
+    from ccm.infer.bundle import read_header
+    from ccm.infer.classifier import FORMAT, FORMAT_VERSION, REQUIRED_METADATA
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise NotFoundError(f"{file}: no such classifier file")
+    meta, _, device = read_header(file, FORMAT, FORMAT_VERSION, "classifier", REQUIRED_METADATA, ("sample.input", "sample.probs"))
+    kind, classes = meta["input"], json.loads(meta["class_names"])
+    if kind == "truth":
+        raise UsageError(f"classifier {file} was trained on true images, which a camera never gives; use one trained on "
+                         "raw frames or reconstructions (ccm classify train --input raw|reconstructed)")
+    bundle_dev, bundle_name = bundle_device(bundle)
+    if kind == "raw" and fingerprint(device) != fingerprint(bundle_dev):
+        raise BundleError(f"classifier {file.name} was trained on raw frames of {device.name!r}, but bundle {bundle_name} is "
+                          f"for {bundle_dev.name!r}: choose a bundle of {device.name!r}, or a classifier of {bundle_dev.name!r}'s frames")
+    trained_on = json.loads(meta.get("bundle", "{}")).get("name")
+    if kind == "reconstructed" and trained_on != bundle_name:
+        raise BundleError(f"classifier {file.name} classifies reconstructions by bundle {trained_on!r}, not {bundle_name!r}: "
+                          f"choose {trained_on!r}, or train a classifier on {bundle_name!r}'s reconstructions")
+    what = "raw-frame classifier" if kind == "raw" else f"classifier of {trained_on}'s reconstructions"
+    return f"{what} of {device.name}, {len(classes)} classes"
 
 
 def _number(value: float) -> str:
