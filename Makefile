@@ -36,7 +36,7 @@ benchmark: $(STAMP)
 
 # Reproduce the shipped bundles: simulate their datasets (datasets/*.yaml), train them
 # (models/*.yaml) and evaluate them against the linear baseline and the reference architecture.
-# About 75 minutes on 2 CPU cores; data and reports go to out/models/.
+# About 3 hours on 2 CPU cores (the generalist 2D bundle alone ~90 min); data and reports go to out/models/.
 MODELS_OUT := out/models
 models: $(STAMP)
 	$(VENV)/bin/python -m ccm.cli.reproduce $(MODELS_OUT)

@@ -18,6 +18,7 @@ from ccm.learn.recipe import load_dataset_recipe
 BUNDLES = {
     # bundle recipe: (dataset recipe, extra recipes trained on the same data for comparison)
     "cannula-220um-2d": ("cannula-220um-2d-neurons", ["cannula-220um-2d-reference"]),
+    "cannula-220um-2d-generalist": ("cannula-220um-2d-generalist", ["cannula-220um-2d-generalist-reference", "cannula-220um-2d"]),
     "cannula-220um-3d": ("cannula-220um-3d-neurons", []),
     "window-see-through-2d": ("window-see-through-2d-digits", []),
 }
@@ -32,6 +33,8 @@ def commands(out: Path) -> list[list[str]]:
         lines += [["simulate", "--recipe", dataset, "--part", part, "-o", str(path), "--no-progress"] for part, path in data.items()]
         trained = [out / f"{name}.safetensors" for name in [bundle, *others, f"{bundle}-baseline"]]
         for name, path in zip([bundle, *others, "linear-baseline"], trained):
+            if name in BUNDLES and name != bundle:  # another default bundle, compared on this data: trained on its own
+                continue
             lines.append(["train", "--data", str(data["train"]), "--recipe", name, "-o", str(path), "--no-progress"]
                          + (["--set", f"name={bundle}-baseline"] if name == "linear-baseline" else []))
         for part, path in data.items():
