@@ -170,6 +170,10 @@ class CalibrateWidget(QWidget):
         self.timer = QTimer(self)
         self.timer.setInterval(int(1000 / DISPLAY_HZ))
         self.timer.timeout.connect(self._tick)
+        self._finish_timer = QTimer(self)
+        self._finish_timer.setSingleShot(True)
+        self._finish_timer.timeout.connect(self._finish_pending)
+        self._finished_worker = None
         holder = self._holder = {"stop": None}
         self.destroyed.connect(lambda *_: _stop_quietly(holder))  # the viewer closing stops the capture
 
@@ -294,7 +298,9 @@ class CalibrateWidget(QWidget):
         worker = create_worker(_capture, device, output, n, settings, self._on_pair, stop, self._gui, _ignore_errors=True)
         worker.returned.connect(self._returned)
         worker.errored.connect(self._errored)
-        worker.finished.connect(lambda: QTimer.singleShot(1000, lambda: self._finished(worker)))
+        # a bound method and a timer owned by the widget: neither fires once the widget is destroyed (a lambda with
+        # QTimer.singleShot did, and touched the deleted display timer after the viewer had closed)
+        worker.finished.connect(self._schedule_finished)
         self.worker = worker
         self.start_button.setEnabled(False)
         self.stop_button.setEnabled(True)
@@ -344,6 +350,13 @@ class CalibrateWidget(QWidget):
         if partial.exists() and (written := _pairs_written(partial)):
             message += f" — {written} pairs kept in {partial.name}; Start resumes them"
         self._fail(message)
+
+    def _schedule_finished(self) -> None:
+        self._finished_worker = self.worker
+        self._finish_timer.start(1000)
+
+    def _finish_pending(self) -> None:
+        self._finished(self._finished_worker)
 
     def _finished(self, worker) -> None:
         """The worker ended without a result or an error (it was interrupted): end the run here. (Qt may
