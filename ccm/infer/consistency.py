@@ -175,13 +175,16 @@ class ConsistencyModel:
         return model
 
 
-def unexplained_brightness(model: ConsistencyModel, inverse: LinearInverse, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+def unexplained_brightness(model: ConsistencyModel, inverse: LinearInverse, x: np.ndarray, volumes: np.ndarray,
+                           predicted: torch.Tensor | None = None) -> np.ndarray:
     """The confidence map (see the module docstring): (N, 1, H', W') preprocessed frames and their (N, D, h, w)
     reconstructions → (N, D, h, w) float32 ≥ 0, the absolute brightness (reconstruction units) that the
     frame's unexplained residual implies at each reconstructed pixel. ``inverse``: the bundle's linear
-    stage (:func:`linear_stage`)."""
+    stage (:func:`linear_stage`). ``predicted``: the frames :meth:`ConsistencyModel.residual` already
+    pushed back through the forward model, if at hand (saves that pass)."""
     with torch.inference_mode():
-        predicted = model.forward(torch.from_numpy(np.ascontiguousarray(volumes, np.float32)))
+        if predicted is None:
+            predicted = model.forward(torch.from_numpy(np.ascontiguousarray(volumes, np.float32)))
         r = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) - predicted) * model.aperture
         return inverse.apply_map(r, affine=False).abs().numpy().astype(np.float32)
 

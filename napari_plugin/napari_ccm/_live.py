@@ -670,8 +670,8 @@ class LiveWidget(QWidget):
 
         def compute():
             x, v = preprocessor(frame.image[None], label), np.asarray(volume)[None]
-            z, _ = model.residual(x, v)
-            unexplained = unexplained_brightness(model, inverse, x, v)[0] if inverse is not None else None
+            z, predicted = model.residual(x, v)  # one forward pass serves both layers
+            unexplained = unexplained_brightness(model, inverse, x, v, predicted)[0] if inverse is not None else None
             return pipeline, frame.index, z[0, 0].numpy(), unexplained
 
         worker = create_worker(compute, _ignore_errors=True)
