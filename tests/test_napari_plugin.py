@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import napari_ccm
+from napari_ccm._common import scale_bar
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
@@ -89,7 +90,7 @@ def _screenshot(image: np.ndarray | None, widget, name: str, tmp_path: Path) -> 
 
 def _live_widget(viewer):
     viewer.window._qt_window.resize(1500, 850)  # a laptop screen's worth: the canvas beside the dock
-    viewer.scale_bar.visible = True
+    scale_bar(viewer).visible = True
     _, widget = viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")
     widget.backend.setCurrentText("torch")  # no ONNX export in the tests: fast start
     return widget

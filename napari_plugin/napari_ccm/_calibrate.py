@@ -46,7 +46,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
 
-from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, shipped_devices
+from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, scale_bar, shipped_devices
 
 DISPLAY_HZ = 15
 """Redraws per second at most (pairs may come faster; the newest is shown)."""
@@ -412,7 +412,7 @@ class CalibrateWidget(QWidget):
             "colormap": RECONSTRUCTION_COLORMAP, "contrast_limits": (0.0, 1.0),
             "metadata": {"what": "the known target the camera frame shows (ground truth)", "depths_um": list(depths),
                          "units": "µm"}})
-        _scale_bar(self.viewer).visible = True
+        scale_bar(self.viewer).visible = True
         self.viewer.reset_view()
 
     def _tick(self) -> None:
@@ -575,12 +575,6 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else str(err.strerror)
     return f"{type(err).__name__}: {err}"
-
-
-def _scale_bar(viewer):
-    """The viewer's scale bar (``viewer.canvas.overlays`` from napari 0.9; ``viewer.scale_bar`` before)."""
-    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
-    return overlays["scale_bar"] if overlays is not None and "scale_bar" in overlays else viewer.scale_bar
 
 
 def _stop_quietly(holder: dict) -> None:

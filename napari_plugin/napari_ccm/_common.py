@@ -82,6 +82,13 @@ def reconstruction_layer_kwargs(bundle, volumes: np.ndarray, leading: int = 0) -
     return data, kwargs
 
 
+def scale_bar(viewer):
+    """The viewer's scale bar overlay: ``viewer.canvas.overlays["scale_bar"]`` from napari 0.9 (where
+    ``viewer.scale_bar`` is deprecated), ``viewer.scale_bar`` before."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    return overlays["scale_bar"] if overlays is not None and "scale_bar" in overlays else viewer.scale_bar
+
+
 def _units(units: tuple[str, ...]) -> tuple[str, ...]:
     """napari wants a unit per axis; an unnamed (time or index) axis is "pixel"."""
     return tuple(u or "pixel" for u in units)

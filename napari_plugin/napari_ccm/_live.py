@@ -64,6 +64,7 @@ from napari_ccm._common import (
     bundle_choice,
     options_from,
     reconstruction_layer_kwargs,
+    scale_bar,
     shipped_bundles,
     shipped_devices,
 )
@@ -537,7 +538,7 @@ class LiveWidget(QWidget):
         data, kwargs = reconstruction_layer_kwargs(bundle, np.zeros(pipeline.reconstructor.output_shape, np.float32))
         kwargs["name"] = "reconstruction"
         self.recon_layer = _replace_layer(self.viewer, data, kwargs)
-        self.viewer.scale_bar.visible = True
+        scale_bar(self.viewer).visible = True
         self.viewer.reset_view()
 
     def _tick(self) -> None:
