@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import yaml
@@ -18,6 +19,22 @@ def _isolated_cache(tmp_path_factory):
     mp.setenv("CCM_CACHE_DIR", str(tmp_path_factory.mktemp("ccm-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_ccm_threads(request):
+    """A test that leaves one of ccm's worker threads running fails, naming the threads.
+
+    A leaked live-reconstruction thread keeps calling the model in later tests of the same worker
+    (and sees their monkeypatches): the next test's failure would point at the wrong place.
+    """
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.name.startswith("ccm-") and t.is_alive()]
+    for thread in leaked:
+        thread.join(timeout=5)
+    still = sorted(t.name for t in leaked if t.is_alive())
+    assert not still, f"{request.node.nodeid} left ccm threads running: {still}"
 
 
 def shipped_dict(name: str) -> dict:

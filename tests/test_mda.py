@@ -145,6 +145,14 @@ def test_mda_two_positions_twenty_time_points_writes_raw_and_reconstructions(tin
     assert meta[3]["mda_event"]["index"] == {"t": 1, "p": 1, "c": 0} and meta[3]["pixel_size_um"] == pytest.approx(220 / 48)
     assert meta[3]["mda_event"]["channel"]["config"] == "Fluo"
     assert len({r.tobytes() for r in raw.reshape(40, -1)}) == 40  # every frame, none repeated
+    # `ccm reconstruct` of the recording carries each frame's stage position, time and tags along
+    from ccm.io.recorded import open_recording
+
+    recording = open_recording(tmp_path / "run.h5")
+    carried = recording.frame_metadata(np.arange(recording.n))
+    np.testing.assert_allclose(carried.stage_um, np.stack([x, y, z], 1))
+    np.testing.assert_allclose(carried.delta_t_s, (elapsed - elapsed[0]) / 1000)
+    assert carried.tags[3]["mda_event"]["index"] == {"t": 1, "p": 1, "c": 0}
     expected = Reconstructor(bundle)(raw.reshape(40, 48, 48)).reshape(volumes.shape)
     np.testing.assert_allclose(volumes, expected, atol=1e-5)
     # pymmcore-plus's own OME-TIFF (one file per position) has the raw frames and the pixel size

@@ -507,12 +507,13 @@ def test_reader_opens_ccm_ome_zarr_outputs_lazily_in_um(make_napari_viewer, tmp_
 
     import ccm
     from ccm.cli.main import main
+    from ccm.io.frame_metadata import FrameMetadata
     from ccm.io.volume_writer import OutputSpec, VolumeWriter, finish, prepare
     from napari_ccm._reader import get_reader
 
     spec = OutputSpec(path=tmp_path / "v.ome.zarr", axes="T", shape=(3,), volume_shape=(4, 6, 8), pixel_size_um=1.72,
                       depths_um=(100.0, 150.0, 200.0, 250.0), metadata={"bundle": "test"}, job={"job": 1},
-                      timestamps_s=np.array([0.0, 0.5, 1.0]))
+                      frames=FrameMetadata.from_tags([{"timestamp_s": t} for t in (0.0, 0.5, 1.0)]))
     volumes = np.random.default_rng(2).random((3, 4, 6, 8), dtype=np.float32)
     prepare(spec)
     writer = VolumeWriter(spec)

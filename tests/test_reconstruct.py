@@ -4,8 +4,10 @@ bad input, and Lightning DDP on two CPU processes. A tiny bundle is trained once
 from __future__ import annotations
 
 import errno
+import html
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -19,6 +21,7 @@ from ccm.infer.batch import reconstruct_recording
 from ccm.infer.bundle import BundleError
 from ccm.infer.preprocess import FrameError
 from ccm.infer.reconstruct import Reconstructor
+from ccm.io.frame_metadata import tags_from_json
 from ccm.io.recorded import RecordingError, Selection, open_recording
 from ccm.io.volume_writer import OutputError
 from ccm.physics.simulate import simulate_stack
@@ -116,7 +119,9 @@ def _write_inputs(raw: np.ndarray, folder) -> dict:
     nd = NDTiffDataset(str(folder / "nd_acq"), summary_metadata={"Prefix": "acq"}, writable=True)
     for t in range(6):
         for c in range(2):
-            nd.put_image({"time": t, "channel": c}, raw[2 * t + c], {"ElapsedTime-ms": 10.0 * t})
+            nd.put_image({"time": t, "channel": c}, raw[2 * t + c],
+                         {"ElapsedTime-ms": 10.0 * t, "Exposure-ms": 5.0, "XPositionUm": 100.0 + t, "YPositionUm": -2.5,
+                          "ZPositionUm": 30.0, "Camera": "Sim", "UserTag": f"frame {t}"})
     nd.finish()
     nd.close()
     cases["ndtiff"] = (str(folder / "nd_acq"), ["C=0"], raw[0:12:2])
@@ -162,17 +167,29 @@ def test_axes_are_kept_and_hdf5_output(tiny, inputs, tmp_path):
     assert meta["source"]["format"] == "imagej" and meta["bundle"]["name"] == "tiny-net"
 
 
-def test_frame_times_are_carried_over(tiny, inputs, tmp_path):
+def test_frame_metadata_is_carried_over(tiny, inputs, tmp_path):
+    """Micro-Manager's per-frame tags (NDTiff) → OME Plane DeltaT/ExposureTime/PositionX–Z and an annotation with
+    every tag; HDF5 and OME-Zarr datasets; a ccm live recording's times, exposures and tags likewise."""
     bundle = tiny[0]
     out = tmp_path / "nd.h5"
     reconstruct_recording(inputs["ndtiff"][0], bundle, out, selection=Selection.parse(["C=0"]), num_workers=0, progress=False)
     with h5py.File(out) as f:
         np.testing.assert_allclose(f["timestamps_s"][()], [0.0, 0.01, 0.02, 0.03, 0.04, 0.05])  # ElapsedTime-ms of NDTiff frames
+        np.testing.assert_allclose(f["exposure_ms"][()], 5.0)
+        np.testing.assert_allclose(f["stage_position_um"][()], [[100 + t, -2.5, 30] for t in range(6)])
+        tags = tags_from_json(f["frame_metadata_json"][()].decode())
+    assert [t["UserTag"] for t in tags] == [f"frame {t}" for t in range(6)] and all(t["Camera"] == "Sim" for t in tags)
     out = tmp_path / "nd.ome.tif"
     reconstruct_recording(inputs["ndtiff"][0], bundle, out, selection=Selection.parse(["C=1"]), num_workers=0, progress=False)
     with tifffile.TiffFile(out) as tif:
-        assert 'DeltaT="0.05"' in tif.ome_metadata and 'DeltaTUnit="s"' in tif.ome_metadata
-    assert open_recording(inputs["multipage"][0]).timestamps_s(np.arange(3)) is None  # none recorded: none written
+        ome = tif.ome_metadata
+    planes = re.findall(r"<Plane [^>]*>", ome)
+    assert len(planes) == 6 and all('ExposureTime="5.0"' in p and 'PositionZ="30.0"' in p for p in planes)
+    assert 'DeltaT="0.05"' in planes[-1] and 'PositionX="105.0"' in planes[-1] and 'PositionXUnit="µm"' in planes[-1]
+    text = re.search(r'K="ccm\.frame_metadata">([^<]*)<', ome).group(1)
+    shared = json.loads(html.unescape(text))["shared"]
+    assert shared["Camera"] == "Sim" and "UserTag" not in shared  # what every frame shares is stored once
+    assert open_recording(inputs["multipage"][0]).frame_metadata(np.arange(3)) is None  # none recorded: none written
 
 
 def test_several_inputs_into_a_folder(tiny, inputs, tmp_path, capsys):

@@ -93,7 +93,7 @@ def output_spec(recording: Recording, selection: Selection, bundle: Bundle, path
            "bundle": bundle.digest, "dtype": dtype, "axes": axes, "shape": list(shape)}
     spec = OutputSpec(path=path, axes=axes, shape=shape, volume_shape=(len(bundle.depths_um), *bundle.device.target.shape),
                       dtype=dtype, pixel_size_um=bundle.device.target.pixel_size_um, depths_um=tuple(bundle.depths_um),
-                      metadata=metadata, job=job, timestamps_s=recording.timestamps_s(frame_indices))
+                      metadata=metadata, job=job, frames=recording.frame_metadata(frame_indices))
     return spec.validate(), frame_indices
 
 

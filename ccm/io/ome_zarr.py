@@ -17,9 +17,10 @@ yaozarrs builds and validates — axes: the kept extra axes (``t``, ``c`` or ``p
 scale: the lateral pixel size and the plane spacing in µm (the mean spacing when planes are
 irregular), translation: the first plane's depth; ``t`` scaled by the mean frame interval when
 times are known. One chunk per volume (Blosc/LZ4), so each frame is its own file: processes writing
-disjoint frames never touch the same file. Beside the image array ``0``: ``timestamps_s`` and
-``consistency_score`` (shape of the extra axes); in the group's ``ccm`` attributes: the exact plane
-depths, the value range and the run's metadata.
+disjoint frames never touch the same file. Beside the image array ``0``: ``timestamps_s``,
+``exposure_ms``, ``stage_position_um`` (when the recording has them) and ``consistency_score`` (shape of
+the extra axes); in the group's ``ccm`` attributes: the exact plane depths, the value range, the run's
+metadata and the frames' tags (``frame_metadata``, :meth:`ccm.io.frame_metadata.FrameMetadata.tags_json`).
 """
 
 from __future__ import annotations
@@ -150,16 +151,16 @@ def read_frame(store: str, path: str, array: Any, index: tuple[int, ...], frame:
     return np.asarray(array[index])
 
 
-def frame_times(store: str, arrays: list[str]) -> dict[tuple[int, tuple[int, ...]], float]:
-    """(image, index over its extra axes) → acquisition time in s, from ome-writers' per-frame ``delta_t``
-    (what pymmcore-plus records); empty when the store has none."""
+def frame_tags(store: str, arrays: list[str]) -> dict[tuple[int, tuple[int, ...]], dict]:
+    """(image, index over its extra axes) → that frame's tags: ome-writers' per-frame ``frame_metadata``
+    (what pymmcore-plus records: ``delta_t`` and ``exposure_time`` in s, …); empty when the store has none."""
     root = _zarr(RecordingError, store).open_group(store, mode="r")
-    times = {}
+    tags = {}
     for image, path in enumerate(arrays):
         group = root[posixpath.dirname(path)] if posixpath.dirname(path) else root
         for entry in dict(group.attrs).get("ome_writers", {}).get("frame_metadata", []):
-            times[image, tuple(int(i) for i in entry["storage_index"])] = float(entry["delta_t"])
-    return times
+            tags[image, tuple(int(i) for i in entry["storage_index"])] = {k: v for k, v in entry.items() if k != "storage_index"}
+    return tags
 
 
 def _ome(attrs: Any) -> dict:
@@ -236,11 +237,14 @@ def create_volumes(spec: OutputSpec) -> None:
     image = v05.Image(multiscales=[v05.Multiscale.from_dims(dims, name=spec.path.name)])
     ccm = {"depths_um": depths.tolist(), "value_range": "[0, 1]" if spec.dtype == "float32" else "[0, 65535] for [0, 1]",
            "metadata": json.loads(json.dumps(spec.metadata, default=str))}
+    if spec.frames is not None:
+        ccm["frame_metadata"] = json.loads(spec.frames.tags_json())
     prepare_image(spec.tmp, image, ((*spec.shape, d, h, w), spec.dtype), chunks=(*[1] * len(spec.shape), d, h, w),
                   writer="zarr", compression="blosc-lz4", extra_attributes={"ccm": ccm})
-    if spec.timestamps_s is not None:
+    if spec.frames is not None:
         group = zarr.open_group(str(spec.tmp), mode="r+")
-        group.create_array("timestamps_s", data=np.asarray(spec.timestamps_s, np.float64).reshape(spec.shape))
+        for name, values in spec.frames.arrays().items():
+            group.create_array(name, data=values.reshape(*spec.shape, *values.shape[1:]))
 
 
 class VolumeChunks:

@@ -33,11 +33,21 @@ import numpy as np
 
 from ccm.errors import RecordingError
 from ccm.io import ome_zarr
+from ccm.io.frame_metadata import FrameMetadata
 from ccm.portable import pread
 
 NDTIFF_AXES = {"time": "T", "channel": "C", "z": "Z", "position": "P", "row": "R", "column": "U"}
 """NDTiff axis names → one-letter axes in outputs (unknown names keep their first letter, upper case)."""
 
+
+
+def _as_dict(text: Any) -> dict:
+    """A frame's tags stored as JSON text (or bytes) → a dict ({} when they are not a JSON object)."""
+    try:
+        value = json.loads(text.decode() if isinstance(text, bytes) else text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _natural_key(path: str) -> list:
@@ -105,17 +115,19 @@ class Recording(ABC):
             self._close_handle(self._handle)
             self._handle = None
 
-    def timestamps_s(self, frames: np.ndarray) -> np.ndarray | None:
-        """Acquisition times of ``frames`` (flat indices), seconds after the first of them, when the
-        recording has them: ``timestamp_s`` of a ccm live recording (HDF5), ``ElapsedTime-ms`` of
-        Micro-Manager frames (NDTiff metadata, or the per-frame tag of Micro-Manager TIFFs); else None."""
+    def frame_metadata(self, frames: np.ndarray) -> FrameMetadata | None:
+        """What the recording says about ``frames`` (flat indices): times (seconds after the first of them),
+        exposure, stage position and every tag (:class:`ccm.io.frame_metadata.FrameMetadata`) — Micro-Manager's
+        per-frame tags (TIFF, NDTiff), ome-writers' ``frame_metadata`` (pymmcore-plus OME-Zarr), ccm's live and
+        MDA recordings; None when the recording has none."""
         try:
-            times = self._timestamps(np.asarray(frames))
+            tags = self._frame_tags(np.asarray(frames))
         except (OSError, KeyError, ValueError, TypeError, AttributeError):
-            return None  # timestamps are a courtesy: a recording without readable ones is still reconstructed
-        return None if times is None else np.asarray(times, np.float64) - float(times[0])
+            return None  # metadata is a courtesy: a recording without readable tags is still reconstructed
+        return None if not tags or not any(tags) else FrameMetadata.from_tags(tags)
 
-    def _timestamps(self, frames: np.ndarray) -> Any:
+    def _frame_tags(self, frames: np.ndarray) -> list[dict] | None:
+        """One dict of tags per frame of ``frames``, as the format names them; None without any."""
         return None
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -164,14 +176,14 @@ class TiffRecording(Recording):
         else:
             handle.close()
 
-    def _timestamps(self, frames: np.ndarray) -> Any:
+    def _frame_tags(self, frames: np.ndarray) -> list[dict] | None:
         import tifffile
 
         with tifffile.TiffFile(self.paths[0]) as tif:
             if 51123 not in tif.pages.first.tags:  # MicroManagerMetadata, one JSON per frame
                 return None
             series = tif.series[self.series]
-            return [float(json.loads(series.pages[int(i)].tags[51123].value)["ElapsedTime-ms"]) / 1000 for i in frames]
+            return [_as_dict(series.pages[int(i)].tags[51123].value) for i in frames]
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         h, w = self.frame_shape
@@ -242,9 +254,9 @@ class NDTiffRecording(Recording):
     def _coords(self, index: int) -> dict:
         return {name: values[i] for (name, values), i in zip(self.ndtiff_axes, np.unravel_index(int(index), self.shape))}
 
-    def _timestamps(self, frames: np.ndarray) -> Any:
+    def _frame_tags(self, frames: np.ndarray) -> list[dict] | None:
         dataset = self._open()
-        return [float(dataset.read_metadata(**self._coords(index))["ElapsedTime-ms"]) / 1000 for index in frames]
+        return [dict(dataset.read_metadata(**self._coords(index))) for index in frames]
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         dataset = self._open()
@@ -278,13 +290,34 @@ class HDF5Recording(Recording):
     def _close_handle(self, handle: Any) -> None:
         handle.file.close()
 
-    def _timestamps(self, frames: np.ndarray) -> Any:
+    def _frame_tags(self, frames: np.ndarray) -> list[dict] | None:
+        """A ccm live recording: its per-frame columns and Micro-Manager tags (``metadata``, JSON); a ccm MDA
+        recording: its ``frames/`` table, matched to positions by ``frames/index``."""
         import h5py
 
         with h5py.File(self.paths[0], "r") as f:
             if "timestamp_s" in f and len(f["timestamp_s"]) == self.n:
-                return f["timestamp_s"][()][frames]
-        return None
+                columns = {name: f[name][()] for name in ("timestamp_s", "exposure_ms", "camera_time_ms") if name in f}
+                rows = np.asarray(frames)
+                extra = f["metadata"][()] if "metadata" in f and len(f["metadata"]) == self.n else None
+            elif "frames/index" in f and self.dataset in ("raw", "/raw"):
+                table = f["frames"]
+                positions = {tuple(int(i) for i in index): row for row, index in enumerate(table["index"][()])}
+                rows = np.array([positions.get(tuple(int(i) for i in np.unravel_index(int(frame), self.shape)), -1)
+                                 for frame in frames])
+                columns = {name: table[name][()] for name in table if name not in ("index", "metadata")}
+                extra = table["metadata"][()] if "metadata" in table else None
+            else:
+                return None
+        tags = []
+        for row in rows:
+            if row < 0:  # a position the acquisition never reached
+                tags.append({})
+                continue
+            frame = _as_dict(extra[row]) if extra is not None else {}
+            frame.update({name: float(values[row]) for name, values in columns.items() if np.isfinite(values[row])})
+            tags.append(frame)
+        return tags
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         h, w = self.frame_shape
@@ -322,9 +355,9 @@ class ZarrRecording(Recording):
         image = index.pop(self.series_axis) if self.series_axis is not None else 0
         return image, tuple(index)
 
-    def _timestamps(self, frames: np.ndarray) -> Any:
-        times = ome_zarr.frame_times(self.paths[0], self.arrays)
-        return [times[self._locate(int(frame))] for frame in frames] if times else None
+    def _frame_tags(self, frames: np.ndarray) -> list[dict] | None:
+        tags = ome_zarr.frame_tags(self.paths[0], self.arrays)
+        return [tags.get(self._locate(int(frame)), {}) for frame in frames] if tags else None
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         arrays = self._open()

@@ -17,6 +17,8 @@ depth planes as Z; the source's metadata and the bundle's description are carrie
 ``consistency_score`` (shape of the extra axes) or an OME-TIFF ``MapAnnotation`` (key
 ``ccm.consistency_score``: a JSON list in position order) — recorded in the
 progress folder with each durability point, so a resumed run keeps the scores of the frames it skips.
+What the recording says about each frame (time, exposure, stage position, Micro-Manager's tags) is
+carried along: :attr:`OutputSpec.frames`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from ccm.errors import OutputError
 from ccm.io import ome_zarr
 from ccm.io.atomic import ensure_room, replace_output
+from ccm.io.frame_metadata import FrameMetadata
 from ccm.portable import datasync, pwrite
 
 OME_EXTRA_AXES = ("", "T", "C", "TC", "CT")
@@ -67,8 +70,16 @@ class OutputSpec:
     depths_um: tuple[float, ...] = (0.0,)
     metadata: dict[str, Any] = field(default_factory=dict)
     job: dict[str, Any] = field(default_factory=dict)
-    timestamps_s: np.ndarray | None = None
-    """(n,) acquisition time of each position's frame, s (OME Plane DeltaT; HDF5/OME-Zarr ``timestamps_s``), if known."""
+    frames: FrameMetadata | None = None
+    """What the recording says about each position's frame (time, exposure, stage, tags), if anything: OME
+    ``Plane`` DeltaT/ExposureTime/PositionX–Z and a ``ccm.frame_metadata`` annotation; HDF5 datasets and
+    OME-Zarr arrays ``timestamps_s``, ``exposure_ms``, ``stage_position_um`` (shape of the extra axes, + 3)
+    and the tags as ``frame_metadata_json`` / the ``ccm.frame_metadata`` attribute."""
+
+    @property
+    def timestamps_s(self) -> np.ndarray | None:
+        """(n,) acquisition time of each position's frame in s, if known."""
+        return None if self.frames is None else self.frames.delta_t_s
 
     @property
     def format(self) -> str:
@@ -160,16 +171,17 @@ def _create(spec: OutputSpec) -> None:
             ds.attrs.update(axes=spec.axes + "ZYX", pixel_size_um=spec.pixel_size_um, depths_um=list(spec.depths_um),
                             unit="µm", value_range="[0, 1]" if spec.dtype == "float32" else "[0, 65535] for [0, 1]")
             f.attrs["metadata_json"] = description
-            if spec.timestamps_s is not None:
-                f.create_dataset("timestamps_s", data=np.asarray(spec.timestamps_s, np.float64).reshape(spec.shape))
+            if spec.frames is not None:
+                for name, values in spec.frames.arrays().items():
+                    f.create_dataset(name, data=values.reshape(*spec.shape, *values.shape[1:]))
+                f.create_dataset("frame_metadata_json", data=spec.frames.tags_json())
         return
     import tifffile
 
     metadata = {"axes": spec.axes + "ZYX", "PhysicalSizeX": spec.pixel_size_um, "PhysicalSizeXUnit": "µm",
                 "PhysicalSizeY": spec.pixel_size_um, "PhysicalSizeYUnit": "µm", "Name": spec.path.name, "Description": description}
-    if spec.timestamps_s is not None:  # one OME Plane per (frame, depth), in page order
-        times = np.repeat(np.asarray(spec.timestamps_s, np.float64), d).tolist()
-        metadata["Plane"] = {"DeltaT": times, "DeltaTUnit": ["s"] * len(times)}
+    if spec.frames is not None and spec.frames.plane_attributes(d):  # one OME Plane per (frame, depth), in page order
+        metadata["Plane"] = spec.frames.plane_attributes(d)
     steps = np.diff(spec.depths_um)
     if len(steps) and np.allclose(steps, steps[0]) and steps[0] > 0:
         metadata.update(PhysicalSizeZ=float(steps[0]), PhysicalSizeZUnit="µm")
@@ -310,40 +322,45 @@ def written_scores(spec: OutputSpec) -> np.ndarray | None:
     return scores if found else None
 
 
+SCORE_MEANING = ("forward-consistency score per frame (ccm.infer.consistency): the 99th percentile of the squared residual "
+                 "against the camera noise; compare with the bundle's threshold")
+
+
 def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
     """Put the per-frame scores into the finished partial output (HDF5 dataset / OME-Zarr array / OME MapAnnotation)."""
-    meaning = ("forward-consistency score per frame (ccm.infer.consistency): the 99th percentile of the squared residual "
-               "against the camera noise; compare with the bundle's threshold")
     if spec.format == "ome-zarr":
-        ome_zarr.store_scores(spec, scores, meaning)
-        return
-    if spec.format == "hdf5":
+        ome_zarr.store_scores(spec, scores, SCORE_MEANING)
+    elif spec.format == "hdf5":
         import h5py
 
         with h5py.File(spec.tmp, "r+") as f:
-            f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = meaning
-        return
+            f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = SCORE_MEANING
+    else:
+        _annotate_ome(spec.tmp, {"ccm.consistency_score": json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])})
+
+
+def _annotate_ome(path: Path, entries: dict[str, str]) -> None:
+    """Add one OME ``MapAnnotation`` per entry (namespace = key, one value) to the OME-TIFF at ``path``, linked to its image."""
     import xml.etree.ElementTree as ET
 
     import tifffile
 
     ns = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
-    with tifffile.TiffFile(spec.tmp) as tif:
+    with tifffile.TiffFile(path) as tif:
         xml = tif.pages[0].description
     ET.register_namespace("", ns)
     root = ET.fromstring(xml)
     annotations = root.find(f"{{{ns}}}StructuredAnnotations")
     if annotations is None:
         annotations = ET.SubElement(root, f"{{{ns}}}StructuredAnnotations")
-    annotation = ET.SubElement(annotations, f"{{{ns}}}MapAnnotation", ID=f"Annotation:{len(annotations)}",
-                               Namespace="ccm.consistency_score")
-    values = ET.SubElement(annotation, f"{{{ns}}}Value")
-    entry = ET.SubElement(values, f"{{{ns}}}M", K="ccm.consistency_score")
-    entry.text = json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])
     image = root.find(f"{{{ns}}}Image")
-    if image is not None:
-        ET.SubElement(image, f"{{{ns}}}AnnotationRef", ID=annotation.get("ID"))
-    tifffile.tiffcomment(spec.tmp, ET.tostring(root, encoding="unicode").encode())
+    for key, text in entries.items():
+        annotation = ET.SubElement(annotations, f"{{{ns}}}MapAnnotation", ID=f"Annotation:{len(annotations)}", Namespace=key)
+        entry = ET.SubElement(ET.SubElement(annotation, f"{{{ns}}}Value"), f"{{{ns}}}M", K=key)
+        entry.text = text
+        if image is not None:
+            ET.SubElement(image, f"{{{ns}}}AnnotationRef", ID=annotation.get("ID"))
+    tifffile.tiffcomment(path, ET.tostring(root, encoding="unicode").encode())
 
 
 def read_scores(path: str | os.PathLike) -> np.ndarray | None:
@@ -372,6 +389,8 @@ def finish(spec: OutputSpec) -> bool:
     scores = written_scores(spec)
     if scores is not None:
         _store_scores(spec, scores)
+    if spec.frames is not None and spec.format == "ome-tiff":  # HDF5 and OME-Zarr hold them from the start
+        _annotate_ome(spec.tmp, {"ccm.frame_metadata": spec.frames.tags_json()})
     replace_output(spec.tmp, spec.path)
     shutil.rmtree(spec.progress_dir, ignore_errors=True)
     return True
