@@ -1,6 +1,7 @@
 """The napari Train widget in a real viewer: `ccm train` in a child process, its loss curve from
-Lightning's CSV log, Stop (SIGINT, exit 130) then Start resuming from the work folder's checkpoint,
-a bundle that loads, and "Use in Live" selecting it in the Live widget."""
+Lightning's CSV log, the validation example as two layers updated in place, Stop (SIGINT, exit 130)
+then Start resuming from the work folder's checkpoint, a bundle that loads, and "Use in Live"
+selecting it in the Live widget."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import csv
 import os
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import yaml
 from conftest import TINY_NET
@@ -18,7 +21,8 @@ SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 def test_train_widget_trains_stops_resumes_and_hands_the_bundle_to_live(make_napari_viewer, qtbot, tiny_cannula, tmp_path):
     import ccm
-    from napari_ccm._train import INTERRUPTED, read_metrics, work_folder
+    from ccm.learn.validation_example import read_validation_example
+    from napari_ccm._train import EXAMPLE_LAYERS, INTERRUPTED, read_metrics, work_folder
 
     stack = ccm.simulate_stack(tiny_cannula, tmp_path / "tiny.h5", 120, seed=1, progress=False)
     recipe = copy.deepcopy(TINY_NET)
@@ -48,6 +52,22 @@ def test_train_widget_trains_stops_resumes_and_hands_the_bundle_to_live(make_nap
     assert "resumes" in widget.status.text() and widget.bundle is None and not output.exists()
     stopped_at = max((step for values in read_metrics(work).values() for step, _ in values), default=0)
 
+    # the validation example (written by the validation that saved last.ckpt): truth and reconstruction
+    # of one fixed validation pair, side by side in µm
+    first = read_validation_example(work)
+    assert first is not None and first["truth"].shape == first["reconstruction"].shape == (1, *tiny_cannula.target.shape)
+    truth_layer, recon_layer = (viewer.layers[name] for name in EXAMPLE_LAYERS)
+    np.testing.assert_array_equal(truth_layer.data, first["truth"][0])
+    np.testing.assert_array_equal(recon_layer.data, first["reconstruction"][0])
+    with h5py.File(stack) as f:
+        raw, target = f["raw"][int(first["index"])], f["target"][int(first["index"])]
+    np.testing.assert_array_equal(first["truth"], target)
+    px = float(tiny_cannula.target.pixel_size_um)
+    assert tuple(truth_layer.scale) == pytest.approx((px, px)) and tuple(recon_layer.scale) == pytest.approx((px, px))
+    assert tuple(str(u) for u in recon_layer.units) == ("micrometer", "micrometer")
+    assert recon_layer.translate[1] > truth_layer.translate[1] + target.shape[-1] * px  # beside it, not over it
+    assert truth_layer.metadata["step"] == int(first["step"]) > 0
+
     # second sitting: Start resumes from the checkpoint; steps go on from where the first stopped
     widget.start()
     assert widget.status.text().startswith("resuming")
@@ -67,18 +87,32 @@ def test_train_widget_trains_stops_resumes_and_hands_the_bundle_to_live(make_nap
     # the result: a bundle that loads, its metrics shown, one click to Live
     bundle = ccm.load_bundle(output, self_test=False)
     assert widget.bundle_path == output and bundle.training["steps"] > stopped_at
+
+    # the same two layers, updated in place: the last example is the bundle's reconstruction of the pair
+    final = read_validation_example(work)
+    assert int(final["index"]) == int(first["index"]) and int(final["step"]) == bundle.training["steps"]
+    assert viewer.layers[EXAMPLE_LAYERS[0]] is truth_layer and viewer.layers[EXAMPLE_LAYERS[1]] is recon_layer
+    assert [layer.name for layer in viewer.layers].count(EXAMPLE_LAYERS[1]) == 1 and len(viewer.layers) == 2
+    np.testing.assert_array_equal(truth_layer.data, target[0])
+    np.testing.assert_array_equal(recon_layer.data, final["reconstruction"][0])
+    np.testing.assert_allclose(final["reconstruction"], ccm.Reconstructor(bundle)(raw)[0], atol=1e-6)
+    assert truth_layer.metadata["step"] == bundle.training["steps"] and f"step {bundle.training['steps']}" in widget.example_info.text()
     assert str(output) in widget.result.text() and "ssim" in widget.result.text()
     assert widget.use_button.isEnabled()
-    _, live = viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")
+    live_dock, live = viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")
     assert widget.use_in_live() is live and live.bundle.currentText() == str(output)
 
     folder = SCREENSHOTS if os.environ.get("CCM_UPDATE_SCREENSHOTS") == "1" else tmp_path
     folder.mkdir(parents=True, exist_ok=True)
     from imageio.v3 import imwrite
 
+    viewer.window.remove_dock_widget(live_dock)
+    viewer.reset_view()
     image = viewer.screenshot(canvas_only=False, flash=False)
     assert image[..., :3].std() > 5
-    imwrite(tmp_path / "napari-train.png", image)  # the dock beside Live (not a README picture)
+    canvas = viewer.screenshot(canvas_only=True, flash=False)
+    assert canvas[..., 1].std() > 5  # the (green) validation layers are drawn
+    imwrite(folder / "napari-train.png", image)  # the Train dock beside the validation example
     widget.setFixedSize(560, 720)  # the whole widget, whatever the dock's width
     widget.layout().activate()
     widget.refresh_plot()

@@ -6,7 +6,9 @@ Lightning (checkpoints, early stopping, resume, CSV logs, TensorBoard when insta
 the test split through the :class:`ccm.infer.reconstruct.Reconstructor` → write the bundle.
 
 A work folder (default ``BUNDLE.training/``) keeps checkpoints and logs; running the same
-command again resumes from the last checkpoint.
+command again resumes from the last checkpoint. A network's training also keeps there the first
+validation pair's truth and reconstruction of the latest validation (:class:`ValidationExample`),
+and at the end the bundle's own reconstruction of it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ccm.learn.consistency import fit_consistency
 from ccm.learn.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
 from ccm.learn.metrics import MetricAccumulator, mean_over_occupied, psnr, ssim
 from ccm.learn.recipe import LossConfig, OptimConfig, Recipe
+from ccm.learn.validation_example import VALIDATION_EXAMPLE, ValidationExample
 from ccm.provenance import versions
 
 SCALE_FRAMES = 256
@@ -39,13 +42,17 @@ SCALE_FRAMES = 256
 
 
 class ReconstructionModule(pl.LightningModule):
-    """Lightning wrapper of a reconstruction network: loss, augmentation, SSIM/PSNR every validation."""
+    """Lightning wrapper of a reconstruction network: loss, augmentation, SSIM/PSNR every validation, and
+    (with ``example``) the first validation pair's truth and reconstruction written after each validation."""
 
-    def __init__(self, net: torch.nn.Module, loss: LossConfig, optim: OptimConfig, augment: Augment, total_steps: int):
+    def __init__(self, net: torch.nn.Module, loss: LossConfig, optim: OptimConfig, augment: Augment, total_steps: int,
+                 example: ValidationExample | None = None):
         super().__init__()
         self.net = net
         self.loss_config, self.optim, self.augment = loss, optim, augment
         self.total_steps = total_steps
+        self.example = example
+        self._example_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (truth, prediction) of this validation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,15 +79,26 @@ class ReconstructionModule(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    def _score(self, batch, stage: str):
+    def _score(self, batch, stage: str) -> torch.Tensor:
+        """Log the batch's loss, SSIM and PSNR; returns the prediction (N, D, h, w) float32."""
         x, y = batch
         pred = self.net(x.contiguous(memory_format=torch.channels_last)).float()
         self.log(f"{stage}_loss", self._loss(pred, y), prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_ssim", mean_over_occupied(ssim(pred, y), y), prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_psnr", mean_over_occupied(psnr(pred, y), y), sync_dist=True)
+        return pred
 
     def validation_step(self, batch, batch_idx):
-        self._score(batch, "val")
+        pred = self._score(batch, "val")
+        if batch_idx == 0:  # the validation loader is not shuffled: its first item is the example's pair
+            self._example_pair = (batch[1][0], pred[0])
+
+    def on_validation_epoch_end(self) -> None:
+        pair, self._example_pair = self._example_pair, None
+        if self.example is None or pair is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        truth, pred = (t.detach().float().cpu().numpy() for t in pair)
+        self.example.write(truth, pred, self.global_step)
 
     def test_step(self, batch, batch_idx):
         self._score(batch, "test")
@@ -199,6 +217,7 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
         log(f"linear inverse ({spec.basis} basis, {recipe.linear.method}) fitted on {linear_report['pairs']} pairs "
             f"in {time.perf_counter() - t:.1f} s")
 
+    example = None
     if recipe.model.kind == "linear":
         architecture, state, fit_info = linear.spec, linear.state_dict(), {"linear_fit": linear_report}
     else:
@@ -207,7 +226,8 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
         net = build_model(architecture)
         if linear_needed:
             net.linear.load_state_dict(linear.state_dict())
-        state, fit_info = _fit_network(recipe, net, data, preprocessor, split, work, restart, progress, log)
+        example = ValidationExample(work / VALIDATION_EXAMPLE, int(split["val"][0]), float(device.target.pixel_size_um), depths)
+        state, fit_info = _fit_network(recipe, net, data, preprocessor, split, work, restart, progress, log, example)
         fit_info["linear_fit"] = linear_report
 
     sample = int(split["test"][0]) if len(split["test"]) else int(split["val"][0])
@@ -220,6 +240,10 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     bundle.split.pop("train")
     reconstructor = Reconstructor(bundle)
     bundle.sample_output = reconstructor(sample_raw)[0]
+    if example is not None:  # the last example is the bundle's own reconstruction of the pair
+        with CalibrationStack(data) as stack:
+            example_raw, example_target = stack.raw[example.index], stack.target[example.index]
+        example.write(example_target, reconstructor(example_raw)[0], fit_info["steps"])
     test_part = "test" if len(split["test"]) else "val"
     scores = MetricAccumulator()
     for x, y in iterate_pairs(data, split[test_part], preprocessor):
@@ -262,8 +286,9 @@ def _same_recipe(stored_json: str, recipe_json: str) -> bool:
 
 
 def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor: Preprocessor, split: dict,
-                 work: Path, restart: bool, progress: bool, log) -> tuple[dict, dict]:
-    """Lightning fit with checkpoints in ``work``; returns the best weights and what happened."""
+                 work: Path, restart: bool, progress: bool, log, example: ValidationExample) -> tuple[dict, dict]:
+    """Lightning fit with checkpoints in ``work`` and ``example`` written at each validation; returns the best
+    weights and what happened."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     o, t = recipe.optim, recipe.trainer
@@ -286,7 +311,8 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
 
     if o.init_output_bias and not last.exists():
         _init_output_bias(net, data, split["train"])
-    module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps)
+    module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps,
+                                  example)
     datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False)]

@@ -46,7 +46,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
 
-from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, scale_bar, shipped_devices
+from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, replace_layer, scale_bar, shipped_devices
 
 DISPLAY_HZ = 15
 """Redraws per second at most (pairs may come faster; the newest is shown)."""
@@ -390,14 +390,12 @@ class CalibrateWidget(QWidget):
 
     def _setup_layers(self, device) -> None:
         """Two layers on the device's grids, in µm: the camera frame (left) and the target (right)."""
-        from napari_ccm._live import _replace_layer
-
         (h, w), raw_um = device.sensor.shape, float(device.sensor.pixel_size_um)
         th, tw = device.target.shape
         target_um = float(device.target.pixel_size_um)
         depths = device.target.planes("2d")
         bits = getattr(device.sensor, "bit_depth", 16)
-        self.frame_layer = _replace_layer(self.viewer, np.zeros((h, w), np.uint16), {
+        self.frame_layer = replace_layer(self.viewer, np.zeros((h, w), np.uint16), {
             "name": FRAME_LAYER, "scale": (raw_um, raw_um), "translate": (0.0, -(w * raw_um + FRAME_GAP_UM)),
             "units": ("µm", "µm"), "colormap": "gray", "contrast_limits": (0.0, float(2 ** bits - 1)),
             "metadata": {"what": "the device's camera frame of the target (ADU)", "units": "µm"}})
@@ -407,7 +405,7 @@ class CalibrateWidget(QWidget):
             step, first = depth_axis(depths)
             data = np.zeros((len(depths), th, tw), np.float32)
             scale, translate, units = (step, target_um, target_um), (first, 0.0, 0.0), ("µm", "µm", "µm")
-        self.target_layer = _replace_layer(self.viewer, data, {
+        self.target_layer = replace_layer(self.viewer, data, {
             "name": TARGET_LAYER, "scale": scale, "translate": translate, "units": _units(units),
             "colormap": RECONSTRUCTION_COLORMAP, "contrast_limits": (0.0, 1.0),
             "metadata": {"what": "the known target the camera frame shows (ground truth)", "depths_um": list(depths),

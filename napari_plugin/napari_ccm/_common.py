@@ -67,8 +67,17 @@ def depth_axis(depths_um) -> tuple[float, float]:
 def reconstruction_layer_kwargs(bundle, volumes: np.ndarray, leading: int = 0) -> tuple[np.ndarray, dict]:
     """Data and ``add_image`` keywords for reconstructions of ``bundle``: ``volumes`` is (..., D, h, w)
     with ``leading`` axes (T, …) before D. 2D bundles drop D; 3D keep it as Z, spaced by the depth planes."""
-    px = float(bundle.device.target.pixel_size_um)
-    depths = tuple(bundle.depths_um)
+    data, kwargs = volume_layer_kwargs(volumes, float(bundle.device.target.pixel_size_um), bundle.depths_um, leading)
+    kwargs["metadata"]["bundle"] = bundle.name
+    return data, kwargs
+
+
+def volume_layer_kwargs(volumes: np.ndarray, pixel_size_um: float, depths_um, leading: int = 0) -> tuple[np.ndarray, dict]:
+    """Data and ``add_image`` keywords for target-grid intensities: ``volumes`` is (..., D, h, w) with
+    ``leading`` axes (T, …) before D, pixels of ``pixel_size_um`` µm, D planes at ``depths_um`` (µm).
+    One plane drops D; more keep it as Z, spaced by the planes."""
+    px = float(pixel_size_um)
+    depths = tuple(float(d) for d in depths_um)
     lead_scale, lead_units = (1.0,) * leading, ("",) * leading
     if len(depths) == 1:
         data = volumes[..., 0, :, :]
@@ -78,8 +87,28 @@ def reconstruction_layer_kwargs(bundle, volumes: np.ndarray, leading: int = 0) -
         data = volumes
         scale, translate, units = (*lead_scale, step, px, px), (*(0.0,) * leading, first, 0.0, 0.0), (*lead_units, "µm", "µm", "µm")
     kwargs = {"scale": scale, "translate": translate, "units": _units(units), "colormap": RECONSTRUCTION_COLORMAP,
-              "contrast_limits": (0.0, 1.0), "metadata": {"bundle": bundle.name, "depths_um": list(depths), "units": "µm"}}
+              "contrast_limits": (0.0, 1.0), "metadata": {"depths_um": list(depths), "units": "µm"}}
     return data, kwargs
+
+
+LAYER_SETTINGS = ("scale", "translate", "units", "contrast_limits", "colormap", "metadata")
+"""The ``add_image`` keywords :func:`replace_layer` applies to a layer it keeps."""
+
+
+def replace_layer(viewer, data, kwargs: dict, settings: tuple[str, ...] = LAYER_SETTINGS):
+    """The image layer named ``kwargs['name']`` with new ``data`` and the ``settings`` among ``kwargs``
+    (re-created from all of ``kwargs`` when there is none or its dimensionality changes)."""
+    name = kwargs["name"]
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        if layer.ndim == data.ndim:
+            layer.data = data
+            for key in settings:
+                if key in kwargs:
+                    setattr(layer, key, kwargs[key])
+            return layer
+        viewer.layers.remove(layer)
+    return viewer.add_image(data, **kwargs)
 
 
 def scale_bar(viewer):

@@ -64,6 +64,7 @@ from napari_ccm._common import (
     bundle_choice,
     options_from,
     reconstruction_layer_kwargs,
+    replace_layer,
     scale_bar,
     shipped_bundles,
     shipped_devices,
@@ -534,10 +535,10 @@ class LiveWidget(QWidget):
         raw_kwargs["contrast_limits"] = (0.0, float(2 ** bundle.device.sensor.bit_depth - 1)) \
             if hasattr(bundle.device.sensor, "bit_depth") else (0.0, 65535.0)  # until the first frame sets them
         blank = np.zeros((h, w), np.uint16)
-        self.raw_layer = _replace_layer(self.viewer, blank, raw_kwargs)
+        self.raw_layer = replace_layer(self.viewer, blank, raw_kwargs)
         data, kwargs = reconstruction_layer_kwargs(bundle, np.zeros(pipeline.reconstructor.output_shape, np.float32))
         kwargs["name"] = "reconstruction"
-        self.recon_layer = _replace_layer(self.viewer, data, kwargs)
+        self.recon_layer = replace_layer(self.viewer, data, kwargs)
         scale_bar(self.viewer).visible = True
         self.viewer.reset_view()
 
@@ -713,7 +714,7 @@ class LiveWidget(QWidget):
         raw_um = float(self.raw_layer.scale[-1])
         ty, tx = (float(t) for t in self.raw_layer.translate)
         translate = (ty + (top + fy / 2 - 0.5) * raw_um, tx + (left + fx / 2 - 0.5) * raw_um)
-        self.residual_layer = _replace_layer(self.viewer, residual, {
+        self.residual_layer = replace_layer(self.viewer, residual, {
             "name": "consistency residual", "scale": (fy * raw_um, fx * raw_um), "translate": translate,
             "units": ("µm", "µm"), "colormap": "PiYG", "contrast_limits": (-8.0, 8.0), "opacity": 0.7,
             "metadata": {"what": "(x - F(v)) / sigma: the frame minus the reconstruction pushed back through the "
@@ -726,7 +727,7 @@ class LiveWidget(QWidget):
         if self.unexplained_layer is not None and self.unexplained_layer in self.viewer.layers:
             self.unexplained_layer.data = data
             return
-        self.unexplained_layer = _replace_layer(self.viewer, data, {
+        self.unexplained_layer = replace_layer(self.viewer, data, {
             "name": "unexplained brightness", "scale": tuple(self.recon_layer.scale)[-data.ndim:],
             "translate": tuple(self.recon_layer.translate)[-data.ndim:], "units": tuple(self.recon_layer.units)[-data.ndim:],
             "colormap": "inferno", "contrast_limits": (0.0, 0.5), "opacity": 0.6, "blending": "additive",
@@ -736,21 +737,6 @@ class LiveWidget(QWidget):
 
 LIVE_WIDGETS: weakref.WeakSet[LiveWidget] = weakref.WeakSet()
 """Live widgets alive in this process (the Train widget's "Use in Live" finds its viewer's one here)."""
-
-
-def _replace_layer(viewer, data, kwargs):
-    """The layer named ``kwargs['name']`` with new data and settings (re-created when its dimensionality changes)."""
-    name = kwargs["name"]
-    if name in viewer.layers:
-        layer = viewer.layers[name]
-        if layer.ndim == data.ndim:
-            layer.data = data
-            for key in ("scale", "translate", "units", "contrast_limits", "colormap", "metadata"):
-                if key in kwargs:
-                    setattr(layer, key, kwargs[key])
-            return layer
-        viewer.layers.remove(layer)
-    return viewer.add_image(data, **kwargs)
 
 
 def class_text(name: str, confidence: float) -> str:

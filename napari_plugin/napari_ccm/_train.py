@@ -4,7 +4,10 @@ Training runs as ``python -m ccm.cli train …`` in a ``QProcess`` (the viewer s
 process's output goes to the widget's log). Stop sends SIGINT — the CLI stops gracefully, exits 130
 and keeps its work folder (``OUTPUT.training/``), so Start again resumes from the last checkpoint,
 exactly as re-running the command does. A ``QTimer`` reads ``OUTPUT.training/logs/version_*/metrics.csv``
-(one version per sitting; steps continue across them) and redraws train_loss, val_loss and val_ssim.
+(one version per sitting; steps continue across them) and redraws train_loss, val_loss and val_ssim;
+it also shows the work folder's validation example (one fixed validation pair, rewritten by each
+validation, see :mod:`ccm.learn.validation_example`) as the layers "validation truth" and "validation
+reconstruction", side by side in µm and updated in place whenever the file changes.
 At the end the widget shows the bundle's path and metrics and "Use in Live" selects it in the Live
 widget of this viewer (opening one if there is none). :meth:`TrainWidget.use_stack` fills in a
 calibration stack (the Calibrate widget's "Train on it").
@@ -34,11 +37,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ccm.learn.validation_example import VALIDATION_EXAMPLE, read_validation_example
+from napari_ccm._common import replace_layer, volume_layer_kwargs
+
 PLOT_EVERY_MS = 1000
 """How often the loss curve is re-read from the CSV log."""
 INTERRUPTED = 130
 """``ccm train``'s exit status after Ctrl-C (SIGINT): stopped, resumable."""
 DEFAULT_OUTPUT = Path.home() / "ccm-bundles" / "my-bundle.safetensors"
+EXAMPLE_LAYERS = ("validation truth", "validation reconstruction")
+"""The validation example's layers: the pair's target and the network's reconstruction of its frame."""
+EXAMPLE_GAP_UM = 20.0
+"""Space between the two example layers (the reconstruction is right of the truth)."""
 
 
 def shipped_recipes() -> list[str]:
@@ -93,6 +103,7 @@ class TrainWidget(QWidget):
         self.log_text: list[str] = []
         self._stopping = False
         self._plotted: dict | None = None
+        self._example_seen: tuple | None = None  # (path, inode, mtime) of the example last shown
 
         self.data = QLineEdit()
         self.data.setPlaceholderText("calibration stack (.h5) from ccm simulate / ccm calibrate")
@@ -115,6 +126,8 @@ class TrainWidget(QWidget):
         self.status.setWordWrap(True)
         self.result = QLabel("")
         self.result.setWordWrap(True)
+        self.example_info = QLabel("")
+        self.example_info.setWordWrap(True)
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(2000)
@@ -134,12 +147,14 @@ class TrainWidget(QWidget):
         layout.addWidget(self.status)
         self.figure, self.canvas, self.axes = _loss_plot()
         layout.addWidget(self.canvas, 1)
+        layout.addWidget(self.example_info)
         layout.addWidget(self.result)
         layout.addWidget(self.log)
 
         self.timer = QTimer(self)
         self.timer.setInterval(PLOT_EVERY_MS)
         self.timer.timeout.connect(self.refresh_plot)
+        self.timer.timeout.connect(self.refresh_example)
         holder = {"process": None}
         self._holder = holder
         self.destroyed.connect(lambda *_: _interrupt(holder.get("process")))
@@ -273,6 +288,7 @@ class TrainWidget(QWidget):
         self.exit_code = code
         self.timer.stop()
         self.refresh_plot()
+        self.refresh_example()
         self.start_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         if code == 0:
@@ -333,6 +349,40 @@ class TrainWidget(QWidget):
             loss.set_yscale("log" if all(v > 0 for s in ("train_loss", "val_loss") for _, v in series.get(s, [])) else "linear")
         self.canvas.draw_idle()
         return series
+
+    # --- the validation example ------------------------------------------------------------------
+
+    def refresh_example(self) -> dict | None:
+        """Show the work folder's validation example if it changed since it was last shown: truth and
+        reconstruction ((D, h, w) float32, D dropped for one plane, Z in µm otherwise) as the layers of
+        :data:`EXAMPLE_LAYERS`, updated in place (data, scale, metadata; the look is left as the user set
+        it). Returns the example newly shown ({name: array}, see :class:`ccm.learn.validation_example.ValidationExample`)
+        or None."""
+        path = self.work / VALIDATION_EXAMPLE
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        seen = (str(path), stat.st_ino, stat.st_mtime_ns)
+        if seen == self._example_seen:
+            return None
+        example = read_validation_example(self.work)
+        if example is None:
+            return None
+        self._example_seen = seen
+        pixel_um = float(example["pixel_size_um"])
+        shift_um = example["truth"].shape[-1] * pixel_um + EXAMPLE_GAP_UM
+        new = not all(name in self.viewer.layers for name in EXAMPLE_LAYERS)
+        for name, key, shift in zip(EXAMPLE_LAYERS, ("truth", "reconstruction"), (0.0, shift_um)):
+            data, kwargs = volume_layer_kwargs(example[key], pixel_um, example["depths_um"])
+            kwargs["translate"] = (*kwargs["translate"][:-1], kwargs["translate"][-1] + shift)
+            kwargs["metadata"].update(step=int(example["step"]), stack_index=int(example["index"]), file=str(path))
+            replace_layer(self.viewer, data, {**kwargs, "name": name}, settings=("scale", "translate", "units", "metadata"))
+        if new:
+            self.viewer.reset_view()
+        self.example_info.setText(f"validation example: pair {int(example['index'])} of the stack at step "
+                                  f"{int(example['step'])} — layers '{EXAMPLE_LAYERS[0]}' (left) and '{EXAMPLE_LAYERS[1]}'")
+        return example
 
     # --- using the result ------------------------------------------------------------------------
 
