@@ -5,7 +5,9 @@ Two suites, each case in a fresh interpreter (its peak resident memory is its ow
 - ``inference`` — per bundle and backend: batch-1 latency of the whole Reconstructor call (raw
   uint16 frame → volume; median and p95 over ``--repeats`` × 100 calls) and of the model alone,
   throughput at several batch sizes (the best is reported), peak RSS, and SSIM/PSNR on held-out
-  pairs (a fast path counts only if its quality holds). Always in the same run: the reference
+  pairs (a fast path counts only if its quality holds); for bundles with a consistency model, the
+  batch-1 cost of the per-frame score and of the confidence map, and the score's ratio to the model
+  time (``consistency_ms``). Always in the same run: the reference
   architecture (the published network's shape, :data:`ccm.infer.nets.REFERENCE`) on the same backend, so
   the numbers read as ratios on a noisy machine.
 - ``batch`` — ``ccm reconstruct`` of a long 256×256 uint16 TIFF (2,000 and 20,000 frames):
@@ -108,6 +110,17 @@ def run_inference_case(case: dict) -> dict:
     result["batch1_ms"] = {"median": statistics.median(full) * 1e3, "p95": float(np.percentile(full, 95)) * 1e3,
                            "model_median": statistics.median(model) * 1e3, "model_p95": float(np.percentile(model, 95)) * 1e3,
                            "calls": calls}
+    if bundle.consistency is not None:  # the per-frame trust score and the confidence map, at batch 1, beside the model
+        from ccm.infer.consistency import linear_stage, unexplained_brightness
+
+        v1 = one.backend.run(x1)
+        score = _timed(lambda: one.score(x1, v1), calls)
+        result["consistency_ms"] = {"score_median": statistics.median(score) * 1e3, "score_p95": float(np.percentile(score, 95)) * 1e3,
+                                    "score_per_model": statistics.median(score) / statistics.median(model), "calls": calls}
+        inverse = linear_stage(bundle.model())
+        if inverse is not None:
+            confidence = _timed(lambda: unexplained_brightness(bundle.consistency, inverse, x1, v1), case["repeats"] * 20)
+            result["consistency_ms"]["confidence_map_median"] = statistics.median(confidence) * 1e3
     throughput = {}
     for batch in case["batches"]:
         reconstructor = Reconstructor(bundle, options, batch_size=batch, calibration=frames)

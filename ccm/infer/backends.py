@@ -170,6 +170,8 @@ class OnnxBackend:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), session_options, providers=providers)
         self._input = self.session.get_inputs()[0].name
+        if options.threads:  # the consistency score and confidence map run in PyTorch: as many threads as the model
+            torch.set_num_threads(options.threads)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, np.float32)})[0]

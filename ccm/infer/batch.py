@@ -191,7 +191,7 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, bundle: Bundle, o
                 start = time.perf_counter()
                 volumes = reconstructor.run_preprocessed(x)
                 model_s += time.perf_counter() - start
-                scores = bundle.consistency.score(x, volumes) if bundle.consistency is not None else None
+                scores = reconstructor.score(x, volumes)
                 background.put((positions, volumes, scores))
                 if bar is not None:
                     bar.update(len(positions))

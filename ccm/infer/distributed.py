@@ -46,8 +46,7 @@ class PredictModule(pl.LightningModule):
         positions, x = batch
         x = np.asarray(x)
         volumes = self.reconstructor.run_preprocessed(x)
-        consistency = self.bundle.consistency
-        return np.asarray(positions), volumes, consistency.score(x, volumes) if consistency is not None else None
+        return np.asarray(positions), volumes, self.reconstructor.score(x, volumes)
 
 
 class WriterCallback(BasePredictionWriter):

@@ -50,6 +50,12 @@ class Reconstructor:
         """
         return self.run_preprocessed(self.preprocessor(frames, source))
 
+    def score(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray | None:
+        """(N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes → (N,) float32 forward-consistency
+        scores (:mod:`ccm.infer.consistency`; in PyTorch, on the backend's threads); None when the bundle has no
+        consistency model."""
+        return None if self.bundle.consistency is None else self.bundle.consistency.score(x, volumes)
+
     def run_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(N, 1, H', W') float32 frames already through :attr:`preprocessor` → (N, D, h, w) float32."""
         out = np.empty((len(x), *self.output_shape), np.float32)

@@ -50,10 +50,12 @@ def bundle_choice(combo) -> str:
     return combo.currentText().strip()
 
 
-def options_from(backend: str, precision: str):
+def options_from(backend: str, precision: str, latency: bool):
+    """Inference options as the CLI picks them: one thread for live (batch-1 latency), every core for batches."""
     import ccm
+    from ccm.infer.backends import default_threads
 
-    return ccm.InferenceOptions(backend=backend, precision=precision).validate()
+    return ccm.InferenceOptions(backend=backend, precision=precision, threads=default_threads(latency)).validate()
 
 
 def depth_axis(depths_um) -> tuple[float, float]:

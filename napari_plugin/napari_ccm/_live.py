@@ -339,7 +339,7 @@ class LiveWidget(QWidget):
         """Worker thread: (pipeline, core it loaded or None)."""
         import ccm
 
-        options = options_from(settings["backend"], settings["precision"])
+        options = options_from(settings["backend"], settings["precision"], latency=True)
         source = None
         if settings["camera"] == PYCROMANAGER:  # first, before torch and the bundle: a missing Micro-Manager is said at
             from ccm.acquire.pycromanager_source import PycromanagerSource  # once (nothing listening) or after the time-out

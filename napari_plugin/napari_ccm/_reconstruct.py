@@ -219,7 +219,7 @@ def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: st
     import ccm
 
     bundle = ccm.load_bundle(bundle_name)
-    reconstruct = ccm.Reconstructor(bundle, options_from(backend, precision), batch_size=LAYER_CHUNK)
+    reconstruct = ccm.Reconstructor(bundle, options_from(backend, precision, latency=False), batch_size=LAYER_CHUNK)
     single = frames.ndim == 2
     frames = frames[None] if single else frames.reshape(-1, *frames.shape[-2:])
     volumes = np.empty((len(frames), *reconstruct.output_shape), np.float32)
