@@ -407,7 +407,7 @@ class LivePipeline:
                     self.first_result_at = time.monotonic()
                 scored = [k for k, f in enumerate(frames) if f.index % self.score_every == 0]
                 if self.consistency is not None and self.alarm is not None and scored:  # after the result is out
-                    scores = self.reconstructor.score(x[scored], volumes[scored])
+                    scores = self.consistency.score(x[scored], volumes[scored])
                     self._last_score = float(scores[-1])
                     self.alarm.update(scores)
                 if self.classifier is not None:
