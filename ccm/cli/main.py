@@ -558,6 +558,14 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         from ccm.benchmarks import startup
 
         print(f"wrote {startup.run(repeats=args.repeats, quick=args.quick)}")
+    if "napari" in suites:
+        from importlib import import_module
+
+        try:  # the plugin imports napari and Qt: only here, never when ccm is imported
+            napari_benchmark = import_module("napari_ccm._benchmark")
+        except ImportError as err:
+            raise UsageError(f"napari is not installed ({err}); install it with: pip install \"ccm[napari]\"") from None
+        print(f"wrote {napari_benchmark.run(args.output, bundles=tuple(args.bundles), seconds=args.seconds or (10 if args.quick else 60))}")
 
 
 def _cmd_napari(args: argparse.Namespace) -> None:
@@ -855,14 +863,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run), batch (ccm reconstruct of 2,000- and 20,000-frame TIFFs vs model-only throughput), live (ccm live "
                                    "at 100 frames/s for 60 s, simulated camera directly and through pymmcore-plus), startup (ccm --help, "
                                    "time to the first reconstructed frame, a long reconstruct against a naive ONNX Runtime loop, "
-                                   "batch-1 latency with one busy process per thread setting; not in the default set).")
-    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", "startup", []], metavar="SUITE",
+                                   "batch-1 latency with one busy process per thread setting; not in the default set), napari (the Live "
+                                   "widget in a real viewer, under Xvfb without a display, at 100 frames/s with the 2D and 3D "
+                                   "bundles: dropped frames, redraws/s, latency, the longest the GUI thread was blocked; not in "
+                                   "the default set).")
+    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", "startup", "napari", []], metavar="SUITE",
                    help="simulation, inference, batch, live (default: all four)")
     p.add_argument("--bundles", nargs="+", default=["cannula-220um-2d", "cannula-220um-3d"],
-                   help="bundles for the inference suite; the first also runs the batch suite (default: the shipped 2D and 3D)")
+                   help="bundles for the inference and napari suites; the first also runs the batch suite (default: the shipped 2D and 3D)")
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<suite>-<machine>.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--repeats", type=int, default=3, help="runs per case (default: 3)")
+    p.add_argument("--seconds", type=float, default=None, help="napari suite: seconds per bundle (default: 60; --quick: 10)")
     p.set_defaults(func=_cmd_benchmark)
     return parser
 
