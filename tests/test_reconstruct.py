@@ -192,6 +192,25 @@ def test_frame_metadata_is_carried_over(tiny, inputs, tmp_path):
     assert open_recording(inputs["multipage"][0]).frame_metadata(np.arange(3)) is None  # none recorded: none written
 
 
+def test_micro_manager_tiff_tags_are_read_per_page(tmp_path):
+    """tifffile hands Micro-Manager's per-frame tag (51123) over already decoded, and a series' later pages
+    as TiffFrames: each page's tags are still read; a page without the tag is a frame with nothing known."""
+    frames = np.arange(3 * 8 * 8, dtype=np.uint16).reshape(3, 8, 8)
+    with tifffile.TiffWriter(tmp_path / "mm.tif") as tif:
+        for i in range(3):
+            tags = [(51123, "s", 0, json.dumps({"ElapsedTime-ms": 1000.0 + 10 * i, "Exposure-ms": "5", "XPositionUm": 1.5 * i}),
+                     False)] if i != 1 else []
+            tif.write(frames[i], contiguous=False, metadata=None, extratags=tags)
+    carried = open_recording(tmp_path / "mm.tif").frame_metadata(np.arange(3))
+    assert carried is not None and carried.tags[1] == {} and carried.tags[2]["XPositionUm"] == 3.0
+    np.testing.assert_allclose(carried.delta_t_s, [0.0, np.nan, 0.02])
+    np.testing.assert_allclose(carried.exposure_ms, [5.0, np.nan, 5.0])
+    tifffile.imwrite(tmp_path / "once.ome.tif", frames, ome=True, metadata={"axes": "TYX"},
+                     extratags=[(51123, "s", 0, json.dumps({"ElapsedTime-ms": 0.0}), True)])  # the first page only
+    carried = open_recording(tmp_path / "once.ome.tif").frame_metadata(np.arange(3))
+    assert carried is not None and carried.tags == [{"ElapsedTime-ms": 0.0}, {}, {}]
+
+
 def test_several_inputs_into_a_folder(tiny, inputs, tmp_path, capsys):
     bundle = tiny[0]
     sources = [inputs["multipage"][0], inputs["ndtiff"][0]]

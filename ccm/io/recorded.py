@@ -42,7 +42,10 @@ NDTIFF_AXES = {"time": "T", "channel": "C", "z": "Z", "position": "P", "row": "R
 
 
 def _as_dict(text: Any) -> dict:
-    """A frame's tags stored as JSON text (or bytes) → a dict ({} when they are not a JSON object)."""
+    """A frame's tags stored as JSON text (or bytes), or already decoded (tifffile decodes Micro-Manager's
+    TIFF tag), → a dict ({} when they are not a JSON object)."""
+    if isinstance(text, dict):
+        return dict(text)
     try:
         value = json.loads(text.decode() if isinstance(text, bytes) else text)
     except (TypeError, ValueError):
@@ -122,7 +125,7 @@ class Recording(ABC):
         MDA recordings; None when the recording has none."""
         try:
             tags = self._frame_tags(np.asarray(frames))
-        except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        except (OSError, KeyError, IndexError, ValueError, TypeError, AttributeError):
             return None  # metadata is a courtesy: a recording without readable tags is still reconstructed
         return None if not tags or not any(tags) else FrameMetadata.from_tags(tags)
 
@@ -182,8 +185,12 @@ class TiffRecording(Recording):
         with tifffile.TiffFile(self.paths[0]) as tif:
             if 51123 not in tif.pages.first.tags:  # MicroManagerMetadata, one JSON per frame
                 return None
-            series = tif.series[self.series]
-            return [_as_dict(series.pages[int(i)].tags[51123].value) for i in frames]
+            pages = tif.pages if self.pages else tif.series[self.series].pages
+            tags = []
+            for i in frames:  # a series' later pages can be TiffFrames (no tags) until read as pages
+                tag = pages[int(i)].aspage().tags.get(51123)
+                tags.append({} if tag is None else _as_dict(tag.value))  # a page without the tag: nothing known
+            return tags
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         h, w = self.frame_shape
