@@ -223,6 +223,36 @@ def test_processes_write_disjoint_frames_into_one_store(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["v.ome.zarr", "v.h5", "v.ome.tif"])
+def test_a_finish_stopped_before_the_rename_finishes_when_resumed(tmp_path, monkeypatch, name):
+    """Scores and frame metadata stored, then the rename fails: the resumed finish stores them again (once) and renames."""
+    import ccm.io.volume_writer as volume_writer
+
+    spec = _spec(tmp_path / name, frames=FrameMetadata.from_tags([{"ElapsedTime-ms": 10.0 * t} for t in range(5)]))
+    prepare(spec)
+    writer = VolumeWriter(spec)
+    writer.write(np.arange(5), np.zeros((5, 4, 6, 6), np.float32), scores=np.arange(5, dtype=np.float32))
+    writer.close()
+
+    def power_cut(*args):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(volume_writer, "replace_output", power_cut)
+    with pytest.raises(OSError):
+        finish(spec)
+    monkeypatch.undo()
+    assert not spec.path.exists() and prepare(spec).all()
+    assert finish(spec)
+    np.testing.assert_array_equal(read_scores(spec.path), np.arange(5))
+    if name.endswith(".tif"):
+        import tifffile
+
+        with tifffile.TiffFile(spec.path) as tif:
+            ome = tif.ome_metadata
+        ids = re.findall(r'<MapAnnotation ID="([^"]+)"', ome)
+        assert len(ids) == 2 and len(set(ids)) == 2 and sorted(re.findall(r'<AnnotationRef ID="([^"]+)"', ome)) == sorted(ids)
+
+
 def test_lightning_ddp_processes_write_one_store(tiny, tmp_path):
     bundle, raw, _ = tiny
     source = _write_recording(tmp_path / "in.ome.zarr", raw[:16])

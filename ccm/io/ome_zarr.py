@@ -279,7 +279,8 @@ def store_scores(spec: OutputSpec, scores: np.ndarray, meaning: str) -> None:
     """Put the per-frame scores (n,) float32 into the finished partial output: the array ``consistency_score``
     (shape of the extra axes), ``meaning`` in its attributes."""
     group = _zarr(OutputError, spec.path).open_group(str(spec.tmp), mode="r+")
-    array = group.create_array("consistency_score", data=np.asarray(scores, np.float32).reshape(spec.shape))
+    array = group.create_array("consistency_score", data=np.asarray(scores, np.float32).reshape(spec.shape),
+                               overwrite=True)  # a finish that stopped before the rename may have stored them
     array.attrs["meaning"] = meaning
 
 

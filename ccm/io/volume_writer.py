@@ -334,13 +334,16 @@ def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
         import h5py
 
         with h5py.File(spec.tmp, "r+") as f:
+            if "consistency_score" in f:  # stored by a finish that stopped before the rename
+                del f["consistency_score"]
             f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = SCORE_MEANING
     else:
         _annotate_ome(spec.tmp, {"ccm.consistency_score": json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])})
 
 
 def _annotate_ome(path: Path, entries: dict[str, str]) -> None:
-    """Add one OME ``MapAnnotation`` per entry (namespace = key, one value) to the OME-TIFF at ``path``, linked to its image."""
+    """Add one OME ``MapAnnotation`` per entry (namespace = key, one value) to the OME-TIFF at ``path``, linked to its image;
+    one of the same namespace already there (a finish that stopped before the rename) is replaced."""
     import xml.etree.ElementTree as ET
 
     import tifffile
@@ -354,8 +357,16 @@ def _annotate_ome(path: Path, entries: dict[str, str]) -> None:
     if annotations is None:
         annotations = ET.SubElement(root, f"{{{ns}}}StructuredAnnotations")
     image = root.find(f"{{{ns}}}Image")
+    for old in [a for a in annotations.findall(f"{{{ns}}}MapAnnotation") if a.get("Namespace") in entries]:
+        annotations.remove(old)
+        for ref in image.findall(f"{{{ns}}}AnnotationRef") if image is not None else []:
+            if ref.get("ID") == old.get("ID"):
+                image.remove(ref)
+    taken = {a.get("ID") for a in annotations}
     for key, text in entries.items():
-        annotation = ET.SubElement(annotations, f"{{{ns}}}MapAnnotation", ID=f"Annotation:{len(annotations)}", Namespace=key)
+        number = next(k for k in range(len(taken) + 1) if f"Annotation:{k}" not in taken)
+        taken.add(f"Annotation:{number}")
+        annotation = ET.SubElement(annotations, f"{{{ns}}}MapAnnotation", ID=f"Annotation:{number}", Namespace=key)
         entry = ET.SubElement(ET.SubElement(annotation, f"{{{ns}}}Value"), f"{{{ns}}}M", K=key)
         entry.text = text
         if image is not None:
