@@ -35,3 +35,17 @@ def test_a_short_napari_benchmark_writes_every_number(tmp_path):
     assert case["latency_ms_median"] <= case["latency_ms_p95"] and case["gui_blocked_ms_max"] >= case["gui_gap_ms_p99"] >= 10
     assert isinstance(case["gui_gaps_over_100ms"], int) and set(case["meets_targets"]) == {"dropped", "redraws_per_s",
                                                                                             "latency_ms_median", "gui_blocked_ms_max"}
+
+
+def test_o_names_the_napari_report_only_when_it_is_the_one_suite(tmp_path, monkeypatch):
+    """`-o` with several suites is the other suite's report: the napari one must not overwrite it."""
+    import napari_ccm._benchmark as napari_benchmark
+    from ccm.benchmarks import inference
+    from ccm.cli.main import main
+
+    given = []
+    monkeypatch.setattr(napari_benchmark, "run", lambda output, **kw: given.append(output) or tmp_path / "napari.json")
+    monkeypatch.setattr(inference, "run", lambda output, **kw: tmp_path / "inference.json")
+    assert main(["benchmark", "inference", "napari", "-o", str(tmp_path / "mine.json")]) == 0
+    assert main(["benchmark", "napari", "-o", str(tmp_path / "mine.json")]) == 0
+    assert given == [None, tmp_path / "mine.json"]
