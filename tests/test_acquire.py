@@ -176,6 +176,12 @@ def test_micromanager_core_snaps_and_streams_the_simulated_camera(mm_core, tiny_
         assert len(tags) == n == stats.recorded and all("Camera" in t for t in tags)
         camera_ms = f["camera_time_ms"][:]
         assert np.isfinite(camera_ms).all() and (np.diff(camera_ms) >= 0).all()
+    # … and carries them on into what `ccm reconstruct` writes: Micro-Manager's tags flat, ccm's columns beside them
+    from ccm.io.recorded import open_recording
+
+    carried = open_recording(recorder.path).frame_metadata(np.arange(3))
+    assert carried is not None and all(t["Camera"] == tags[0]["Camera"] and "camera_time_ms" in t for t in carried.tags)
+    assert carried.delta_t_s[0] == 0 and np.all(np.diff(carried.delta_t_s) > 0)
 
 
 def test_micromanager_camera_disconnect_is_reported(mm_core, tiny_bundle):

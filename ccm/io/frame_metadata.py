@@ -4,7 +4,7 @@ Micro-Manager (TIFF tags, NDTiff), pymmcore-plus (ome-writers' ``frame_metadata`
 live and MDA recordings name the same facts differently. :meth:`FrameMetadata.from_tags` reads
 each frame's tags (one dict per frame) into:
 
-- ``delta_t_s`` (n,) float64: acquisition time, seconds after the first frame of the job;
+- ``delta_t_s`` (n,) float64: acquisition time, seconds after the earliest frame of the job;
 - ``exposure_ms`` (n,) float64;
 - ``stage_um`` (n, 3) float64: stage x, y, z in µm;
 - ``tags``: every frame's tags, as found.

@@ -119,7 +119,7 @@ class Recording(ABC):
             self._handle = None
 
     def frame_metadata(self, frames: np.ndarray) -> FrameMetadata | None:
-        """What the recording says about ``frames`` (flat indices): times (seconds after the first of them),
+        """What the recording says about ``frames`` (flat indices): times (seconds after the earliest of them),
         exposure, stage position and every tag (:class:`ccm.io.frame_metadata.FrameMetadata`) — Micro-Manager's
         per-frame tags (TIFF, NDTiff), ome-writers' ``frame_metadata`` (pymmcore-plus OME-Zarr), ccm's live and
         MDA recordings; None when the recording has none."""
@@ -322,6 +322,7 @@ class HDF5Recording(Recording):
                 tags.append({})
                 continue
             frame = _as_dict(extra[row]) if extra is not None else {}
+            frame.update(frame.pop("mm", None) or {})  # a live recording keeps Micro-Manager's tags under "mm"
             frame.update({name: float(values[row]) for name, values in columns.items() if np.isfinite(values[row])})
             tags.append(frame)
         return tags
