@@ -146,6 +146,7 @@ def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
         robust = entry["robustness"]
         assert robust["pairs"] == 60 and robust["other_cannula_seed"] == 2
         assert robust["shift_1px"]["pearson"] < robust["as_calibrated"]["pearson"]
+        assert -1 <= robust["rotation_1deg"]["pearson_vs_rotated_truth"] <= 1  # the same reconstructions, truth turned by 1°
         assert len(entry["resolution"]["resolution_um"]) == 1
         assert entry["sectioning"]["emitter_depths_um"][0] == 10.0
     assert report["all_black"]["pearson"] == 0 and report["all_black"]["false_structure"] == 0
