@@ -20,7 +20,7 @@ BUNDLES = {
     "cannula-220um-2d": ("cannula-220um-2d-neurons", ["cannula-220um-2d-reference"]),
     "cannula-220um-2d-generalist": ("cannula-220um-2d-generalist", ["cannula-220um-2d-generalist-reference", "cannula-220um-2d"]),
     "cannula-220um-3d": ("cannula-220um-3d-neurons", []),
-    "window-see-through-2d": ("window-see-through-2d-digits", []),
+    "window-see-through-2d": ("window-see-through-2d-handwriting", []),
 }
 
 
