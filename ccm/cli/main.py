@@ -441,16 +441,17 @@ def _cmd_live(args: argparse.Namespace) -> None:
         pipeline = LivePipeline(source, reconstructor, ring_frames=args.ring_frames, max_batch=args.max_batch,
                                 classifier=classifier)
         pipeline.start()
-        if args.record is not None:
-            recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record,
-                                       overwrite=args.overwrite)
-            print(f"recording raw frames and reconstructions to {recorder.path}", file=sys.stderr)
-        report = None if args.json else (lambda stats: print(stats.line(), file=sys.stderr, flush=True))
-        try:
+        try:  # whatever happens from here (a refused recording path, Ctrl-C), the camera and the threads stop
+            if args.record is not None:
+                recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record,
+                                           overwrite=args.overwrite)
+                print(f"recording raw frames and reconstructions to {recorder.path}", file=sys.stderr)
+            report = None if args.json else (lambda stats: print(stats.line(), file=sys.stderr, flush=True))
             finished = pipeline.wait(args.seconds, every_s=args.status_every, report=report)
         except KeyboardInterrupt:
             finished = True
-        stats = pipeline.stop()
+        finally:
+            stats = pipeline.stop()
     finally:
         cleanup()
     summary = {"source": source.name, "bundle": bundle.name, "backend": args.backend, "precision": args.precision,
