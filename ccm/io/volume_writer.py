@@ -327,18 +327,17 @@ SCORE_MEANING = ("forward-consistency score per frame (ccm.infer.consistency): t
 
 
 def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
-    """Put the per-frame scores into the finished partial output (HDF5 dataset / OME-Zarr array / OME MapAnnotation)."""
+    """Put the per-frame scores into the finished partial HDF5 (dataset) or OME-Zarr (array) output; OME-TIFF
+    outputs get them as an annotation in :func:`finish`."""
     if spec.format == "ome-zarr":
         ome_zarr.store_scores(spec, scores, SCORE_MEANING)
-    elif spec.format == "hdf5":
-        import h5py
+        return
+    import h5py
 
-        with h5py.File(spec.tmp, "r+") as f:
-            if "consistency_score" in f:  # stored by a finish that stopped before the rename
-                del f["consistency_score"]
-            f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = SCORE_MEANING
-    else:
-        _annotate_ome(spec.tmp, {"ccm.consistency_score": json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])})
+    with h5py.File(spec.tmp, "r+") as f:
+        if "consistency_score" in f:  # stored by a finish that stopped before the rename
+            del f["consistency_score"]
+        f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = SCORE_MEANING
 
 
 def _annotate_ome(path: Path, entries: dict[str, str]) -> None:
@@ -398,10 +397,16 @@ def finish(spec: OutputSpec) -> bool:
     if not written_positions(spec).all():
         return False
     scores = written_scores(spec)
-    if scores is not None:
+    if spec.format == "ome-tiff":  # one rewrite of the OME-XML for both annotations
+        entries = {}
+        if scores is not None:
+            entries["ccm.consistency_score"] = json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])
+        if spec.frames is not None:  # HDF5 and OME-Zarr hold the frames' tags from the start
+            entries["ccm.frame_metadata"] = spec.frames.tags_json()
+        if entries:
+            _annotate_ome(spec.tmp, entries)
+    elif scores is not None:
         _store_scores(spec, scores)
-    if spec.frames is not None and spec.format == "ome-tiff":  # HDF5 and OME-Zarr hold them from the start
-        _annotate_ome(spec.tmp, {"ccm.frame_metadata": spec.frames.tags_json()})
     replace_output(spec.tmp, spec.path)
     shutil.rmtree(spec.progress_dir, ignore_errors=True)
     return True
