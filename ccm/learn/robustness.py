@@ -27,7 +27,7 @@ import torch
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack
 from ccm.learn.metrics import MetricAccumulator
-from ccm.physics.simulate import Simulator, move_on_sensor
+from ccm.physics.simulate import Simulator, move_on_sensor, turn_images
 
 CONDITIONS = ("as_calibrated", "shift_1px", "rotation_1deg", "other_cannula", "exposure_20pct")
 
@@ -59,7 +59,7 @@ def robustness(reconstructor: Reconstructor, data: Path, indices: np.ndarray, n:
             pred = reconstructor.run_preprocessed(x)
             scores.update(torch.from_numpy(pred), torch.from_numpy(targets[start:start + 64]))
             if condition == "rotation_1deg":
-                turned.update(torch.from_numpy(pred), torch.from_numpy(_rotated(targets[start:start + 64], 1.0)))
+                turned.update(torch.from_numpy(pred), torch.from_numpy(turn_images(targets[start:start + 64], 1.0)))
             if bundle.consistency is not None:
                 flagged += int(bundle.consistency.flags(bundle.consistency.score(x, pred)).sum())
         result[condition] = scores.result(bundle.depths_um)["overall"]
@@ -69,14 +69,3 @@ def robustness(reconstructor: Reconstructor, data: Path, indices: np.ndarray, n:
             result[condition]["flagged"] = round(flagged / len(chosen), 4)
     return result
 
-
-def _rotated(volumes: np.ndarray, degrees: float) -> np.ndarray:
-    """(N, D, h, w) float32 volumes turned by ``degrees`` about the grid's centre, as :func:`move_on_sensor`
-    turns raw frames (bilinear, edges reflected)."""
-    import cv2
-
-    h, w = volumes.shape[-2:]
-    matrix = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), degrees, 1.0)
-    planes = [cv2.warpAffine(p, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-              for p in volumes.reshape(-1, h, w).astype(np.float32)]
-    return np.stack(planes).reshape(volumes.shape)

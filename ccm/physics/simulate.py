@@ -53,13 +53,22 @@ def typical_frames(device: CannulaDevice | WindowDevice, planes_um: Sequence[flo
 def move_on_sensor(raw: np.ndarray, pixel_size_um: float, shift_um: float = 0.0, rotation_deg: float = 0.0) -> np.ndarray:
     """(N, H, W) uint16 frames as the camera sees them after the cannula's image moved on the sensor by
     ``shift_um`` (along x) and rotated by ``rotation_deg`` about the centre (bilinear, edges reflected)."""
+    moved = turn_images(raw, rotation_deg, shift_um / pixel_size_um)
+    return np.clip(np.rint(moved), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+
+
+def turn_images(images: np.ndarray, rotation_deg: float, shift_px: float = 0.0) -> np.ndarray:
+    """(..., H, W) images → float32, rotated by ``rotation_deg`` about the grid's centre, then shifted by ``shift_px``
+    along x (bilinear, edges reflected): how raw frames move in :func:`move_on_sensor`, and how a truth is
+    turned to compare with them."""
     import cv2
 
-    h, w = raw.shape[1:]
+    h, w = images.shape[-2:]
     matrix = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), rotation_deg, 1.0)
-    matrix[0, 2] += shift_um / pixel_size_um
-    moved = [cv2.warpAffine(f.astype(np.float32), matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT) for f in raw]
-    return np.clip(np.rint(moved), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    matrix[0, 2] += shift_px
+    planes = [cv2.warpAffine(p, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+              for p in images.reshape(-1, h, w).astype(np.float32)]
+    return np.asarray(planes, np.float32).reshape(images.shape)
 
 
 def photon_scale(device: CannulaDevice | WindowDevice) -> float:
