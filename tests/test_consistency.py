@@ -63,6 +63,19 @@ def test_score_is_calibrated_and_stored_in_the_bundle(scored, tmp_path):
     assert loaded.consistency.quantiles == model.quantiles
 
 
+def test_score_is_the_tail_of_the_residual_image(scored):
+    """score() computes on the aperture's pixels only; it must equal the TAIL quantile of residual()'s z²."""
+    bundle, _, _, held_out = scored
+    model = bundle.consistency
+    x = bundle.preprocessor()(held_out[:5])
+    volumes = ccm.Reconstructor(bundle).run_preprocessed(x)
+    z, _ = model.residual(x, volumes)
+    inside = model.aperture.numpy().ravel() > 0
+    z2 = (z.numpy() ** 2).reshape(len(x), -1)[:, inside]
+    expected = np.sort(z2, 1)[:, int(0.99 * (z2.shape[1] - 1))]
+    np.testing.assert_allclose(model.score(x, volumes), expected, rtol=1e-5)
+
+
 def test_a_moved_device_is_detected(scored):
     bundle, _, _, held_out = scored
     # the tiny cannula's pixels are 4.6 µm (its briefly trained network explains frames poorly): 60 µm is ~13 pixels

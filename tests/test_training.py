@@ -13,7 +13,7 @@ import yaml
 import ccm
 from ccm.cli.main import main
 from ccm.infer.bundle import BundleError, load_bundle
-from ccm.infer.linear import LinearFit, PolarBasis, bilinear_taps, gather_sample, resolve_spec
+from ccm.infer.linear import LinearFit, PolarBasis, bilinear_taps, gather_sample, resolve_spec, sparse_sample, tap_matrix
 from ccm.infer.preprocess import FrameError, PreprocessConfig, Preprocessor
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import StackError
@@ -82,6 +82,9 @@ def test_bilinear_taps_match_grid_sample():
     grid = torch.from_numpy(np.stack([(cols + 0.5) / 17 * 2 - 1, (rows + 0.5) / 11 * 2 - 1], -1)[None, None].astype(np.float32))
     expected = F.grid_sample(image, grid.expand(2, -1, -1, -1), align_corners=False)[:, :, 0]
     np.testing.assert_allclose(gather_sample(image, index, weight).numpy(), expected.numpy(), atol=1e-5)
+    matrix = tap_matrix(index, weight, 11 * 17)  # the eager path: one sparse product, batched and single
+    np.testing.assert_allclose(sparse_sample(image, matrix).numpy(), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(sparse_sample(image[:1, :1], matrix).numpy(), expected[:1, :1].numpy(), atol=1e-5)
 
 
 def test_recipe_overrides_and_errors(tmp_path):

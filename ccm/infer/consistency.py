@@ -119,12 +119,18 @@ class ConsistencyModel:
 
     def score(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
         """(N,) float32 score per frame: the :data:`TAIL` quantile of z² over the aperture (≈ 6.6 for the
-        camera's noise alone; compare with :attr:`threshold`, which includes the forward model's own error)."""
-        z, _ = self.residual(x, volumes)
-        z2 = (z ** 2).flatten(1)[:, self._inside]
-        # the order statistic itself (kthvalue: a partial selection, ~10x cheaper than quantile's sort and interpolation)
-        k = int(TAIL * (z2.shape[1] - 1)) + 1
-        return torch.kthvalue(z2, k, dim=1).values.numpy().astype(np.float32)
+        camera's noise alone; compare with :attr:`threshold`, which includes the forward model's own error).
+        The same z² as :meth:`residual`, computed on the aperture's pixels only and in place (the score runs
+        on every live frame)."""
+        with torch.inference_mode():
+            predicted = self.forward(torch.from_numpy(np.ascontiguousarray(volumes, np.float32))).flatten(1)[:, self._inside]
+            frames = torch.from_numpy(np.ascontiguousarray(x, np.float32)).flatten(1)[:, self._inside]
+            noise = self.noise
+            variance = predicted.clamp(min=0).mul_(noise.shot).add_(noise.read_var).div_(noise.pixels_per_input)
+            z2 = frames.sub_(predicted).square_().div_(variance)
+            # the order statistic itself (kthvalue: a partial selection, ~10x cheaper than quantile's sort and interpolation)
+            k = int(TAIL * (z2.shape[1] - 1)) + 1
+            return torch.kthvalue(z2, k, dim=1).values.numpy().astype(np.float32)
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: frames outside the calibrated range."""

@@ -20,6 +20,7 @@ precision (rounded when fitted) so bundles stay small and load bit-exactly.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -109,6 +110,27 @@ def gather_sample(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) ->
     return (taps * weight).sum(-1)
 
 
+def tap_matrix(index: torch.Tensor, weight: torch.Tensor, pixels: int) -> torch.Tensor:
+    """The taps of :func:`bilinear_taps` as a sparse (S, pixels) float32 CSR matrix on their device."""
+    rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_coo_tensor(torch.stack([rows, index.flatten().long()]), weight.flatten().float(),
+                                      (index.shape[0], pixels), check_invariants=True).coalesce().to_sparse_csr()
+        # 32-bit indices: the CPU's sparse kernels (MKL) take them as they are instead of converting on every product
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                       check_invariants=False)
+
+
+def sparse_sample(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_sample` as one sparse product: (N, C, H, W) float32 images and a :func:`tap_matrix`
+    → (N, C, S) samples."""
+    n, c = x.shape[:2]
+    if n * c == 1:  # a matrix-vector product: 4x cheaper than the same as a one-column matrix product
+        return torch.mv(matrix, x.reshape(-1)).reshape(1, 1, -1)
+    return (matrix @ x.reshape(n * c, -1).T).T.reshape(n, c, -1)
+
+
 class PolarBasis(nn.Module):
     """Images ↔ angular-frequency coefficients of rings.
 
@@ -117,6 +139,12 @@ class PolarBasis(nn.Module):
     trailing 2 holds real and imaginary parts (complex tensors neither export to ONNX nor autocast).
     ``spectrum`` and ``synthesise`` are the same transforms in the layout the forward pass uses,
     (N, C·R, 2, M) with real parts before imaginary ones.
+
+    Sampling (image → rings, rings → pixels) is a Gather in exported and compiled graphs and under
+    autograd; run eagerly on the CPU or a CUDA device it is one sparse matrix product instead
+    (:func:`tap_matrix`): measured on the 2-core CPU at 16,384 samples of a 128×128 image, 0.13 vs
+    0.26 ms at batch 1 and 1.0 vs 24 ms at batch 32 — the Gather's cost grows with the batch far
+    faster than the product's.
     """
 
     def __init__(self, spec: LinearSpec):
@@ -158,11 +186,22 @@ class PolarBasis(nn.Module):
         freq_weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0)
         ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
         self.register_buffer("error_weight", torch.from_numpy(np.outer(freq_weight, ring_weight)), persistent=False)
+        self._matrices: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _sample(self, x: torch.Tensor, taps: str) -> torch.Tensor:
+        """(N, C, H, W) → (N, C, S) through the ``taps`` ("input", "target" or "output") buffers."""
+        index, weight = getattr(self, f"{taps}_index"), getattr(self, f"{taps}_weight")
+        if x.requires_grad or x.device.type not in ("cpu", "cuda") or x.dtype != torch.float32 \
+                or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return gather_sample(x, index, weight)
+        key = (taps, x.device)
+        if key not in self._matrices:
+            self._matrices[key] = tap_matrix(index.to(x.device), weight.to(x.device), x.shape[2] * x.shape[3])
+        return sparse_sample(x, self._matrices[key])
 
     def spectrum(self, x: torch.Tensor, target: bool = False) -> torch.Tensor:
         """(N, C, H, W) images → (N, C·R, 2, M) angular spectra of their rings."""
-        index, weight = (self.target_index, self.target_weight) if target else (self.input_index, self.input_weight)
-        polar = gather_sample(x, index, weight)  # (N, C, R·A)
+        polar = self._sample(x, "target" if target else "input")  # (N, C, R·A)
         n, c = polar.shape[:2]
         return (polar.reshape(n, -1, self.spec.n_angles) @ self.dft).reshape(n, -1, 2, self.spec.max_frequency + 1)
 
@@ -170,7 +209,7 @@ class PolarBasis(nn.Module):
         """(N, D, R_out, 2M) spectra → (N, D, h, w) images."""
         n, d = spectrum.shape[:2]
         polar = spectrum @ self.idft  # (N, D, R_out, A)
-        return gather_sample(polar, self.output_index, self.output_weight).reshape(n, d, *self.spec.out_shape)
+        return self._sample(polar, "output").reshape(n, d, *self.spec.out_shape)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.spectrum(x).permute(0, 3, 1, 2)
@@ -262,7 +301,8 @@ class LinearInverse(nn.Module):
             if self.spec.basis == "polar":
                 s = self.basis.spectrum(x)  # (N, F, 2, M)
                 n, m = s.shape[0], s.shape[-1]
-                a = s.permute(3, 2, 0, 1).reshape(m, 2 * n, -1)  # (M, 2N, F): real rows, then imaginary rows
+                # (M, 2N, F): real rows, then imaginary rows; contiguous, or each product reads strided rows (5x slower)
+                a = s.permute(3, 2, 0, 1).reshape(m, 2 * n, -1).contiguous()
                 p, q = a @ self.wr, a @ self.wi  # each weight matrix is read once per batch (memory-bound at batch 1)
                 b = torch.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1)  # (M, 2, N, G)
                 if affine:
