@@ -135,3 +135,45 @@ def test_reconstruct_writes_a_score_per_frame(scored, tmp_path, suffix):
     np.testing.assert_allclose(scores, expected, rtol=1e-3)
     if suffix == ".ome.tif":
         assert tifffile.imread(out).shape == (20, 24, 24)  # the annotation leaves the image readable
+
+
+@pytest.mark.parametrize("suffix", [".ome.tif", ".h5", ".ome.zarr"])
+def test_reconstruct_writes_confidence_maps_beside_the_output(scored, tmp_path, suffix):
+    import h5py
+    import tifffile
+    import zarr
+
+    bundle, _, _, held_out = scored
+    tifffile.imwrite(tmp_path / "in.tif", held_out[:12])
+    out = tmp_path / f"out{suffix}"
+    summary = ccm.reconstruct_recording(tmp_path / "in.tif", bundle, out, batch_size=5, progress=False, confidence_map=True)
+    maps_path = tmp_path / f"out.confidence{suffix}"
+    assert summary["confidence_map"] == str(maps_path)
+    if suffix == ".ome.tif":
+        maps, volumes = tifffile.imread(maps_path), tifffile.imread(out)
+    elif suffix == ".h5":
+        with h5py.File(maps_path) as f, h5py.File(out) as g:
+            maps, volumes = f["volumes"][()], g["volumes"][()]
+            assert "confidence map" in f.attrs["metadata_json"]
+    else:
+        maps, volumes = (zarr.open_array(str(p / "0"), mode="r")[...] for p in (maps_path, out))
+    reconstructor = ccm.Reconstructor(bundle)
+    x = bundle.preprocessor()(held_out[:12])
+    expected = reconstructor.confidence(x, reconstructor.run_preprocessed(x))
+    np.testing.assert_allclose(maps.reshape(expected.shape), expected, rtol=1e-3, atol=1e-5)
+    assert maps.shape == volumes.shape and maps.dtype == np.float32 and maps.max() > 0
+    maps_path.rename(tmp_path / f"other.confidence{suffix}")
+    with pytest.raises(ccm.OutputError, match=r"other\.confidence.* exists"):  # never overwritten without --overwrite
+        ccm.reconstruct_recording(tmp_path / "in.tif", bundle, tmp_path / f"other{suffix}", progress=False, confidence_map=True)
+    assert not (tmp_path / f".other{suffix}.partial").exists()  # refused before either output was started
+
+
+def test_confidence_maps_need_a_consistency_model(tiny_bundle, tmp_path):
+    import tifffile
+
+    bundle = tiny_bundle[0]
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, *bundle.device.sensor.shape), np.uint16))
+    with pytest.raises(ccm.BundleError, match="no forward-consistency model"):
+        ccm.reconstruct_recording(tmp_path / "in.tif", dataclasses.replace(bundle, consistency=None), tmp_path / "o.ome.tif",
+                                  progress=False, confidence_map=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # refused before anything was written

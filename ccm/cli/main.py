@@ -325,7 +325,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
                                         num_nodes=args.num_nodes,
                                         strategy=args.strategy, restart=args.restart, overwrite=args.overwrite,
                                         progress=not args.no_progress and not args.json, series=args.series,
-                                        convert_from=args.convert_from, salvage=args.salvage)
+                                        convert_from=args.convert_from, salvage=args.salvage,
+                                        confidence_map=args.confidence_map)
         if classifier is not None:
             from ccm.infer.classifier import classify_recording
 
@@ -342,16 +343,17 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
         if not args.json and "seconds" in summary:
             rate = f", {summary['frames_per_s']} frames/s" if summary["frames_per_s"] else ""
             print(f"wrote {summary['output']} ({summary['axes']} {summary['shape']}; {summary['frames_done']} frames in "
-                  f"{summary['seconds']} s{rate})")
+                  f"{summary['seconds']} s{rate})" + (f" and its confidence maps {summary['confidence_map']}"
+                                                      if "confidence_map" in summary else ""))
     if args.json:
         print(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=1))
 
 
 def _classes_path(output: Path) -> Path:
     """OUT.ome.tif / OUT.h5 / OUT.ome.zarr → OUT.classes.csv beside it."""
-    import re
+    from ccm.io.volume_writer import beside
 
-    return output.with_name(re.sub(r"\.(?:ome\.tiff?|tiff?|h5|hdf5|(?:ome\.)?zarr)$", "", output.name, flags=re.I) + ".classes.csv")
+    return beside(output, "classes", ".csv")
 
 
 def _reconstruct_outputs(args: argparse.Namespace) -> list[Path]:
@@ -720,6 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--classifier", type=Path, help="also classify every frame (ccm classify train): OUTPUT.classes.csv "
                                                    "beside each output, with the class and confidence per frame")
+    p.add_argument("--confidence-map", action="store_true",
+                   help="also write each frame's confidence map to OUTPUT.confidence.<suffix> beside the output (same axes "
+                        "and scale, float32): the brightness the raw frame does not support at each reconstructed pixel, "
+                        "in the reconstruction's units (near 0 = supported); needs a bundle with a consistency model")
     _backend_args(p)
     p.set_defaults(func=_cmd_reconstruct)
 

@@ -31,7 +31,7 @@ from ccm.infer.reconstruct import Reconstructor
 from ccm.io.atomic import refuse_output_over_inputs
 from ccm.io.background import BackgroundWriter
 from ccm.io.recorded import Recording, RecordingError, Selection, open_recording
-from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, output_bytes, prepare
+from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, confidence_spec, finish, output_bytes, prepare, refuse_existing
 from ccm.portable import peak_rss_mb, process_uptime_s
 
 SYNC_SECONDS = 2.0
@@ -101,7 +101,7 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
                           selection: Selection | None = None, dtype: str = "float32", batch_size: int = 32,
                           num_workers: int = 1, devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
                           restart: bool = False, overwrite: bool = False, progress: bool = True, series: int = 0,
-                          convert_from: str | None = None, salvage: bool = False) -> dict:
+                          convert_from: str | None = None, salvage: bool = False, confidence_map: bool = False) -> dict:
     """Reconstruct one recording into ``output``; returns a summary (frames, seconds, frames/s, …).
 
     ``seconds`` is this call's wall time, ``wall_s`` the process's since it started (imports included),
@@ -109,7 +109,9 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     interruption resumes where the last durable write left off. ``convert_from`` accepts frames of
     another pixel type (:data:`ccm.infer.preprocess.CONVERSIONS`); ``salvage`` reconstructs exactly the
     readable frames of a corrupt TIFF (the summary's ``salvaged`` says how many). An output that is
-    one of the input's files (or a link to it) is refused, ``overwrite`` or not.
+    one of the input's files (or a link to it) is refused, ``overwrite`` or not. ``confidence_map`` also writes
+    each frame's confidence map (:meth:`Reconstructor.confidence`) to ``OUT.confidence.<suffix>`` beside the
+    output (:func:`ccm.io.volume_writer.confidence_spec`; one process only).
     """
     options = options or InferenceOptions()
     started = time.perf_counter()
@@ -121,13 +123,21 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     if spec.format == "hdf5" and (num_nodes > 1 or devices not in (1, "1")):
         raise OutputError(f"{spec.path}: several processes cannot write one HDF5 file; write OME-TIFF (.ome.tif) or OME-Zarr "
                           "(.ome.zarr) with --devices/--num-nodes, or HDF5 from one process")
+    distributed = num_nodes > 1 or devices not in (1, "1") or strategy != "auto"
+    maps = _confidence_spec(spec, bundle, distributed) if confidence_map else None
     check_recording(recording, bundle, frame_indices, convert_from)
+    if maps is not None:  # both destinations are checked before either partial output is created
+        refuse_existing(maps, overwrite)
     done = prepare(spec, restart=restart, overwrite=overwrite)
+    if maps is not None:  # a position counts as done when both outputs hold it
+        done &= prepare(maps, restart=restart, overwrite=overwrite)
     todo = np.flatnonzero(~done)
     summary = {"input": recording.description, "output": str(spec.path), "format": spec.format, "axes": spec.axes + "ZYX",
                "shape": [*spec.shape, *spec.volume_shape], "frames": spec.n, "resumed_with_done": int(done.sum()),
                "backend": options.backend, "precision": options.precision, "device": options.device,
                "threads": options.threads}
+    if maps is not None:
+        summary["confidence_map"] = str(maps.path)
     if "salvaged" in recording.metadata:
         summary["salvaged"] = recording.metadata["salvaged"]
     # int8 needs calibration frames when its export is not cached: the recording's own first frames
@@ -136,7 +146,7 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     model_s = 0.0
     if len(todo):
         chunks = FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size, convert_from)
-        if num_nodes > 1 or devices not in (1, "1") or strategy != "auto":
+        if distributed:
             from ccm.infer.distributed import predict_distributed
 
             if not predict_distributed(chunks, spec, bundle, options, int(done.sum()), calibration, batch_size=batch_size,
@@ -144,12 +154,11 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
                                        progress=progress):
                 return summary  # not the main process
         else:
-            model_s = _predict_in_process(chunks, spec, bundle, options, int(done.sum()), calibration, batch_size,
+            model_s = _predict_in_process(chunks, spec, maps, bundle, options, int(done.sum()), calibration, batch_size,
                                           max(1, num_workers), progress)
-    elif not finish(spec):
-        raise OutputError(f"{spec.tmp}: recorded as complete but cannot be finished")
-    if not spec.path.exists() and not finish(spec):
-        raise OutputError(f"{spec.tmp}: some volumes are missing after the run; re-run the same command to complete it")
+    for finished in (spec, maps) if maps is not None else (spec,):
+        if not finished.path.exists() and not finish(finished):
+            raise OutputError(f"{finished.tmp}: some volumes are missing after the run; re-run the same command to complete it")
     seconds = time.perf_counter() - started
     rss, rss_workers = peak_rss_mb(), peak_rss_mb(children=True)
     uptime = process_uptime_s()
@@ -161,18 +170,45 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     return summary
 
 
-def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, bundle: Bundle, options: InferenceOptions, done_before: int,
-                        calibration: np.ndarray | None, batch_size: int, readers: int, progress: bool) -> float:
+def _confidence_spec(spec: OutputSpec, bundle: Bundle, distributed: bool) -> OutputSpec:
+    """The confidence maps' output for ``spec``, or a clear refusal before anything is written."""
+    from ccm.infer.consistency import linear_stage
+
+    if bundle.consistency is None:
+        raise BundleError(f"{bundle.label} has no forward-consistency model, so no confidence map: fit one with "
+                          "`ccm consistency BUNDLE --data CALIBRATION.h5 -o BUNDLE_WITH_SCORE.safetensors`")
+    if linear_stage(bundle.model()) is None:
+        raise BundleError(f"{bundle.label}: its network has no linear first stage to carry the residual back to the "
+                          "reconstruction's grid, so no confidence map (the per-frame score is still written)")
+    if distributed:
+        raise OutputError(f"{spec.path}: confidence maps are written by one process; leave out --devices/--num-nodes/--strategy")
+    return confidence_spec(spec)
+
+
+def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec | None, bundle: Bundle,
+                        options: InferenceOptions, done_before: int, calibration: np.ndarray | None, batch_size: int,
+                        readers: int, progress: bool) -> float:
     """Read ahead on ``readers`` threads, run the model here, write on a writer thread; returns seconds in the model.
+    ``maps``: the confidence maps' output, if asked for.
 
     An interruption (Ctrl-C, an error) closes the writer cleanly: what was written is durable and recorded,
     and a re-run resumes after it.
     """
     # ONNX Runtime threads stop spinning between calls: readers and the writer need the cores
     reconstructor = Reconstructor(bundle, replace(options, spin=False), batch_size, calibration=calibration)
-    writer = VolumeWriter(spec)
-    background = BackgroundWriter(lambda item: writer.write(*item), writer.sync, sync_every_s=SYNC_SECONDS,
-                                  name="ccm-volume-writer")
+    writers = [VolumeWriter(spec)] + ([VolumeWriter(maps)] if maps is not None else [])
+
+    def write(item: tuple) -> None:
+        positions, volumes, scores, confidence = item
+        if confidence is not None:  # first: the reconstruction's progress record is the later of the two
+            writers[1].write(positions, confidence)
+        writers[0].write(positions, volumes, scores)
+
+    def sync() -> None:
+        for writer in reversed(writers):
+            writer.sync()
+
+    background = BackgroundWriter(write, sync, sync_every_s=SYNC_SECONDS, name="ccm-volume-writer")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -192,7 +228,8 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, bundle: Bundle, o
                 volumes = reconstructor.run_preprocessed(x)
                 model_s += time.perf_counter() - start
                 scores = reconstructor.score(x, volumes)
-                background.put((positions, volumes, scores))
+                confidence = reconstructor.confidence(x, volumes) if maps is not None else None
+                background.put((positions, volumes, scores, confidence))
                 if bar is not None:
                     bar.update(len(positions))
     except BaseException:
@@ -200,12 +237,15 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, bundle: Bundle, o
             if future is not None:
                 future.cancel()
         background.close(raise_error=False)
-        writer.close()
+        for writer in writers:
+            writer.close()
         raise
     finally:
         if bar is not None:
             bar.close()
     background.close()
-    writer.close()
-    finish(spec)
+    for writer in reversed(writers):
+        writer.close()
+    for output in (spec, maps) if maps is not None else (spec,):
+        finish(output)
     return model_s

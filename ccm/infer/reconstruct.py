@@ -9,11 +9,15 @@ the one implementation shared with training) and hands them, in batches, to a ba
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ccm.infer.backends import InferenceOptions, make_backend
 from ccm.infer.bundle import Bundle
+
+if TYPE_CHECKING:
+    from ccm.infer.linear import LinearInverse
 
 
 class Reconstructor:
@@ -36,6 +40,8 @@ class Reconstructor:
         self.preprocessor = bundle.preprocessor()
         self.backend = make_backend(bundle, self.options, onnx_path, calibration)
         self.batch_size = batch_size
+        self._inverse: LinearInverse | None = None  # the bundle's linear stage, loaded by the first confidence map
+        self._inverse_loaded = False
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -55,6 +61,19 @@ class Reconstructor:
         scores (:mod:`ccm.infer.consistency`; in PyTorch, on the backend's threads); None when the bundle has no
         consistency model."""
         return None if self.bundle.consistency is None else self.bundle.consistency.score(x, volumes)
+
+    def confidence(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray | None:
+        """(N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes → (N, D, h, w) float32 confidence
+        maps: the brightness the frame's unexplained residual implies at each reconstructed pixel, in the
+        volumes' units (:func:`ccm.infer.consistency.unexplained_brightness`; near 0 = supported by the frame).
+        None when the bundle has no consistency model or no linear stage to carry the residual back."""
+        if self.bundle.consistency is None:
+            return None
+        from ccm.infer.consistency import linear_stage, unexplained_brightness
+
+        if not self._inverse_loaded:
+            self._inverse, self._inverse_loaded = linear_stage(self.bundle.model()), True
+        return None if self._inverse is None else unexplained_brightness(self.bundle.consistency, self._inverse, x, volumes)
 
     def run_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(N, 1, H', W') float32 frames already through :attr:`preprocessor` → (N, D, h, w) float32."""

@@ -26,8 +26,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,30 @@ class OutputSpec:
         return self
 
 
+OUTPUT_SUFFIX = re.compile(r"\.(?:ome\.tiff?|tiff?|h5|hdf5|(?:ome\.)?zarr)$", re.I)
+
+
+def beside(output: Path, name: str, suffix: str | None = None) -> Path:
+    """A file next to an output, named after it: ``OUT.ome.tif`` → ``OUT.<name><suffix>`` (the output's own
+    suffix by default), e.g. ``OUT.confidence.ome.tif`` or ``OUT.classes.csv``."""
+    match = OUTPUT_SUFFIX.search(output.name)
+    stem, own = (output.name[:match.start()], match.group(0)) if match else (output.name, "")
+    return output.with_name(f"{stem}.{name}{own if suffix is None else suffix}")
+
+
+CONFIDENCE_MEANING = ("confidence map (ccm.infer.consistency.unexplained_brightness): per reconstructed pixel, the brightness "
+                      "the raw frame's unexplained residual implies there, in the reconstruction's units; near 0 = supported "
+                      "by the frame, large = drawn without support or missed")
+
+
+def confidence_spec(spec: OutputSpec) -> OutputSpec:
+    """The confidence maps' output beside ``spec``'s (``OUT.confidence.<suffix>``): the same axes, shape, scale and
+    per-frame metadata, float32 (the maps are not bounded by 1), its own resumable job."""
+    metadata = spec.metadata | {"content": CONFIDENCE_MEANING, "reconstruction": spec.path.name}
+    return replace(spec, path=beside(spec.path, "confidence"), dtype="float32", metadata=metadata,
+                   job=spec.job | {"content": "confidence map", "dtype": "float32"}).validate()
+
+
 def _as_dtype(volumes: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "uint16":
         return np.rint(np.clip(volumes, 0, 1) * 65535).astype(np.uint16)
@@ -129,12 +154,17 @@ def _runs(positions: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(positions[a]), int(positions[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
+def refuse_existing(spec: OutputSpec, overwrite: bool = False) -> None:
+    """Raise :class:`OutputError` if the destination exists and may not be replaced."""
+    if spec.path.exists() and not overwrite:
+        raise OutputError(f"{spec.path} exists; choose another name or pass --overwrite")
+
+
 def prepare(spec: OutputSpec, restart: bool = False, overwrite: bool = False) -> np.ndarray:
     """Create the partial output (or find the one an interrupted run of this job left); returns the
     (n,) bool array of positions already written. Call once, in one process, before writing."""
     spec.validate()
-    if spec.path.exists() and not overwrite:
-        raise OutputError(f"{spec.path} exists; choose another name or pass --overwrite")
+    refuse_existing(spec, overwrite)
     job_file = spec.progress_dir / "job.json"
     if spec.tmp.exists() and job_file.exists() and not restart:
         if json.loads(job_file.read_text()) != json.loads(json.dumps(spec.job)):
@@ -383,8 +413,6 @@ def read_scores(path: str | os.PathLike) -> np.ndarray | None:
 
         with h5py.File(path, "r") as f:
             return f["consistency_score"][()] if "consistency_score" in f else None
-    import re
-
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
