@@ -483,13 +483,18 @@ def test_reconstruct_widget_on_a_layer(make_napari_viewer, qtbot, tmp_path):
     viewer.add_image(frames, name="frames")
     _, widget = viewer.window.add_plugin_dock_widget("ccm", "Reconstruct recordings")
     widget.source.setCurrentText("frames")
+    widget.confidence.setChecked(True)
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=60000)
     assert widget.last_error is None
-    (layer,) = widget.result_layers
-    expected = ccm.Reconstructor(bundle, batch_size=16)(frames)[:, 0]
-    np.testing.assert_allclose(np.asarray(layer.data), expected, rtol=0, atol=1e-6)  # threads: all cores, as ccm reconstruct
+    layer, maps = widget.result_layers
+    reconstructor = ccm.Reconstructor(bundle, batch_size=16)
+    x = reconstructor.preprocessor(frames)
+    volumes = reconstructor.run_preprocessed(x)
+    np.testing.assert_allclose(np.asarray(layer.data), volumes[:, 0], rtol=0, atol=1e-6)  # threads: all cores, as ccm reconstruct
     assert tuple(layer.scale) == pytest.approx((1.0, 1.72, 1.72))
+    np.testing.assert_allclose(np.asarray(maps.data), reconstructor.confidence(x, volumes)[:, 0], rtol=1e-4, atol=1e-5)
+    assert tuple(maps.scale) == tuple(layer.scale) and maps.blending == "additive" and "confidence" in maps.name
     _screenshot(None, widget, "widget-reconstruct", tmp_path)
 
 
@@ -508,13 +513,16 @@ def test_reconstruct_widget_on_a_file_and_cancel(make_napari_viewer, qtbot, tmp_
     widget.source.setCurrentText("File or folder…")
     widget.path.setText(str(tmp_path / "movie.tif"))
     widget.output.setText(str(tmp_path / "movie-recon.ome.tif"))
+    widget.confidence.setChecked(True)
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=120000)
     assert widget.last_error is None, widget.last_error
-    (layer,) = widget.result_layers
+    layer, maps = widget.result_layers
     expected = ccm.Reconstructor(bundle)(frames)[:, 0]
     np.testing.assert_allclose(np.asarray(layer.data), expected, atol=1e-5)
     assert tuple(layer.scale)[-2:] == pytest.approx((1.72, 1.72)) and str(layer.units[-1]) == "micrometer"
+    assert (tmp_path / "movie-recon.confidence.ome.tif").exists() and tuple(maps.scale) == tuple(layer.scale)
+    assert maps.colormap.name == "inferno" and np.asarray(maps.data).max() > 0
 
 
 # --- readers and writer --------------------------------------------------------------------------

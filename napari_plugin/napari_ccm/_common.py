@@ -93,6 +93,12 @@ def volume_layer_kwargs(volumes: np.ndarray, pixel_size_um: float, depths_um, le
     return data, kwargs
 
 
+CONFIDENCE_LAYER = {"colormap": "inferno", "contrast_limits": (0.0, 0.5), "opacity": 0.6, "blending": "additive"}
+"""How confidence maps (:meth:`ccm.Reconstructor.confidence`) are shown over their reconstruction (Live and Reconstruct)."""
+CONFIDENCE_MEANING = ("brightness (reconstruction units) the raw frame implies beyond or short of the reconstruction at "
+                      "each pixel: near 0 = supported by the frame")
+
+
 LAYER_SETTINGS = ("scale", "translate", "units", "contrast_limits", "colormap", "metadata")
 """The ``add_image`` keywords :func:`replace_layer` applies to a layer it keeps."""
 

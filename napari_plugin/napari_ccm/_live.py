@@ -60,6 +60,8 @@ from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a wo
 
 from ccm.infer.consistency import linear_stage, unexplained_brightness
 from napari_ccm._common import (
+    CONFIDENCE_LAYER,
+    CONFIDENCE_MEANING,
     add_bundle_picker,
     bundle_choice,
     options_from,
@@ -337,7 +339,13 @@ class LiveWidget(QWidget):
     @staticmethod
     def _open(settings: dict, core):
         """Worker thread: (pipeline, core it loaded or None)."""
+        import pint
+
         import ccm
+
+        # napari's unit registry loads its definitions on first use — the first layer with units in µm —
+        # which took 0.67 s of the GUI thread in _setup_layers (2-core VM); load them here instead
+        pint.get_application_registry().parse_expression("µm")
 
         options = options_from(settings["backend"], settings["precision"], latency=True)
         source = None
@@ -730,9 +738,7 @@ class LiveWidget(QWidget):
         self.unexplained_layer = replace_layer(self.viewer, data, {
             "name": "unexplained brightness", "scale": tuple(self.recon_layer.scale)[-data.ndim:],
             "translate": tuple(self.recon_layer.translate)[-data.ndim:], "units": tuple(self.recon_layer.units)[-data.ndim:],
-            "colormap": "inferno", "contrast_limits": (0.0, 0.5), "opacity": 0.6, "blending": "additive",
-            "metadata": {"what": "brightness (reconstruction units) the raw frame implies beyond or short of the "
-                                 "reconstruction at each pixel: near 0 = supported by the frame", "frame": index}})
+            **CONFIDENCE_LAYER, "metadata": {"what": CONFIDENCE_MEANING, "frame": index}})
 
 
 LIVE_WIDGETS: weakref.WeakSet[LiveWidget] = weakref.WeakSet()

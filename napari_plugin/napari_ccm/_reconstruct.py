@@ -23,6 +23,7 @@ import numpy as np
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -36,7 +37,15 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
 
-from napari_ccm._common import add_bundle_picker, bundle_choice, options_from, reconstruction_layer_kwargs, shipped_bundles
+from napari_ccm._common import (
+    CONFIDENCE_LAYER,
+    CONFIDENCE_MEANING,
+    add_bundle_picker,
+    bundle_choice,
+    options_from,
+    reconstruction_layer_kwargs,
+    shipped_bundles,
+)
 
 LAYER_CHUNK = 16
 """Frames per step when reconstructing a layer (the progress and Cancel granularity)."""
@@ -75,6 +84,10 @@ class ReconstructWidget(QWidget):
         self.backend.addItems(["torch", "onnx"])
         self.precision = QComboBox()
         self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
+        self.confidence = QCheckBox("Confidence map")
+        self.confidence.setToolTip("also compute each frame's confidence map (a layer over the reconstruction; for files, "
+                                   "OUTPUT.confidence.ome.tif beside it): the brightness the raw frame does not support "
+                                   "at each pixel, near 0 = supported. Needs a bundle with a consistency model.")
         self.run_button = QPushButton("Reconstruct")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel")
@@ -91,6 +104,7 @@ class ReconstructWidget(QWidget):
         form.addRow("Bundle", bundle_row)
         form.addRow("Backend", self.backend)
         form.addRow("Precision", self.precision)
+        form.addRow("", self.confidence)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -135,6 +149,7 @@ class ReconstructWidget(QWidget):
         self.last_error, self.last_summary, self.result_layers = None, None, []
         bundle_name = bundle_choice(self.bundle)
         backend, precision = self.backend.currentText(), self.precision.currentText()
+        confidence = self.confidence.isChecked()
         if self.source.currentText() == FROM_FILE or not self.source.currentText():
             source = self.path.text().strip()
             if not source:
@@ -142,13 +157,13 @@ class ReconstructWidget(QWidget):
                 return
             output = self.output.text().strip() or str(_default_output(source))
             self.output.setText(output)
-            worker = create_worker(_run_cli, source, output, bundle_name, backend, precision, _ignore_errors=True)
+            worker = create_worker(_run_cli, source, output, bundle_name, backend, precision, confidence, _ignore_errors=True)
             worker.returned.connect(lambda summary: self._file_done(summary, output))
             self.status.setText(f"ccm reconstruct {source} → {output}")
         else:
             layer = self.viewer.layers[self.source.currentText()]
             frames = np.asarray(layer.data)
-            worker = create_worker(_run_layer, frames, bundle_name, backend, precision, _ignore_errors=True)
+            worker = create_worker(_run_layer, frames, bundle_name, backend, precision, confidence, _ignore_errors=True)
             worker.returned.connect(lambda result: self._layer_done(result, layer.name))
             self.status.setText(f"reconstructing layer {layer.name!r} {frames.shape}")
         worker.yielded.connect(self._progress)
@@ -182,10 +197,13 @@ class ReconstructWidget(QWidget):
         self.status.setText(f"{done}/{total} frames, {rate:.1f} frames/s{eta}")
 
     def _layer_done(self, result, name: str) -> None:
-        bundle, volumes, single = result
+        bundle, volumes, maps, single = result
         data, kwargs = reconstruction_layer_kwargs(bundle, volumes[0] if single else volumes, leading=0 if single else 1)
-        layer = self.viewer.add_image(data, name=f"{name} reconstructed ({bundle.name})", **kwargs)
-        self.result_layers = [layer]
+        self.result_layers = [self.viewer.add_image(data, name=f"{name} reconstructed ({bundle.name})", **kwargs)]
+        if maps is not None:
+            data, kwargs = reconstruction_layer_kwargs(bundle, maps[0] if single else maps, leading=0 if single else 1)
+            kwargs.update(CONFIDENCE_LAYER, metadata=kwargs["metadata"] | {"what": CONFIDENCE_MEANING})
+            self.result_layers.append(self.viewer.add_image(data, name=f"{name} confidence map ({bundle.name})", **kwargs))
         self.status.setText(f"{len(volumes)} frames reconstructed with {bundle.name}")
 
     def _file_done(self, summary: dict, output: str) -> None:
@@ -193,6 +211,10 @@ class ReconstructWidget(QWidget):
 
         self.last_summary = summary
         self.result_layers = [self.viewer.add_image(data, **kwargs) for data, kwargs, _ in read_ccm(output)]
+        if summary.get("confidence_map"):
+            for data, kwargs, _ in read_ccm(summary["confidence_map"]):
+                kwargs.update(CONFIDENCE_LAYER, metadata=kwargs.get("metadata", {}) | {"what": CONFIDENCE_MEANING})
+                self.result_layers.append(self.viewer.add_image(data, **kwargs))
         self.status.setText(f"wrote {output} ({summary.get('frames_done', '?')} frames, {summary.get('frames_per_s')} frames/s)")
         show_info(f"ccm: reconstruction written to {output}")
 
@@ -214,29 +236,41 @@ class ReconstructWidget(QWidget):
         show_error(f"ccm reconstruct: {message}")
 
 
-def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: str):
-    """Worker: yields (done, total); returns (bundle, volumes (N, D, h, w), whether the input was one frame)."""
+def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: str, confidence: bool = False):
+    """Worker: yields (done, total); returns (bundle, volumes (N, D, h, w), confidence maps (N, D, h, w) or None,
+    whether the input was one frame)."""
     import ccm
 
     bundle = ccm.load_bundle(bundle_name)
+    if confidence and bundle.consistency is None:
+        raise ccm.BundleError(f"{bundle.label} has no forward-consistency model, so no confidence map (ccm consistency adds one)")
     reconstruct = ccm.Reconstructor(bundle, options_from(backend, precision, latency=False), batch_size=LAYER_CHUNK)
     single = frames.ndim == 2
     frames = frames[None] if single else frames.reshape(-1, *frames.shape[-2:])
     volumes = np.empty((len(frames), *reconstruct.output_shape), np.float32)
+    maps = np.empty_like(volumes) if confidence else None
     yield 0, len(frames)
     for start in range(0, len(frames), LAYER_CHUNK):
-        volumes[start:start + LAYER_CHUNK] = reconstruct(frames[start:start + LAYER_CHUNK], source="the input layer")
+        chunk = slice(start, start + LAYER_CHUNK)
+        x = reconstruct.preprocessor(frames[chunk], "the input layer")
+        volumes[chunk] = reconstruct.run_preprocessed(x)
+        if maps is not None:
+            computed = reconstruct.confidence(x, volumes[chunk])
+            if computed is None:
+                raise ccm.BundleError(f"{bundle.label}: its network has no linear first stage, so no confidence map")
+            maps[chunk] = computed
         yield min(start + LAYER_CHUNK, len(frames)), len(frames)
-    return bundle, volumes, single
+    return bundle, volumes, maps, single
 
 
-def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str):
+def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str, confidence: bool = False):
     """Worker: ``ccm reconstruct`` in a child process; yields (done, total) from its progress bar, returns its summary.
     Closing the generator (Cancel) interrupts the child as Ctrl-C does: its partial output stays resumable."""
     import json
 
     command = [sys.executable, "-m", "ccm.cli", "reconstruct", source, "-o", output, "--bundle", bundle,
-               "--backend", backend, "--precision", precision]  # progress: tqdm's bar on stderr
+               "--backend", backend, "--precision", precision] + (["--confidence-map"] if confidence else [])
+    # progress: tqdm's bar on stderr
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                **({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {}))
     finished = False
@@ -265,6 +299,10 @@ def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str
             raise CcmError(lines[-1].removeprefix("ccm reconstruct: error: ") if lines else f"exit status {code}")
         match = re.search(r"\((\w+) (\[.*?\]); (\d+) frames in ([\d.]+) s(?:, ([\d.]+) frames/s)?\)", out)
         summary = {"output": output, "stdout": out.strip()}
+        if confidence:
+            from ccm.io.volume_writer import beside
+
+            summary["confidence_map"] = str(beside(Path(output), "confidence"))
         if match:
             summary.update(axes=match.group(1), shape=json.loads(match.group(2)), frames_done=int(match.group(3)),
                            seconds=float(match.group(4)), frames_per_s=float(match.group(5)) if match.group(5) else None)
