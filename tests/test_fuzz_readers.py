@@ -21,9 +21,9 @@ import pytest
 import tifffile
 
 from ccm.errors import CcmError
+from ccm.infer.architecture import UNetConfig
 from ccm.infer.batch import check_recording
 from ccm.infer.bundle import Bundle, build_model, load_bundle
-from ccm.infer.nets import UNetConfig
 from ccm.infer.preprocess import PreprocessConfig, Preprocessor
 from ccm.io.recorded import open_recording
 from ccm.io.stack import CalibrationStack, StackWriter

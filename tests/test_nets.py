@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ccm.infer.nets import REFERENCE, UNet, UNetConfig
+from ccm.infer.architecture import REFERENCE, UNetConfig
+from ccm.infer.nets import UNet
 
 
 @pytest.mark.parametrize("stage", ["unshuffle", "stride", "resize"])

@@ -154,8 +154,12 @@ def test_confidence_map_grows_where_the_frame_is_not_explained(tiny_bundle):
 
     bundle, raw, _ = tiny_bundle
     reconstructor = Reconstructor(bundle)
-    inverse = linear_stage(bundle.model())
+    inverse = linear_stage(bundle)  # the stored first stage, evaluated with NumPy: the same map as the torch module's
     assert inverse is not None
+    x = reconstructor.preprocessor(raw[:3])
+    with torch.inference_mode():
+        expected = bundle.model().linear.apply_map(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(inverse.apply_map(x), expected, atol=1e-5 * np.abs(expected).max())
 
     def mean_map(frames):
         x = reconstructor.preprocessor(frames)

@@ -8,6 +8,8 @@ import html
 import json
 import os
 import re
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import tifffile
 import torch
 
+import ccm
 from ccm.cli.main import main
 from ccm.infer.backends import BackendError, InferenceOptions
 from ccm.infer.batch import reconstruct_recording
@@ -341,3 +344,24 @@ def test_lightning_ddp_on_two_cpu_processes(tiny, inputs, tmp_path):
     summary = reconstruct_recording(spec, bundle, out, batch_size=4, num_workers=0, devices=2, strategy="ddp_spawn", progress=False)
     assert summary["frames"] == len(frames)
     np.testing.assert_allclose(tifffile.imread(out), _reference(bundle, frames)[:, 0], atol=1e-5)
+
+
+def test_onnx_reconstruct_and_its_score_never_import_torch(tmp_path):
+    """Start-up (issue 17): with a cached ONNX export, ``ccm reconstruct --backend onnx`` reads the bundle,
+    self-tests it on ONNX Runtime, reconstructs and scores frames without importing torch (~1.5 s)."""
+    from ccm.infer.export import cached_onnx
+
+    bundle = ccm.load_bundle("cannula-220um-2d")
+    cached_onnx(bundle)  # the export itself needs torch (once per bundle)
+    tifffile.imwrite(tmp_path / "one.tif", bundle.sample_raw[None])
+    out = tmp_path / "one.ome.tif"
+    code = ("import sys\nfrom ccm.cli.main import main\n"
+            f"main(['reconstruct', {str(tmp_path / 'one.tif')!r}, '--bundle', 'cannula-220um-2d', '-o', {str(out)!r}, "
+            "'--backend', 'onnx', '--no-progress'])\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+    from ccm.io.volume_writer import read_scores
+
+    assert np.isfinite(read_scores(out)).all()  # the consistency score ran (NumPy)
+    np.testing.assert_allclose(tifffile.imread(out), bundle.sample_output[0], atol=2e-3)

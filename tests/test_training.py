@@ -12,8 +12,10 @@ import yaml
 
 import ccm
 from ccm.cli.main import main
+from ccm.infer.architecture import LinearFit
 from ccm.infer.bundle import BundleError, load_bundle
-from ccm.infer.linear import LinearFit, PolarBasis, bilinear_taps, gather_sample, resolve_spec, sparse_sample, tap_matrix
+from ccm.infer.linear import PolarBasis, gather_sample, resolve_spec, sparse_sample, tap_matrix
+from ccm.infer.linear_map import bilinear_taps
 from ccm.infer.preprocess import FrameError, PreprocessConfig, Preprocessor
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import StackError
@@ -78,7 +80,7 @@ def test_bilinear_taps_match_grid_sample():
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.random((2, 3, 11, 17), dtype=np.float32))
     rows, cols = rng.uniform(-2, 13, 500), rng.uniform(-2, 19, 500)  # some outside: zero padding
-    index, weight = bilinear_taps(rows, cols, (11, 17))
+    index, weight = (torch.from_numpy(a) for a in bilinear_taps(rows, cols, (11, 17)))
     grid = torch.from_numpy(np.stack([(cols + 0.5) / 17 * 2 - 1, (rows + 0.5) / 11 * 2 - 1], -1)[None, None].astype(np.float32))
     expected = F.grid_sample(image, grid.expand(2, -1, -1, -1), align_corners=False)[:, :, 0]
     np.testing.assert_allclose(gather_sample(image, index, weight).numpy(), expected.numpy(), atol=1e-5)

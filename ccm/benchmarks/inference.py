@@ -8,7 +8,7 @@ Two suites, each case in a fresh interpreter (its peak resident memory is its ow
   pairs (a fast path counts only if its quality holds); for bundles with a consistency model, the
   batch-1 cost of the per-frame score and of the confidence map, and the score's ratio to the model
   time (``consistency_ms``). Always in the same run: the reference
-  architecture (the published network's shape, :data:`ccm.infer.nets.REFERENCE`) on the same backend, so
+  architecture (the published network's shape, :data:`ccm.infer.architecture.REFERENCE`) on the same backend, so
   the numbers read as ratios on a noisy machine.
 - ``batch`` — ``ccm reconstruct`` of a long 256×256 uint16 TIFF (2,000 and 20,000 frames):
   end-to-end frames/s against the model-only throughput of the same backend and batch size, and
@@ -61,8 +61,8 @@ def reference_bundle(like):
     """The reference architecture shaped for ``like``'s device and planes, with initial weights (for timing)."""
     import torch
 
+    from ccm.infer.architecture import REFERENCE
     from ccm.infer.bundle import Bundle, build_model
-    from ccm.infer.nets import REFERENCE
 
     torch.manual_seed(0)
     config = REFERENCE.model_copy(update={"in_shape": tuple(like.preprocessor().output_shape), "out_shape": tuple(like.device.target.shape),
@@ -111,15 +111,13 @@ def run_inference_case(case: dict) -> dict:
                            "model_median": statistics.median(model) * 1e3, "model_p95": float(np.percentile(model, 95)) * 1e3,
                            "calls": calls}
     if bundle.consistency is not None:  # the per-frame trust score and the confidence map, at batch 1, beside the model
-        from ccm.infer.consistency import linear_stage, unexplained_brightness
 
         v1 = one.backend.run(x1)
         score = _timed(lambda: one.score(x1, v1), calls)
         result["consistency_ms"] = {"score_median": statistics.median(score) * 1e3, "score_p95": float(np.percentile(score, 95)) * 1e3,
                                     "score_per_model": statistics.median(score) / statistics.median(model), "calls": calls}
-        inverse = linear_stage(bundle.model())
-        if inverse is not None:
-            confidence = _timed(lambda: unexplained_brightness(bundle.consistency, inverse, x1, v1), case["repeats"] * 20)
+        if one.confidence(x1, v1) is not None:
+            confidence = _timed(lambda: one.confidence(x1, v1), case["repeats"] * 20)
             result["consistency_ms"]["confidence_map_median"] = statistics.median(confidence) * 1e3
     throughput = {}
     for batch in case["batches"]:

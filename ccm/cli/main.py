@@ -309,7 +309,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     from ccm.infer.bundle import load_bundle
     from ccm.io.recorded import Selection
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, self_test=False)  # self-tested on its backend by the Reconstructor
     options = _options(args)
     selection = Selection.parse(args.select)
     outputs = _reconstruct_outputs(args)
@@ -426,7 +426,7 @@ def _cmd_live(args: argparse.Namespace) -> None:
     from ccm.infer.reconstruct import Reconstructor
     from ccm.portable import process_uptime_s
 
-    bundle = load_bundle(args.bundle)
+    bundle = load_bundle(args.bundle, self_test=False)  # self-tested on its backend by the Reconstructor
     calibration = None
     if args.precision == "int8":  # an int8 export that is not cached yet calibrates on typical frames
         from ccm.physics.simulate import typical_frames

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
-import torch
 
 from ccm.errors import BackendError
 from ccm.infer.bundle import Bundle
-from ccm.infer.nets import fuse_batchnorm
 
 BackendName = Literal["torch", "onnx"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
@@ -65,16 +63,26 @@ class InferenceOptions:
 
     @property
     def device_type(self) -> str:
-        return torch.device(self.device).type
+        """``cpu`` or ``cuda`` (of ``cuda:N``); anything else as written (refused by :meth:`validate`)."""
+        return self.device.split(":")[0]
+
+    @property
+    def device_index(self) -> int:
+        """N of ``cuda:N`` (0 when not given)."""
+        _, _, index = self.device.partition(":")
+        return int(index) if index.isdigit() else 0
 
     def validate(self) -> InferenceOptions:
-        if self.device_type not in ("cpu", "cuda"):
+        _, _, index = self.device.partition(":")
+        if self.device_type not in ("cpu", "cuda") or (index and not (self.device_type == "cuda" and index.isdigit())):
             raise BackendError(f"device {self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
         allowed = PRECISIONS[(self.backend, self.device_type)]
         if self.precision not in allowed:
             raise BackendError(f"precision {self.precision!r} is not available for backend {self.backend!r} on "
                                f"{self.device_type}; choose from {', '.join(allowed)}")
-        if self.device_type == "cuda" and self.backend == "torch" and not torch.cuda.is_available():
+        if self.device_type == "cuda" and self.backend == "torch" and not _torch_cuda():
+            import torch
+
             raise BackendError(f"device {self.device!r}: no CUDA GPU is visible to torch {torch.__version__}")
         if self.backend == "onnx" and (self.compile != "none" or self.channels_last):
             raise BackendError("compile and channels_last are torch options; ONNX Runtime chooses its own layouts")
@@ -82,6 +90,12 @@ class InferenceOptions:
             warnings.warn("bf16 on this CPU (no AVX512-BF16 or AMX units) is emulated and runs many times slower than fp32; "
                           "use --precision fp32 (or --backend onnx --precision int8 for speed)", RuntimeWarning, stacklevel=2)
         return self
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cpu_has_bf16() -> bool:
@@ -111,6 +125,10 @@ class TorchBackend:
     """A bundle's model in PyTorch; see the module docstring."""
 
     def __init__(self, bundle: Bundle, options: InferenceOptions):
+        import torch
+
+        from ccm.infer.nets import fuse_batchnorm
+
         self.options = options.validate()
         if options.threads:
             torch.set_num_threads(options.threads)
@@ -130,6 +148,8 @@ class TorchBackend:
         self.model = torch.compile(model, mode=options.compile) if options.compile != "none" else model
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        import torch  # imported by __init__: a lookup here (the module itself imports no torch, see ccm.infer.export)
+
         batch = torch.from_numpy(x)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -157,7 +177,7 @@ class OnnxBackend:
         if options.device_type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("ONNX Runtime here has no CUDA provider (install onnxruntime-gpu) — use --backend torch on GPUs")
-            providers = [("CUDAExecutionProvider", {"device_id": torch.device(options.device).index or 0}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": options.device_index}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         self.path = path if path is not None else cached_onnx(bundle, options.precision, calibration)
@@ -170,8 +190,6 @@ class OnnxBackend:
             session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), session_options, providers=providers)
         self._input = self.session.get_inputs()[0].name
-        if options.threads:  # the consistency score and confidence map run in PyTorch: as many threads as the model
-            torch.set_num_threads(options.threads)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, np.float32)})[0]

@@ -177,7 +177,7 @@ def _confidence_spec(spec: OutputSpec, bundle: Bundle, distributed: bool) -> Out
     if bundle.consistency is None:
         raise BundleError(f"{bundle.label} has no forward-consistency model, so no confidence map: fit one with "
                           "`ccm consistency BUNDLE --data CALIBRATION.h5 -o BUNDLE_WITH_SCORE.safetensors`")
-    if linear_stage(bundle.model()) is None:
+    if linear_stage(bundle) is None:
         raise BundleError(f"{bundle.label}: its network has no linear first stage to carry the residual back to the "
                           "reconstruction's grid, so no confidence map (the per-frame score is still written)")
     if distributed:

@@ -22,20 +22,21 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_json, device_to_json, fingerprint
 from ccm.errors import BundleError
+from ccm.infer.architecture import LinearSpec, UNetConfig
 from ccm.infer.consistency import ConsistencyModel
-from ccm.infer.linear import LinearInverse, LinearSpec
-from ccm.infer.nets import UNet, UNetConfig
 from ccm.infer.preprocess import PreprocessConfig, Preprocessor
 from ccm.resources import resolve_shipped
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "ccm-model-bundle"
 FORMAT_VERSION = 1
@@ -48,8 +49,14 @@ Architecture = UNetConfig | LinearSpec
 
 
 def build_model(architecture: Architecture) -> torch.nn.Module:
-    """An untrained module for an architecture: (N, 1, H, W) float32 → (N, D, h, w) float32."""
-    return UNet(architecture) if isinstance(architecture, UNetConfig) else LinearInverse(architecture)
+    """An untrained module for an architecture: (N, 1, H, W) float32 → (N, D, h, w) float32 (imports torch)."""
+    if isinstance(architecture, UNetConfig):
+        from ccm.infer.nets import UNet
+
+        return UNet(architecture)
+    from ccm.infer.linear import LinearInverse
+
+    return LinearInverse(architecture)
 
 
 def architecture_to_dict(architecture: Architecture) -> dict:
@@ -75,12 +82,14 @@ class Bundle:
     """A trained reconstruction model and everything that goes with it (see the module docstring).
 
     Shapes: ``sample_raw`` (H, W) uint16; ``sample_output``/``sample_target`` (D, h, w) float32;
-    ``dark``/``flat`` (H, W) float32 ADU / relative; ``depths_um`` (D,) µm.
+    ``dark``/``flat`` (H, W) float32 ADU / relative; ``depths_um`` (D,) µm. ``state``: the module's
+    weights as NumPy arrays (a torch state dict given here is converted), so a bundle is read,
+    checked and run on ONNX Runtime without importing torch; :meth:`model` builds the module.
     """
 
     name: str
     architecture: Architecture
-    state: dict[str, torch.Tensor]
+    state: dict[str, np.ndarray]
     preprocess: PreprocessConfig
     device: CannulaDevice | WindowDevice
     depths_um: tuple[float, ...]
@@ -96,6 +105,11 @@ class Bundle:
     path: Path | None = None
     consistency: ConsistencyModel | None = None
     """The forward-consistency model (:mod:`ccm.infer.consistency`); None in bundles written before it existed."""
+    self_tested: bool = False
+    """Whether :meth:`self_test` passed (a :class:`ccm.Reconstructor` runs it on its backend otherwise)."""
+
+    def __post_init__(self) -> None:
+        self.state = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in self.state.items()}
 
     @property
     def kind(self) -> str:
@@ -111,9 +125,14 @@ class Bundle:
         return Preprocessor(self.preprocess, self.device, dark=self.dark, flat=self.flat, convert_from=convert_from)
 
     def model(self) -> torch.nn.Module:
-        """The module with its weights, in eval mode, float32 on the CPU."""
+        """The module with its weights, in eval mode, float32 on the CPU (imports torch). The weights are
+        checked against the architecture first (:func:`check_weights`)."""
+        import torch
+
+        check_weights(self.label, self.architecture, {k: v.shape for k, v in self.state.items()})
         module = build_model(self.architecture)
-        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.state.items()})
+        module.load_state_dict({k: torch.from_numpy(np.array(v, np.float32 if v.dtype.kind == "f" else v.dtype))
+                                for k, v in self.state.items()})
         return module.eval()
 
     def check_device(self, device: CannulaDevice | WindowDevice, source: str) -> None:
@@ -130,16 +149,17 @@ class Bundle:
     def save(self, path: Path) -> Path:
         """Write the bundle to ``path`` (atomically: a temporary name, then renamed)."""
         path = Path(path)
-        tensors = {f"model.{k}": (v.to(torch.float16) if _half_precision(k, self.architecture) else v).contiguous()
+        # np.array, not ascontiguousarray: that would turn 0-d buffers (batch norm's step count) into 1-d ones
+        tensors = {f"model.{k}": np.array(v, np.float16 if _half_precision(k, self.architecture) else v.dtype, order="C")
                    for k, v in self.state.items()}
-        tensors["sample.raw"] = torch.from_numpy(np.ascontiguousarray(self.sample_raw, dtype=np.uint16))
-        tensors["sample.output"] = torch.from_numpy(np.ascontiguousarray(self.sample_output, dtype=np.float32))
+        tensors["sample.raw"] = np.ascontiguousarray(self.sample_raw, dtype=np.uint16)
+        tensors["sample.output"] = np.ascontiguousarray(self.sample_output, dtype=np.float32)
         for name, array in (("sample.target", self.sample_target), ("preprocess.dark", self.dark), ("preprocess.flat", self.flat)):
             if array is not None:
-                tensors[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+                tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
         for name in ("val", "test"):
             if name in self.split:
-                tensors[f"split.{name}"] = torch.as_tensor(np.asarray(self.split[name], np.int64))
+                tensors[f"split.{name}"] = np.ascontiguousarray(self.split[name], np.int64)
         split_meta = {k: v for k, v in self.split.items() if k not in ("val", "test")}
         extra_meta = {}
         if self.consistency is not None:
@@ -168,20 +188,30 @@ class Bundle:
         digest = hashlib.sha256(json.dumps(architecture_to_dict(self.architecture), sort_keys=True).encode())
         for name in sorted(self.state):
             digest.update(name.encode())
-            digest.update(self.state[name].float().numpy().tobytes())
+            digest.update(np.ascontiguousarray(self.state[name], np.float32).tobytes())
         return digest.hexdigest()[:16]
 
-    def self_test(self) -> float:
+    def self_test(self, run=None) -> float:
         """Reconstruct the stored sample frame and compare with the stored output; returns the
-        largest difference, raising :class:`BundleError` above :data:`SELF_TEST_TOLERANCE`."""
+        largest difference, raising :class:`BundleError` above :data:`SELF_TEST_TOLERANCE`.
+
+        ``run``: (1, 1, H', W') preprocessed frame → (1, D, h, w) volume, the engine under test (a backend's
+        ``run``); by default the PyTorch module (:meth:`model`)."""
         x = self.preprocessor()(self.sample_raw, f"the self-test sample of {self.label}")
-        with torch.inference_mode():
-            output = self.model()(torch.from_numpy(x)).numpy()[0]
+        if run is None:
+            import torch
+
+            module = self.model()
+            with torch.inference_mode():
+                output = module(torch.from_numpy(x)).numpy()[0]
+        else:
+            output = np.asarray(run(x))[0]
         error = float(np.max(np.abs(output - self.sample_output)))
         if not error <= SELF_TEST_TOLERANCE:
             raise BundleError(f"{self.label}: self-test failed — the sample frame reconstructs with a largest error of "
                               f"{error:.3g} (tolerance {SELF_TEST_TOLERANCE}); the weights or preprocessing do not match "
                               "what was saved")
+        self.self_tested = True
         return error
 
 
@@ -220,7 +250,7 @@ def _header(path: Path) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
     """(metadata, {tensor name: (shape, dtype)}) from the safetensors header, without reading any tensor."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
+    with safe_open(path, framework="numpy") as f:
         meta = f.metadata() or {}
         shapes = {}
         for name in f.keys():
@@ -261,9 +291,9 @@ def read_header(path: Path, fmt: str, version: int, what: str, required_meta: tu
 
 def _check_before_loading(path: Path, meta: dict, shapes: dict, device, architecture: Architecture,
                           preprocess: PreprocessConfig, depths: tuple[float, ...]) -> None:
-    """Everything that can be checked from the header: the architecture against the device and the
-    depth planes, every stored tensor's shape against what the architecture builds (on the ``meta``
-    device: nothing is allocated), and the memory the model would take."""
+    """Everything that can be checked from the header without torch: the architecture against the device
+    and the depth planes, the samples' and preprocessing arrays' shapes. The weights against the
+    architecture are checked when the module is built (:func:`check_weights`, from :meth:`Bundle.model`)."""
     def fail(what: str) -> None:
         raise BundleError(f"{path}: invalid bundle — {what}")
 
@@ -290,10 +320,24 @@ def _check_before_loading(path: Path, meta: dict, shapes: dict, device, architec
     for name, shape in expected.items():
         if name in shapes and shapes[name][0] != shape:
             fail(f"tensor {name} has shape {shapes[name][0]}, expected {shape}")
+    stored = {k[len("model."):]: shape for k, (shape, _) in shapes.items() if k.startswith("model.")}
+    if not stored:
+        fail("it holds no model weights")
+
+
+def check_weights(label: str, architecture: Architecture, stored: dict[str, tuple[int, ...]]) -> None:
+    """Before a module is built: the stored weights' names and shapes against what the architecture builds
+    (on torch's ``meta`` device: nothing is allocated), and the memory the model would take. Raises
+    :class:`BundleError` naming ``label``."""
+    import torch
+
+    def fail(what: str) -> None:
+        raise BundleError(f"{label}: invalid bundle — {what}")
+
     with torch.device("meta"):
         module = build_model(architecture)
     wanted = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    stored = {k[len("model."):]: shape for k, (shape, _) in shapes.items() if k.startswith("model.")}
+    stored = {k: tuple(v) for k, v in stored.items()}
     if set(wanted) != set(stored):
         missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
         fail(f"the weights do not fit the {architecture_to_dict(architecture)['kind']} architecture "
@@ -308,12 +352,15 @@ def _check_before_loading(path: Path, meta: dict, shapes: dict, device, architec
 
 
 def load_bundle(path: Path, self_test: bool = True) -> Bundle:
-    """Read and validate a bundle; with ``self_test`` (the default), check it reproduces its sample.
+    """Read and validate a bundle; with ``self_test`` (the default), check in PyTorch that it reproduces its
+    sample. Without it nothing here imports torch: an ONNX Runtime process (``ccm reconstruct``/``ccm live``
+    with ``--backend onnx``) self-tests the bundle on its own backend instead (:class:`ccm.Reconstructor`).
 
     Everything the header says is checked before any tensor is read or any model is built: the
     metadata keys, the device description against its fingerprint, the architecture against the
-    device, the preprocessing and the depth planes (finite, one per output channel), and every
-    tensor's shape against the architecture — so a hostile or broken bundle is refused with a
+    device, the preprocessing and the depth planes (finite, one per output channel), the samples' and
+    the consistency model's shapes; the weights are checked against the architecture before any module
+    is built (:func:`check_weights`) — so a hostile or broken bundle is refused with a
     :class:`BundleError`, never by running out of memory."""
     path = resolve_shipped(path, "models", ".safetensors", "bundle")
     meta, shapes, device = read_header(path, FORMAT, FORMAT_VERSION, "model bundle", REQUIRED_METADATA, REQUIRED_TENSORS)
@@ -330,22 +377,19 @@ def load_bundle(path: Path, self_test: bool = True) -> Bundle:
             name=meta["name"], architecture=architecture,
             state={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
             preprocess=preprocess, device=device, depths_um=depths,
-            sample_raw=tensors["sample.raw"].numpy(), sample_output=tensors["sample.output"].numpy(),
-            sample_target=tensors["sample.target"].numpy() if "sample.target" in tensors else None,
-            dark=tensors["preprocess.dark"].numpy() if "preprocess.dark" in tensors else None,
-            flat=tensors["preprocess.flat"].numpy() if "preprocess.flat" in tensors else None,
+            sample_raw=tensors["sample.raw"], sample_output=tensors["sample.output"],
+            sample_target=tensors.get("sample.target"), dark=tensors.get("preprocess.dark"), flat=tensors.get("preprocess.flat"),
             split={**json.loads(meta.get("split", "{}")),
-                   **{k: tensors[f"split.{k}"].numpy() for k in ("val", "test") if f"split.{k}" in tensors}},
+                   **{k: tensors[f"split.{k}"] for k in ("val", "test") if f"split.{k}" in tensors}},
             training=json.loads(meta.get("training", "{}")), metrics=json.loads(meta.get("metrics", "{}")),
             description=meta.get("description", ""), path=path)
         if "consistency" in meta:
             bundle.consistency = ConsistencyModel.from_tensors(tensors, meta["consistency"], str(path),
                                                                expected=(len(depths), target_shape(device), network_input(preprocess, device)))
-        bundle.model()  # the weights fit the architecture
+        if self_test:
+            bundle.self_test()
     except BundleError:
         raise
     except (KeyError, ValueError, TypeError, AttributeError, RuntimeError, DeviceError, SafetensorError, OSError) as err:
         raise BundleError(f"{path}: invalid bundle ({type(err).__name__}: {err})") from None
-    if self_test:
-        bundle.self_test()
     return bundle

@@ -36,10 +36,10 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ccm.errors import BundleError
-from ccm.infer.linear import LinearInverse, LinearSpec
+from ccm.infer.architecture import LinearSpec, UNetConfig
+from ccm.infer.linear_map import LinearMap, feature_sizes
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 TAIL = 0.99
@@ -67,8 +67,8 @@ class NoiseModel:
     shot: float
     pixels_per_input: float
 
-    def variance(self, signal: torch.Tensor) -> torch.Tensor:
-        return (self.read_var + self.shot * signal.clamp(min=0)) / self.pixels_per_input
+    def variance(self, signal: np.ndarray) -> np.ndarray:
+        return (self.read_var + self.shot * np.maximum(signal, 0)) / self.pixels_per_input
 
     @classmethod
     def from_preprocessing(cls, sensor, scale_adu: float, raw_shape: tuple[int, int], input_shape: tuple[int, int]) -> NoiseModel:
@@ -81,19 +81,30 @@ class NoiseModel:
 class ConsistencyModel:
     """Forward model + noise model + the calibrated range of scores; stored in model bundles.
 
-    ``forward`` maps (N, D, h, w) volumes to (N, 1, H', W') preprocessed frames; ``aperture`` is the
-    (H', W') mask of the pixels scored; ``quantiles`` the held-out calibration scores' quantiles.
+    ``forward`` maps (N, D, h, w) volumes to (N, 1, H', W') preprocessed frames (a :class:`LinearMap`:
+    NumPy, no torch); ``aperture`` is the (H', W') mask of the pixels scored; ``quantiles`` the held-out
+    calibration scores' quantiles.
     """
 
-    def __init__(self, forward: LinearInverse, noise: NoiseModel, aperture: np.ndarray, quantiles: dict[str, float],
+    def __init__(self, forward: LinearMap, noise: NoiseModel, aperture: np.ndarray, quantiles: dict[str, float],
                  report: dict | None = None):
-        self.forward, self.noise = forward.eval(), noise
-        self.aperture = torch.from_numpy(np.ascontiguousarray(aperture, np.float32))
-        self._inside = torch.from_numpy(np.flatnonzero(np.asarray(aperture).ravel() > 0))
+        self.forward, self.noise = forward, noise
+        self.aperture = np.ascontiguousarray(aperture, np.float32)
+        self._inside = np.flatnonzero(self.aperture.ravel() > 0)
         self.quantiles = quantiles
         self.report = report or {}
         self.alarm_margin = ALARM_MARGIN
         """× the 90th percentile for the drift alarm (see :data:`ALARM_MARGIN`); stored with the bundle."""
+        self._buffers: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_buffers(cls, spec: LinearSpec, buffers: dict[str, np.ndarray], noise: NoiseModel, aperture: np.ndarray,
+                     quantiles: dict[str, float], report: dict | None = None) -> ConsistencyModel:
+        """From the forward operator's stored buffers (``mean_in``, ``mean_out``, ``weight``: a fitted
+        :class:`ccm.infer.linear.LinearInverse`'s state, as arrays)."""
+        model = cls(LinearMap.from_state(spec, buffers), noise, aperture, quantiles, report)
+        model._buffers = {k: np.asarray(buffers[k]) for k in ("mean_in", "mean_out", "weight")}
+        return model
 
     @property
     def threshold(self) -> float:
@@ -108,29 +119,25 @@ class ConsistencyModel:
     def alarm(self, window: int = 100) -> DriftAlarm:
         return DriftAlarm(self.alarm_level, window)
 
-    def residual(self, x: np.ndarray, volumes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def residual(self, x: np.ndarray, volumes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 1, H', W') preprocessed frames and (N, D, h, w) reconstructions → (normalised residual
-        (N, 1, H', W'), predicted frames)."""
-        with torch.inference_mode():
-            v = torch.from_numpy(np.ascontiguousarray(volumes, np.float32))
-            predicted = self.forward(v)
-            r = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) - predicted) * self.aperture
-            return r / self.noise.variance(predicted).sqrt(), predicted
+        (N, 1, H', W') float32, predicted frames (N, 1, H', W') float32)."""
+        predicted = self.forward.apply_map(volumes)
+        r = (np.asarray(x, np.float32) - predicted) * self.aperture
+        return (r / np.sqrt(self.noise.variance(predicted))).astype(np.float32), predicted
 
     def score(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
         """(N,) float32 score per frame: the :data:`TAIL` quantile of z² over the aperture (≈ 6.6 for the
         camera's noise alone; compare with :attr:`threshold`, which includes the forward model's own error).
-        The same z² as :meth:`residual`, computed on the aperture's pixels only and in place (the score runs
-        on every live frame)."""
-        with torch.inference_mode():
-            predicted = self.forward(torch.from_numpy(np.ascontiguousarray(volumes, np.float32))).flatten(1)[:, self._inside]
-            frames = torch.from_numpy(np.ascontiguousarray(x, np.float32)).flatten(1)[:, self._inside]
-            noise = self.noise
-            variance = predicted.clamp(min=0).mul_(noise.shot).add_(noise.read_var).div_(noise.pixels_per_input)
-            z2 = frames.sub_(predicted).square_().div_(variance)
-            # the order statistic itself (kthvalue: a partial selection, ~10x cheaper than quantile's sort and interpolation)
-            k = int(TAIL * (z2.shape[1] - 1)) + 1
-            return torch.kthvalue(z2, k, dim=1).values.numpy().astype(np.float32)
+        The same z² as :meth:`residual`, computed on the aperture's pixels only (the score runs on every
+        live frame)."""
+        n = len(volumes)
+        predicted = self.forward.apply_map(volumes).reshape(n, -1)[:, self._inside]
+        frames = np.asarray(x, np.float32).reshape(n, -1)[:, self._inside]
+        z2 = np.square(frames - predicted) / self.noise.variance(predicted)
+        # the order statistic itself (a partial selection, ~10x cheaper than quantile's sort and interpolation)
+        k = int(TAIL * (z2.shape[1] - 1))
+        return np.partition(z2, k, axis=1)[:, k].astype(np.float32)
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """(N,) bool: frames outside the calibrated range."""
@@ -138,19 +145,20 @@ class ConsistencyModel:
 
     # --- storage in bundles ---------------------------------------------------------------------
 
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], str]:
-        """Tensors (prefixed ``consistency.``) and the JSON metadata a bundle stores."""
+    def to_tensors(self) -> tuple[dict[str, np.ndarray], str]:
+        """Arrays (prefixed ``consistency.``) and the JSON metadata a bundle stores."""
+        if not self._buffers:
+            raise BundleError("this consistency model has no stored buffers to save (build it with from_buffers)")
         # stored at half precision: the fit already rounds the operator to float16 (lossless, half the bytes)
-        tensors = {f"consistency.forward.{k}": (v.half() if v.is_floating_point() else v).contiguous()
-                   for k, v in self.forward.state_dict().items()}
-        tensors["consistency.aperture"] = self.aperture.contiguous()
+        tensors: dict[str, np.ndarray] = {f"consistency.forward.{k}": np.ascontiguousarray(v, np.float16) for k, v in self._buffers.items()}
+        tensors["consistency.aperture"] = self.aperture
         meta = {"version": 1, "spec": self.forward.spec.model_dump(mode="json"), "noise": self.noise.__dict__,
                 "quantiles": self.quantiles, "threshold_margin": THRESHOLD_MARGIN, "alarm_margin": self.alarm_margin,
                 "report": self.report}
         return tensors, json.dumps(meta)
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta_json: str, label: str,
+    def from_tensors(cls, tensors: dict[str, np.ndarray], meta_json: str, label: str,
                      expected: tuple[int, tuple[int, int], tuple[int, int]]) -> ConsistencyModel:
         """The inverse of :meth:`to_tensors`; raises :class:`BundleError` naming ``label`` on anything inconsistent.
 
@@ -166,42 +174,52 @@ class ConsistencyModel:
                     or not all(0 <= getattr(spec, k) <= bound for k in ("n_rings_input", "n_rings_target", "n_angles", "max_frequency")):
                 raise BundleError(f"{label}: its forward-consistency model maps {spec.in_channels}×{spec.in_shape} → "
                                   f"{spec.out_shape}, the bundle needs {depth}×{target} → {frame}")
-            forward = LinearInverse(spec)
-            state = {k[len("consistency.forward."):]: v.float() for k, v in tensors.items() if k.startswith("consistency.forward.")}
-            forward.load_state_dict(state)
+            buffers = {k[len("consistency.forward."):]: v for k, v in tensors.items() if k.startswith("consistency.forward.")}
+            _check_buffer_shapes(spec, buffers, label)
             noise = NoiseModel(**meta["noise"])
             quantiles = {str(k): float(v) for k, v in meta["quantiles"].items()}
-            aperture = tensors["consistency.aperture"].float().numpy()
+            aperture = np.asarray(tensors["consistency.aperture"], np.float32)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise BundleError(f"{label}: its forward-consistency model is damaged ({err})") from None
         if aperture.shape != spec.out_shape or "0.999" not in quantiles:
             raise BundleError(f"{label}: its forward-consistency model does not fit its preprocessing")
-        model = cls(forward, noise, aperture, quantiles, meta.get("report"))
+        model = cls.from_buffers(spec, buffers, noise, aperture, quantiles, meta.get("report"))
         model.alarm_margin = float(meta.get("alarm_margin", ALARM_MARGIN))
         return model
 
 
-def unexplained_brightness(model: ConsistencyModel, inverse: LinearInverse, x: np.ndarray, volumes: np.ndarray,
-                           predicted: torch.Tensor | None = None) -> np.ndarray:
+def _check_buffer_shapes(spec: LinearSpec, buffers: dict[str, np.ndarray], label: str) -> None:
+    """The stored operator's buffers must have the shapes its spec defines (:func:`ccm.infer.linear_map.feature_sizes`)."""
+    m, f, g = feature_sizes(spec)
+    pair = (2,) if spec.basis == "polar" else ()
+    wanted = {"mean_in": (m, f, *pair), "mean_out": (m, g, *pair), "weight": (m, f, g, *pair)}
+    found = {k: tuple(np.shape(v)) for k, v in buffers.items()}
+    if found != wanted:
+        raise BundleError(f"{label}: its forward-consistency operator has buffers {found}, its spec needs {wanted}")
+
+
+def unexplained_brightness(model: ConsistencyModel, inverse: LinearMap, x: np.ndarray, volumes: np.ndarray,
+                           predicted: np.ndarray | None = None) -> np.ndarray:
     """The confidence map (see the module docstring): (N, 1, H', W') preprocessed frames and their (N, D, h, w)
     reconstructions → (N, D, h, w) float32 ≥ 0, the absolute brightness (reconstruction units) that the
     frame's unexplained residual implies at each reconstructed pixel. ``inverse``: the bundle's linear
     stage (:func:`linear_stage`). ``predicted``: the frames :meth:`ConsistencyModel.residual` already
     pushed back through the forward model, if at hand (saves that pass)."""
-    with torch.inference_mode():
-        if predicted is None:
-            predicted = model.forward(torch.from_numpy(np.ascontiguousarray(volumes, np.float32)))
-        r = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) - predicted) * model.aperture
-        return inverse.apply_map(r, affine=False).abs().numpy().astype(np.float32)
+    if predicted is None:
+        predicted = model.forward.apply_map(volumes)
+    r = (np.asarray(x, np.float32) - predicted) * model.aperture
+    return np.abs(inverse.apply_map(r, affine=False))
 
 
-def linear_stage(model: torch.nn.Module) -> LinearInverse | None:
-    """The linear inverse of a bundle's module (:meth:`ccm.infer.bundle.Bundle.model`): the module itself for
-    a linear bundle, its first stage for a U-Net with one; None otherwise (no confidence map)."""
-    if isinstance(model, LinearInverse):
-        return model
-    stage = getattr(model, "linear", None)
-    return stage if isinstance(stage, LinearInverse) else None
+def linear_stage(bundle) -> LinearMap | None:
+    """The linear inverse of a bundle (:class:`ccm.infer.bundle.Bundle`), from its stored weights: the whole
+    model of a linear bundle, the first stage of a U-Net with one; None otherwise (no confidence map)."""
+    architecture = bundle.architecture
+    if isinstance(architecture, LinearSpec):
+        return LinearMap.from_state(architecture, bundle.state)
+    if isinstance(architecture, UNetConfig) and architecture.input_stage == "linear" and architecture.linear is not None:
+        return LinearMap.from_state(architecture.linear, bundle.state, prefix="linear.")
+    return None
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:

@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ccm.errors import QuantisationError, UsageError
 from ccm.infer.bundle import Bundle
@@ -97,6 +96,7 @@ def export_onnx(bundle: Bundle, path: str | os.PathLike, precision: str = "fp32"
     :data:`INT8_MAX_MEAN_ERROR` on average raises :class:`QuantisationError`.
     """
     import onnxruntime as ort
+    import torch  # here, not at the top: running a cached export (OnnxBackend) needs no torch
 
     if precision not in ("fp32", "int8"):
         raise UsageError(f"precision {precision!r}: ONNX export writes fp32 or int8")

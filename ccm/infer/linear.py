@@ -22,96 +22,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Literal
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ccm.errors import RecipeError
-
-
-class LinearFit(BaseModel):
-    """How to fit the linear inverse (part of a training recipe)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    basis: Literal["auto", "polar", "pixels"] = "auto"
-    """``auto``: polar for cannulas, pixels for windows."""
-    method: Literal["tikhonov", "tsvd"] = "tikhonov"
-    alphas: tuple[float, ...] = Field(default=tuple(10.0 ** k for k in range(-6, 4)), min_length=1)
-    """Regularisation strengths tried on the validation split, relative to the mean eigenvalue."""
-    n_rings_input: int | None = Field(default=None, ge=2)
-    """Rings sampled on the frame (default: one per input pixel of radius)."""
-    n_rings_target: int | None = Field(default=None, ge=2)
-    """Rings of the target (default: one per target pixel of radius)."""
-    max_frequency: int | None = Field(default=None, ge=0)
-    """Highest angular frequency kept (default: all that 4 angles per ring allow)."""
-    max_frames: int = Field(default=20000, ge=1)
-    """At most this many training pairs are used for the fit."""
-    alpha_factor: float = Field(default=1.0, gt=0)
-    """Multiplies the regularisation chosen on the validation split. Below 1 for a network's first
-    stage: weaker regularisation passes more of the weak (high angular frequency) signal, noise and
-    all, and the network that follows removes the noise better than the filter can."""
-
-
-class LinearSpec(BaseModel):
-    """The shape of a fitted linear inverse; stored in bundles."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    basis: Literal["polar", "pixels"]
-    in_shape: tuple[int, int]
-    out_shape: tuple[int, int]
-    out_channels: int
-    in_channels: int = 1
-    """Input planes: 1 for an inverse (a frame); D for a forward model (a volume → a frame, :mod:`ccm.infer.consistency`)."""
-    input_circle: tuple[float, float, float]
-    """(row, column, radius) of the aperture in input pixels (continuous coordinates)."""
-    target_circle: tuple[float, float, float]
-    """(row, column, radius) of the field of view in target pixels."""
-    n_rings_input: int = 0
-    n_rings_target: int = 0
-    n_angles: int = 0
-    max_frequency: int = 0
-    clip: bool = True
-    """Clip the output to the targets' range [0, 1] (off when feeding a network)."""
-
-
-def bilinear_taps(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], wrap_cols: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear interpolation as a gather: sample points → the flat indices and weights of their
-    four neighbours in an image of ``shape``.
-
-    ``rows``, ``cols``: (S,) float64 positions in index space (pixel i spans [i − 0.5, i + 0.5]).
-    Returns (S, 4) int32 indices and (S, 4) float32 weights. Neighbours outside the image get
-    weight 0 (zero padding), except that with ``wrap_cols`` columns wrap around (angles). The same
-    arithmetic as ``torch.nn.functional.grid_sample``, done once: sampling is then a Gather and a
-    weighted sum, which costs a fraction of a GridSample in ONNX Runtime.
-    """
-    h, w = shape
-    r0, c0 = np.floor(rows), np.floor(cols)
-    fr, fc = rows - r0, cols - c0
-    index, weight = [], []
-    for dr, dc, wt in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
-        r, c = (r0 + dr).astype(np.int64), (c0 + dc).astype(np.int64)
-        if wrap_cols:
-            c = np.mod(c, w)
-        valid = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        index.append(np.where(valid, r * w + c, 0))
-        weight.append(np.where(valid, wt, 0.0))
-    return torch.from_numpy(np.stack(index, -1).astype(np.int32)), torch.from_numpy(np.stack(weight, -1).astype(np.float32))
+from ccm.infer.architecture import LinearFit, LinearSpec
+from ccm.infer.linear_map import feature_sizes, fold_bias, pixel_index, polar_geometry
 
 
 def gather_sample(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) images, (S, 4) taps from :func:`bilinear_taps` → (N, C, S) samples."""
+    """(N, C, H, W) images, (S, 4) taps from :func:`ccm.infer.linear_map.bilinear_taps` (as tensors) → (N, C, S) samples."""
     n, c = x.shape[:2]
     taps = x.flatten(2).index_select(2, index.flatten()).reshape(n, c, *index.shape)  # a plain Gather in ONNX
     return (taps * weight).sum(-1)
 
 
 def tap_matrix(index: torch.Tensor, weight: torch.Tensor, pixels: int) -> torch.Tensor:
-    """The taps of :func:`bilinear_taps` as a sparse (S, pixels) float32 CSR matrix on their device."""
+    """The taps of :func:`ccm.infer.linear_map.bilinear_taps` (as tensors) as a sparse (S, pixels) float32 CSR matrix on their device."""
     rows = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
         warnings.simplefilter("ignore", UserWarning)
@@ -150,42 +78,8 @@ class PolarBasis(nn.Module):
     def __init__(self, spec: LinearSpec):
         super().__init__()
         self.spec = spec
-        a = spec.n_angles
-        angles = 2 * np.pi * np.arange(a) / a
-
-        def ring_taps(circle, n, shape):  # n rings × A angles, centre-of-pixel coordinates → taps
-            row, col, radius = circle
-            r = (np.arange(n) + 0.5) / n * radius
-            rows, cols = row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
-            return bilinear_taps(rows.ravel() - 0.5, cols.ravel() - 0.5, shape)
-
-        for name, taps in (("input", ring_taps(spec.input_circle, spec.n_rings_input, spec.in_shape)),
-                           ("target", ring_taps(spec.target_circle, spec.n_rings_target, spec.out_shape))):
-            self.register_buffer(f"{name}_index", taps[0], persistent=False)
-            self.register_buffer(f"{name}_weight", taps[1], persistent=False)
-        # target pixel centres → (ring, angle) of the polar image; angles wrap, outside the field of view is 0
-        h, w = spec.out_shape
-        row, col, radius = spec.target_circle
-        yy, xx = np.mgrid[0:h, 0:w] + 0.5
-        rr = np.hypot(yy - row, xx - col)
-        u = np.mod(np.arctan2(yy - row, xx - col), 2 * np.pi) / (2 * np.pi) * a
-        v = np.clip(rr / radius * spec.n_rings_target - 0.5, 0, spec.n_rings_target - 1)
-        index, weight = bilinear_taps(v.ravel(), u.ravel(), (spec.n_rings_target, a), wrap_cols=True)
-        self.register_buffer("output_index", index, persistent=False)
-        self.register_buffer("output_weight", weight * torch.from_numpy((rr <= radius).ravel()[:, None]), persistent=False)
-        # real DFT matrices, real parts then imaginary parts: the angular transform is a plain matrix
-        # product, so the stage exports to ONNX and costs little at these sizes (A ≤ a few hundred)
-        m = np.arange(spec.max_frequency + 1)
-        phase = 2 * np.pi * np.outer(np.arange(a), m) / a  # (A, M)
-        weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0) / a
-        self.register_buffer("dft", torch.from_numpy(np.concatenate([np.cos(phase), -np.sin(phase)], 1).astype(np.float32)),
-                             persistent=False)  # (A, 2M): rfft
-        self.register_buffer("idft", torch.from_numpy(np.concatenate([np.cos(phase) * weight, -np.sin(phase) * weight], 1).T
-                                                      .astype(np.float32)), persistent=False)  # (2M, A): irfft
-        # error weights: Parseval (m = 0 and the Nyquist bin once, others twice) × ring area
-        freq_weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0)
-        ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
-        self.register_buffer("error_weight", torch.from_numpy(np.outer(freq_weight, ring_weight)), persistent=False)
+        for name, array in polar_geometry(spec).items():  # the geometry, defined once (ccm.infer.linear_map)
+            self.register_buffer(name, torch.from_numpy(array), persistent=False)
         self._matrices: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _sample(self, x: torch.Tensor, taps: str) -> torch.Tensor:
@@ -229,12 +123,7 @@ class PixelBasis(nn.Module):
     def __init__(self, spec: LinearSpec):
         super().__init__()
         self.spec = spec
-        h, w = spec.in_shape
-        row, col, radius = spec.input_circle
-        yy, xx = np.mgrid[0:h, 0:w] + 0.5
-        inside = np.flatnonzero((np.hypot(yy - row, xx - col) <= radius).ravel()) if spec.input_circle[2] < max(h, w) \
-            else np.arange(h * w)
-        inside = np.concatenate([c * h * w + inside for c in range(spec.in_channels)])  # every input plane
+        inside = pixel_index(spec)
         self.register_buffer("index", torch.from_numpy(inside), persistent=False)
         self.register_buffer("error_weight", torch.ones(1, spec.out_channels * spec.out_shape[0] * spec.out_shape[1],
                                                         dtype=torch.float64), persistent=False)
@@ -247,13 +136,6 @@ class PixelBasis(nn.Module):
 
     def image(self, coefficients: torch.Tensor) -> torch.Tensor:
         return coefficients.reshape(coefficients.shape[0], self.spec.out_channels, *self.spec.out_shape)
-
-
-def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
-    """(M, F, G): frequency blocks, input features and output features per block."""
-    if spec.basis == "polar":
-        return spec.max_frequency + 1, spec.in_channels * spec.n_rings_input, spec.out_channels * spec.n_rings_target
-    return 1, len(PixelBasis(spec).index), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
 
 
 class LinearInverse(nn.Module):
@@ -283,11 +165,9 @@ class LinearInverse(nn.Module):
         bias, ``b = (a − mean_in)·W + mean_out``, (M, 2, G) real/imaginary."""
         if self.spec.basis == "polar":
             self.wr, self.wi = (w.contiguous() for w in self.weight.unbind(-1))
-            (mr, mi), (orr, oi) = self.mean_in.unbind(-1), self.mean_out.unbind(-1)
-            product = lambda a, w: (a[:, None] @ w)[:, 0]  # noqa: E731  (M, F) · (M, F, G) → (M, G)
-            real = orr - product(mr, self.wr) + product(mi, self.wi)
-            imag = oi - product(mr, self.wi) - product(mi, self.wr)
-            self.bias = torch.stack([real, imag], 1).contiguous()
+            host = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+            bias = fold_bias(host(self.mean_in), host(self.mean_out), host(self.wr), host(self.wi))
+            self.bias = torch.from_numpy(bias).to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.apply_map(x, affine=True)

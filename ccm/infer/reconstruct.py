@@ -17,7 +17,7 @@ from ccm.infer.backends import InferenceOptions, make_backend
 from ccm.infer.bundle import Bundle
 
 if TYPE_CHECKING:
-    from ccm.infer.linear import LinearInverse
+    from ccm.infer.linear_map import LinearMap
 
 
 class Reconstructor:
@@ -39,8 +39,10 @@ class Reconstructor:
         self.options = options or InferenceOptions()
         self.preprocessor = bundle.preprocessor()
         self.backend = make_backend(bundle, self.options, onnx_path, calibration)
+        if bundle.path is not None and not bundle.self_tested:  # loaded without its self-test: run it on this backend
+            bundle.self_test(self.backend.run if self.options.precision == "fp32" else None)
         self.batch_size = batch_size
-        self._inverse: LinearInverse | None = None  # the bundle's linear stage, loaded by the first confidence map
+        self._inverse: LinearMap | None = None  # the bundle's linear stage, loaded by the first confidence map
         self._inverse_loaded = False
 
     @property
@@ -72,7 +74,7 @@ class Reconstructor:
         from ccm.infer.consistency import linear_stage, unexplained_brightness
 
         if not self._inverse_loaded:
-            self._inverse, self._inverse_loaded = linear_stage(self.bundle.model()), True
+            self._inverse, self._inverse_loaded = linear_stage(self.bundle), True
         return None if self._inverse is None else unexplained_brightness(self.bundle.consistency, self._inverse, x, volumes)
 
     def run_preprocessed(self, x: np.ndarray) -> np.ndarray:

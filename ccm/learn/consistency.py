@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ccm.infer.architecture import LinearFit, LinearSpec
 from ccm.infer.bundle import Bundle
 from ccm.infer.consistency import QUANTILES, ConsistencyModel, NoiseModel
-from ccm.infer.linear import LinearFit, LinearSpec, fit_linear_inverse
+from ccm.infer.linear import fit_linear_inverse
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack
 from ccm.learn.data import iterate_pairs
@@ -71,7 +71,8 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
     mask = (np.hypot(yy - aperture[0], xx - aperture[1]) <= aperture[2]).astype(np.float32) if device.rotation_symmetric \
         else np.ones((hh, ww), np.float32)
     noise = NoiseModel.from_preprocessing(device.sensor, preprocessor.config.scale_adu, device.sensor.shape, (hh, ww))
-    model = ConsistencyModel(forward, noise, mask, {"0.999": float("inf")})
+    buffers = {k: v.detach().cpu().numpy() for k, v in forward.state_dict().items()}
+    model = ConsistencyModel.from_buffers(spec, buffers, noise, mask, {"0.999": float("inf")})
     held_out = split["test"] if len(split.get("test", [])) else split["val"]
     held_out = held_out[:max_calibration_frames]
     reconstructor = Reconstructor(bundle)
@@ -85,14 +86,6 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
                     "held_out_frames": int(len(scores)), "held_out_flagged_fraction": float(model.flags(scores).mean()),
                     "score_mean": float(scores.mean())}
     return model
-
-
-def forward_relative_error(model: ConsistencyModel, volumes: torch.Tensor, frames: torch.Tensor) -> float:
-    """‖F(v) − x‖ / ‖x‖ over the aperture for noise-free pairs: how well the fitted operator recovers the device's."""
-    with torch.inference_mode():
-        predicted = model.forward(volumes.float()) * model.aperture
-        target = frames.float() * model.aperture
-    return float((predicted - target).norm() / target.norm())
 
 
 SHIFTS_UM = (2.0, 5.0, 10.0)

@@ -96,7 +96,7 @@ def evaluate(bundles: list[Bundle], data: Path, output: Path, probes: bool = Tru
     examples = None
     for bundle in bundles:
         entry = {"name": bundle.name, "file": str(bundle.path), "kind": bundle.kind,
-                 "parameters": int(sum(v.numel() for k, v in bundle.state.items() if v.is_floating_point())),
+                 "parameters": int(sum(v.size for v in bundle.state.values() if v.dtype.kind == "f")),
                  "training": {k: bundle.training.get(k) for k in ("seconds", "steps", "epochs")},
                  "architecture": bundle.architecture.model_dump(mode="json", exclude={"linear"})}
         if bundle.training.get("data", {}).get("sha256") == sha:

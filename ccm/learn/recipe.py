@@ -13,8 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ccm.errors import RecipeError
-from ccm.infer.linear import LinearFit, LinearSpec
-from ccm.infer.nets import UNetConfig, UNetLayout
+from ccm.infer.architecture import LinearFit, LinearSpec, UNetConfig, UNetLayout
 from ccm.infer.preprocess import PreprocessConfig
 from ccm.learn.data import Augment, SplitConfig
 from ccm.resources import resolve_shipped
@@ -25,7 +24,7 @@ class _Strict(BaseModel):
 
 
 class ModelRecipe(UNetLayout):
-    """The network (``unet``: a :class:`ccm.infer.nets.UNetLayout`) or the classical baseline (``linear``)."""
+    """The network (``unet``: a :class:`ccm.infer.architecture.UNetLayout`) or the classical baseline (``linear``)."""
 
     kind: Literal["unet", "linear"] = "unet"
 

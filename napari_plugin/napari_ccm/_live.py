@@ -353,7 +353,7 @@ class LiveWidget(QWidget):
             from ccm.acquire.pycromanager_source import PycromanagerSource  # once (nothing listening) or after the time-out
 
             source = PycromanagerSource(port=settings["port"], connect_timeout_s=CONNECT_TIMEOUT_S)
-        bundle = ccm.load_bundle(settings["bundle"])
+        bundle = ccm.load_bundle(settings["bundle"], self_test=False)  # self-tested on its backend by the Reconstructor
         classifier = None
         if settings["classifier"] is not None:
             from ccm.infer.classifier import load_classifier
@@ -682,7 +682,7 @@ class LiveWidget(QWidget):
             x, v = preprocessor(frame.image[None], label), np.asarray(volume)[None]
             z, predicted = model.residual(x, v)  # one forward pass serves both layers
             unexplained = unexplained_brightness(model, inverse, x, v, predicted)[0] if inverse is not None else None
-            return pipeline, frame.index, z[0, 0].numpy(), unexplained
+            return pipeline, frame.index, z[0, 0], unexplained
 
         worker = create_worker(compute, _ignore_errors=True)
         # a bound method, not a lambda: Qt drops the connection when the widget is destroyed (a result
@@ -695,7 +695,7 @@ class LiveWidget(QWidget):
     def _linear_stage(self, pipeline):
         """The bundle's linear inverse for the confidence map, built once per pipeline (None: the bundle has none)."""
         if getattr(self, "_inverse_for", None) is not pipeline:
-            self._inverse_for, self._inverse = pipeline, linear_stage(pipeline.reconstructor.bundle.model())
+            self._inverse_for, self._inverse = pipeline, linear_stage(pipeline.reconstructor.bundle)
         return self._inverse
 
     def _residual_done(self) -> None:

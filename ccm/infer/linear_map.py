@@ -1,0 +1,170 @@
+"""A fitted linear map evaluated with NumPy and SciPy: the linear stages a process needs without PyTorch.
+
+:class:`ccm.infer.linear.LinearInverse` is the torch module that is fitted, trained through, stored
+in bundles and exported to ONNX. What it computes at inference is three fixed linear steps —
+sample the image on rings (a sparse matrix), an angular DFT and one small complex matrix per
+angular frequency, and back to pixels (a DFT and a sparse matrix) — and the geometry of those
+steps (:func:`polar_geometry`, :func:`pixel_index`) and the folding of the means into a bias
+(:func:`fold_bias`) are defined here, once, for both. :class:`LinearMap` evaluates the stored
+buffers with NumPy/SciPy so that the per-frame consistency score and confidence map
+(:mod:`ccm.infer.consistency`) cost no torch import in an ONNX Runtime process — that import is
+most of a second-long start-up (issue 17). A test holds the two evaluations equal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from ccm.infer.architecture import LinearSpec
+
+
+def bilinear_taps(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], wrap_cols: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear interpolation as a gather: sample points → the flat indices and weights of their
+    four neighbours in an image of ``shape``.
+
+    ``rows``, ``cols``: (S,) float64 positions in index space (pixel i spans [i − 0.5, i + 0.5]).
+    Returns (S, 4) int32 indices and (S, 4) float32 weights. Neighbours outside the image get
+    weight 0 (zero padding), except that with ``wrap_cols`` columns wrap around (angles). The same
+    arithmetic as ``torch.nn.functional.grid_sample``, done once: sampling is then a Gather and a
+    weighted sum (ONNX), or one sparse matrix product (:func:`sparse_taps`).
+    """
+    h, w = shape
+    r0, c0 = np.floor(rows), np.floor(cols)
+    fr, fc = rows - r0, cols - c0
+    index, weight = [], []
+    for dr, dc, wt in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc), (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+        r, c = (r0 + dr).astype(np.int64), (c0 + dc).astype(np.int64)
+        if wrap_cols:
+            c = np.mod(c, w)
+        valid = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        index.append(np.where(valid, r * w + c, 0))
+        weight.append(np.where(valid, wt, 0.0))
+    return np.stack(index, -1).astype(np.int32), np.stack(weight, -1).astype(np.float32)
+
+
+def sparse_taps(index: np.ndarray, weight: np.ndarray, pixels: int) -> scipy.sparse.csr_array:
+    """The taps of :func:`bilinear_taps` as a sparse (S, pixels) float32 CSR matrix."""
+    rows = np.repeat(np.arange(index.shape[0]), index.shape[1])
+    return scipy.sparse.csr_array((weight.ravel(), (rows, index.ravel())), shape=(index.shape[0], pixels), dtype=np.float32)
+
+
+def polar_geometry(spec: LinearSpec) -> dict[str, np.ndarray]:
+    """The fixed arrays of the polar basis (see :class:`ccm.infer.linear.PolarBasis`):
+
+    ``input_index``/``input_weight`` (R_in·A, 4) and ``target_index``/``target_weight`` (R_out·A, 4):
+    taps of the rings on the input and target images; ``output_index``/``output_weight`` (h·w, 4): taps
+    of each target pixel in the (R_out, A) polar image, 0 outside the field of view; ``dft`` (A, 2M)
+    and ``idft`` (2M, A): real DFT matrices, real parts before imaginary ones; ``error_weight``
+    (M, D·R_out): Parseval × ring-area weights of the fit's error.
+    """
+    a = spec.n_angles
+    angles = 2 * np.pi * np.arange(a) / a
+
+    def ring_taps(circle, n, shape):  # n rings × A angles, centre-of-pixel coordinates → taps
+        row, col, radius = circle
+        r = (np.arange(n) + 0.5) / n * radius
+        rows, cols = row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
+        return bilinear_taps(rows.ravel() - 0.5, cols.ravel() - 0.5, shape)
+
+    out = {}
+    for name, taps in (("input", ring_taps(spec.input_circle, spec.n_rings_input, spec.in_shape)),
+                       ("target", ring_taps(spec.target_circle, spec.n_rings_target, spec.out_shape))):
+        out[f"{name}_index"], out[f"{name}_weight"] = taps
+    # target pixel centres → (ring, angle) of the polar image; angles wrap, outside the field of view is 0
+    h, w = spec.out_shape
+    row, col, radius = spec.target_circle
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    rr = np.hypot(yy - row, xx - col)
+    u = np.mod(np.arctan2(yy - row, xx - col), 2 * np.pi) / (2 * np.pi) * a
+    v = np.clip(rr / radius * spec.n_rings_target - 0.5, 0, spec.n_rings_target - 1)
+    index, weight = bilinear_taps(v.ravel(), u.ravel(), (spec.n_rings_target, a), wrap_cols=True)
+    out["output_index"], out["output_weight"] = index, weight * (rr <= radius).ravel()[:, None].astype(np.float32)
+    # real DFT matrices: the angular transform is a plain matrix product, so the stage exports to ONNX
+    # and costs little at these sizes (A ≤ a few hundred)
+    m = np.arange(spec.max_frequency + 1)
+    phase = 2 * np.pi * np.outer(np.arange(a), m) / a  # (A, M)
+    weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0) / a
+    out["dft"] = np.concatenate([np.cos(phase), -np.sin(phase)], 1).astype(np.float32)  # (A, 2M): rfft
+    out["idft"] = np.concatenate([np.cos(phase) * weight, -np.sin(phase) * weight], 1).T.astype(np.float32)  # (2M, A): irfft
+    freq_weight = np.where((m == 0) | (2 * m == a), 1.0, 2.0)
+    ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
+    out["error_weight"] = np.outer(freq_weight, ring_weight)
+    return out
+
+
+def pixel_index(spec: LinearSpec) -> np.ndarray:
+    """(F,) int64 flat indices of the input pixels the ``pixels`` basis uses: the aperture's, on every input plane."""
+    h, w = spec.in_shape
+    row, col, radius = spec.input_circle
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    inside = np.flatnonzero((np.hypot(yy - row, xx - col) <= radius).ravel()) if spec.input_circle[2] < max(h, w) \
+        else np.arange(h * w)
+    return np.concatenate([c * h * w + inside for c in range(spec.in_channels)])
+
+
+def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
+    """(M, F, G): frequency blocks, input features and output features per block."""
+    if spec.basis == "polar":
+        return spec.max_frequency + 1, spec.in_channels * spec.n_rings_input, spec.out_channels * spec.n_rings_target
+    return 1, len(pixel_index(spec)), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
+
+
+def fold_bias(mean_in: np.ndarray, mean_out: np.ndarray, wr: np.ndarray, wi: np.ndarray) -> np.ndarray:
+    """The polar map's means folded into one bias, ``b = mean_out − mean_in·W`` (complex, per frequency):
+    (M, F, 2) and (M, G, 2) real/imaginary means, (M, F, G) real and imaginary weights → (M, 2, G)."""
+    (mr, mi), (orr, oi) = np.moveaxis(mean_in, -1, 0), np.moveaxis(mean_out, -1, 0)
+    product = lambda a, w: (a[:, None] @ w)[:, 0]  # noqa: E731  (M, F) · (M, F, G) → (M, G)
+    real = orr - product(mr, wr) + product(mi, wi)
+    imag = oi - product(mr, wi) - product(mi, wr)
+    return np.ascontiguousarray(np.stack([real, imag], 1), np.float32)
+
+
+class LinearMap:
+    """The fitted map of a :class:`ccm.infer.linear.LinearInverse` — (N, C, H, W) → (N, D, h, w) float32 —
+    from its spec and stored buffers ``mean_in``, ``mean_out``, ``weight`` (any float dtype)."""
+
+    def __init__(self, spec: LinearSpec, mean_in: np.ndarray, mean_out: np.ndarray, weight: np.ndarray):
+        self.spec = spec
+        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+        if spec.basis == "polar":
+            g = polar_geometry(spec)
+            self._rings = sparse_taps(g["input_index"], g["input_weight"], spec.in_shape[0] * spec.in_shape[1])
+            self._pixels = sparse_taps(g["output_index"], g["output_weight"], spec.n_rings_target * spec.n_angles)
+            self._dft, self._idft = g["dft"], g["idft"]
+            self._wr, self._wi = f32(weight[..., 0]), f32(weight[..., 1])
+            self._bias = fold_bias(f32(mean_in), f32(mean_out), self._wr, self._wi)
+        else:
+            self._index = pixel_index(spec)
+            self._mean_in, self._mean_out, self._weight = f32(mean_in), f32(mean_out), f32(weight)
+
+    @classmethod
+    def from_state(cls, spec: LinearSpec, state: dict[str, np.ndarray], prefix: str = "") -> LinearMap:
+        """From a state dict (a bundle's ``state`` with ``prefix`` ``"linear."`` for a U-Net's first stage)."""
+        return cls(spec, *(state[f"{prefix}{name}"] for name in ("mean_in", "mean_out", "weight")))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The map with its means, clipped to [0, 1] when the spec says so (as ``LinearInverse.forward``)."""
+        y = self.apply_map(x)
+        return np.clip(y, 0, 1, out=y) if self.spec.clip else y
+
+    def apply_map(self, x: np.ndarray, affine: bool = True) -> np.ndarray:
+        """As ``LinearInverse.apply_map``: ``affine=False`` leaves out the means (the linear part alone)."""
+        x = np.ascontiguousarray(x, np.float32)
+        n, c = x.shape[:2]
+        d, (h, w) = self.spec.out_channels, self.spec.out_shape
+        if self.spec.basis != "polar":
+            features = x.reshape(n, -1)[:, self._index][:, None]
+            b = np.einsum("nmf,mfg->nmg", features - self._mean_in if affine else features, self._weight)
+            return np.ascontiguousarray((b + self._mean_out if affine else b).reshape(n, d, h, w), np.float32)
+        m, a, r = self.spec.max_frequency + 1, self.spec.n_angles, self.spec.n_rings_target
+        rings = (self._rings @ x.reshape(n * c, -1).T).T  # (N·C, R_in·A)
+        spectrum = rings.reshape(n, -1, a) @ self._dft  # (N, F, 2M): real parts, then imaginary
+        s = np.ascontiguousarray(spectrum.reshape(n, -1, 2, m).transpose(3, 2, 0, 1).reshape(m, 2 * n, -1))
+        p, q = s @ self._wr, s @ self._wi  # (M, 2N, G)
+        b = np.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1)  # (M, 2, N, G)
+        if affine:
+            b += self._bias[:, :, None]
+        spectra = b.reshape(m, 2, n, d, r).transpose(2, 3, 4, 1, 0).reshape(n, d, r, 2 * m)
+        polar = spectra @ self._idft  # (N, D, R_out, A)
+        return np.ascontiguousarray((self._pixels @ polar.reshape(n * d, -1).T).T.reshape(n, d, h, w), np.float32)
