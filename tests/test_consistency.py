@@ -175,3 +175,14 @@ def test_confidence_maps_need_a_consistency_model(tiny_bundle, tmp_path):
         ccm.reconstruct_recording(tmp_path / "in.tif", dataclasses.replace(bundle, consistency=None), tmp_path / "o.ome.tif",
                                   progress=False, confidence_map=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # refused before anything was written
+
+
+def test_linear_stage_refuses_weights_that_do_not_fit_its_spec(tiny_bundle):
+    """The confidence map's linear stage is built from stored arrays without torch: shapes are checked first."""
+    from ccm.infer.consistency import linear_stage
+
+    bundle = tiny_bundle[0]
+    assert linear_stage(bundle) is not None
+    state = {k: (v[:-1] if k == "linear.weight" else v) for k, v in bundle.state.items()}
+    with pytest.raises(ccm.BundleError, match="linear stage has buffers"):
+        linear_stage(dataclasses.replace(bundle, state=state))

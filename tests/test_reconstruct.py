@@ -365,3 +365,16 @@ def test_onnx_reconstruct_and_its_score_never_import_torch(tmp_path):
 
     assert np.isfinite(read_scores(out)).all()  # the consistency score ran (NumPy)
     np.testing.assert_allclose(tifffile.imread(out), bundle.sample_output[0], atol=2e-3)
+
+
+def test_a_bundle_loaded_without_its_self_test_is_tested_before_anything_is_written(tiny_bundle, tmp_path):
+    """The CLI loads bundles with self_test=False (no torch for ONNX); the Reconstructor tests it on its backend,
+    and ccm reconstruct does that before it creates any output."""
+    import dataclasses
+
+    bundle = dataclasses.replace(tiny_bundle[0], sample_output=tiny_bundle[0].sample_output + 0.5, self_tested=False)
+    assert bundle.path is not None
+    tifffile.imwrite(tmp_path / "in.tif", np.stack([bundle.sample_raw] * 5))
+    with pytest.raises(BundleError, match="self-test failed"):
+        reconstruct_recording(tmp_path / "in.tif", bundle, tmp_path / "out.ome.tif", InferenceOptions(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]

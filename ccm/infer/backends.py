@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -70,11 +71,10 @@ class InferenceOptions:
     def device_index(self) -> int:
         """N of ``cuda:N`` (0 when not given)."""
         _, _, index = self.device.partition(":")
-        return int(index) if index.isdigit() else 0
+        return int(index) if index.isascii() and index.isdigit() else 0
 
     def validate(self) -> InferenceOptions:
-        _, _, index = self.device.partition(":")
-        if self.device_type not in ("cpu", "cuda") or (index and not (self.device_type == "cuda" and index.isdigit())):
+        if not re.fullmatch(r"cpu(:0)?|cuda(:\d+)?", self.device, re.ASCII):
             raise BackendError(f"device {self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
         allowed = PRECISIONS[(self.backend, self.device_type)]
         if self.precision not in allowed:

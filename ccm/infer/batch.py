@@ -127,7 +127,13 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     maps = _confidence_spec(spec, bundle, distributed) if confidence_map else None
     check_recording(recording, bundle, frame_indices, convert_from)
     if maps is not None:  # both destinations are checked before either partial output is created
+        refuse_output_over_inputs(maps.path, recording.paths)
         refuse_existing(maps, overwrite)
+    # int8 needs calibration frames when its export is not cached: the recording's own first frames
+    calibration = recording.read(0, min(recording.n, 64)) if options.precision == "int8" else None
+    # the model is loaded — and a bundle loaded without its self-test is tested on this backend — before anything is
+    # written; ONNX Runtime threads stop spinning between calls: readers and the writer need the cores
+    reconstructor = None if distributed else Reconstructor(bundle, replace(options, spin=False), batch_size, calibration=calibration)
     done = prepare(spec, restart=restart, overwrite=overwrite)
     if maps is not None:  # a position counts as done when both outputs hold it
         done &= prepare(maps, restart=restart, overwrite=overwrite)
@@ -140,8 +146,6 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
         summary["confidence_map"] = str(maps.path)
     if "salvaged" in recording.metadata:
         summary["salvaged"] = recording.metadata["salvaged"]
-    # int8 needs calibration frames when its export is not cached: the recording's own first frames
-    calibration = recording.read(0, min(recording.n, 64)) if options.precision == "int8" else None
     recording.close()
     model_s = 0.0
     if len(todo):
@@ -154,8 +158,8 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
                                        progress=progress):
                 return summary  # not the main process
         else:
-            model_s = _predict_in_process(chunks, spec, maps, bundle, options, int(done.sum()), calibration, batch_size,
-                                          max(1, num_workers), progress)
+            assert reconstructor is not None
+            model_s = _predict_in_process(chunks, spec, maps, reconstructor, int(done.sum()), max(1, num_workers), progress)
     for finished in (spec, maps) if maps is not None else (spec,):
         if not finished.path.exists() and not finish(finished):
             raise OutputError(f"{finished.tmp}: some volumes are missing after the run; re-run the same command to complete it")
@@ -185,17 +189,14 @@ def _confidence_spec(spec: OutputSpec, bundle: Bundle, distributed: bool) -> Out
     return confidence_spec(spec)
 
 
-def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec | None, bundle: Bundle,
-                        options: InferenceOptions, done_before: int, calibration: np.ndarray | None, batch_size: int,
-                        readers: int, progress: bool) -> float:
+def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec | None, reconstructor: Reconstructor,
+                        done_before: int, readers: int, progress: bool) -> float:
     """Read ahead on ``readers`` threads, run the model here, write on a writer thread; returns seconds in the model.
     ``maps``: the confidence maps' output, if asked for.
 
     An interruption (Ctrl-C, an error) closes the writer cleanly: what was written is durable and recorded,
     and a re-run resumes after it.
     """
-    # ONNX Runtime threads stop spinning between calls: readers and the writer need the cores
-    reconstructor = Reconstructor(bundle, replace(options, spin=False), batch_size, calibration=calibration)
     writers = [VolumeWriter(spec)] + ([VolumeWriter(maps)] if maps is not None else [])
 
     def write(item: tuple) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from ccm.errors import BundleError
 from ccm.infer.architecture import LinearSpec, UNetConfig
-from ccm.infer.linear_map import LinearMap, feature_sizes
+from ccm.infer.linear_map import LinearMap, check_buffers
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 TAIL = 0.99
@@ -102,7 +102,7 @@ class ConsistencyModel:
                      quantiles: dict[str, float], report: dict | None = None) -> ConsistencyModel:
         """From the forward operator's stored buffers (``mean_in``, ``mean_out``, ``weight``: a fitted
         :class:`ccm.infer.linear.LinearInverse`'s state, as arrays)."""
-        model = cls(LinearMap.from_state(spec, buffers), noise, aperture, quantiles, report)
+        model = cls(LinearMap(spec, buffers["mean_in"], buffers["mean_out"], buffers["weight"]), noise, aperture, quantiles, report)
         model._buffers = {k: np.asarray(buffers[k]) for k in ("mean_in", "mean_out", "weight")}
         return model
 
@@ -122,7 +122,7 @@ class ConsistencyModel:
     def residual(self, x: np.ndarray, volumes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 1, H', W') preprocessed frames and (N, D, h, w) reconstructions → (normalised residual
         (N, 1, H', W') float32, predicted frames (N, 1, H', W') float32)."""
-        predicted = self.forward.apply_map(volumes)
+        predicted = self.forward(volumes)
         r = (np.asarray(x, np.float32) - predicted) * self.aperture
         return (r / np.sqrt(self.noise.variance(predicted))).astype(np.float32), predicted
 
@@ -132,7 +132,7 @@ class ConsistencyModel:
         The same z² as :meth:`residual`, computed on the aperture's pixels only (the score runs on every
         live frame)."""
         n = len(volumes)
-        predicted = self.forward.apply_map(volumes).reshape(n, -1)[:, self._inside]
+        predicted = self.forward(volumes).reshape(n, -1)[:, self._inside]
         frames = np.asarray(x, np.float32).reshape(n, -1)[:, self._inside]
         z2 = np.square(frames - predicted) / self.noise.variance(predicted)
         # the order statistic itself (a partial selection, ~10x cheaper than quantile's sort and interpolation)
@@ -175,7 +175,7 @@ class ConsistencyModel:
                 raise BundleError(f"{label}: its forward-consistency model maps {spec.in_channels}×{spec.in_shape} → "
                                   f"{spec.out_shape}, the bundle needs {depth}×{target} → {frame}")
             buffers = {k[len("consistency.forward."):]: v for k, v in tensors.items() if k.startswith("consistency.forward.")}
-            _check_buffer_shapes(spec, buffers, label)
+            check_buffers(spec, buffers, f"{label}: its forward-consistency operator")
             noise = NoiseModel(**meta["noise"])
             quantiles = {str(k): float(v) for k, v in meta["quantiles"].items()}
             aperture = np.asarray(tensors["consistency.aperture"], np.float32)
@@ -188,16 +188,6 @@ class ConsistencyModel:
         return model
 
 
-def _check_buffer_shapes(spec: LinearSpec, buffers: dict[str, np.ndarray], label: str) -> None:
-    """The stored operator's buffers must have the shapes its spec defines (:func:`ccm.infer.linear_map.feature_sizes`)."""
-    m, f, g = feature_sizes(spec)
-    pair = (2,) if spec.basis == "polar" else ()
-    wanted = {"mean_in": (m, f, *pair), "mean_out": (m, g, *pair), "weight": (m, f, g, *pair)}
-    found = {k: tuple(np.shape(v)) for k, v in buffers.items()}
-    if found != wanted:
-        raise BundleError(f"{label}: its forward-consistency operator has buffers {found}, its spec needs {wanted}")
-
-
 def unexplained_brightness(model: ConsistencyModel, inverse: LinearMap, x: np.ndarray, volumes: np.ndarray,
                            predicted: np.ndarray | None = None) -> np.ndarray:
     """The confidence map (see the module docstring): (N, 1, H', W') preprocessed frames and their (N, D, h, w)
@@ -206,7 +196,7 @@ def unexplained_brightness(model: ConsistencyModel, inverse: LinearMap, x: np.nd
     stage (:func:`linear_stage`). ``predicted``: the frames :meth:`ConsistencyModel.residual` already
     pushed back through the forward model, if at hand (saves that pass)."""
     if predicted is None:
-        predicted = model.forward.apply_map(volumes)
+        predicted = model.forward(volumes)
     r = (np.asarray(x, np.float32) - predicted) * model.aperture
     return np.abs(inverse.apply_map(r, affine=False))
 
@@ -216,10 +206,14 @@ def linear_stage(bundle) -> LinearMap | None:
     model of a linear bundle, the first stage of a U-Net with one; None otherwise (no confidence map)."""
     architecture = bundle.architecture
     if isinstance(architecture, LinearSpec):
-        return LinearMap.from_state(architecture, bundle.state)
-    if isinstance(architecture, UNetConfig) and architecture.input_stage == "linear" and architecture.linear is not None:
-        return LinearMap.from_state(architecture.linear, bundle.state, prefix="linear.")
-    return None
+        spec, prefix = architecture, ""
+    elif isinstance(architecture, UNetConfig) and architecture.input_stage == "linear" and architecture.linear is not None:
+        spec, prefix = architecture.linear, "linear."
+    else:
+        return None
+    buffers = {name: bundle.state.get(f"{prefix}{name}") for name in ("mean_in", "mean_out", "weight")}
+    check_buffers(spec, buffers, f"{bundle.label}: its linear stage")  # before anything is allocated from them
+    return LinearMap(spec, buffers["mean_in"], buffers["mean_out"], buffers["weight"])
 
 
 def roc_auc(negatives: np.ndarray, positives: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
+from ccm.errors import BundleError
 from ccm.infer.architecture import LinearSpec
 
 
@@ -110,6 +111,18 @@ def feature_sizes(spec: LinearSpec) -> tuple[int, int, int]:
     return 1, len(pixel_index(spec)), spec.out_channels * spec.out_shape[0] * spec.out_shape[1]
 
 
+def check_buffers(spec: LinearSpec, buffers: dict, what: str) -> None:
+    """A linear map's stored buffers (``mean_in``, ``mean_out``, ``weight``; None if missing) must have the
+    shapes its spec defines, checked before any product allocates from them; raises :class:`BundleError`
+    starting with ``what``."""
+    m, f, g = feature_sizes(spec)
+    pair = (2,) if spec.basis == "polar" else ()
+    wanted = {"mean_in": (m, f, *pair), "mean_out": (m, g, *pair), "weight": (m, f, g, *pair)}
+    found = {k: None if buffers.get(k) is None else tuple(np.shape(buffers[k])) for k in wanted}
+    if found != wanted:
+        raise BundleError(f"{what} has buffers {found}, its spec needs {wanted}")
+
+
 def fold_bias(mean_in: np.ndarray, mean_out: np.ndarray, wr: np.ndarray, wi: np.ndarray) -> np.ndarray:
     """The polar map's means folded into one bias, ``b = mean_out − mean_in·W`` (complex, per frequency):
     (M, F, 2) and (M, G, 2) real/imaginary means, (M, F, G) real and imaginary weights → (M, 2, G)."""
@@ -137,11 +150,6 @@ class LinearMap:
         else:
             self._index = pixel_index(spec)
             self._mean_in, self._mean_out, self._weight = f32(mean_in), f32(mean_out), f32(weight)
-
-    @classmethod
-    def from_state(cls, spec: LinearSpec, state: dict[str, np.ndarray], prefix: str = "") -> LinearMap:
-        """From a state dict (a bundle's ``state`` with ``prefix`` ``"linear."`` for a U-Net's first stage)."""
-        return cls(spec, *(state[f"{prefix}{name}"] for name in ("mean_in", "mean_out", "weight")))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The map with its means, clipped to [0, 1] when the spec says so (as ``LinearInverse.forward``)."""
