@@ -330,3 +330,24 @@ def test_plates_and_mismatched_positions_are_named(tmp_path):
     with pytest.raises(RecordingError, match=r"its 2 images differ.*open one of them, e\.g\. .*mixed\.ome\.zarr/0"):
         open_recording(tmp_path / "mixed.ome.zarr")
     assert json.loads((tmp_path / "mixed.ome.zarr" / "zarr.json").read_text())["node_type"] == "group"
+
+
+def test_a_frame_never_written_inside_a_shard_is_refused(tiny, tmp_path, capsys):
+    """Sharded stores (several frames per file, zarr v3) keep a written shard's empty inner chunks in its index:
+    a frame that was never written is named, not read as the fill value."""
+    bundle, raw, _ = tiny
+    good = _write_recording(tmp_path / "good.ome.zarr", raw[:8])
+    sharded = shutil.copytree(good, tmp_path / "sharded.ome.zarr")
+    shutil.rmtree(sharded / "0")
+    h, w = raw.shape[-2:]
+    original = zarr.open_array(str(good / "0"), mode="r")
+    array = zarr.create_array(str(sharded / "0"), shape=original.shape, dtype=original.dtype, chunks=(1, h, w), shards=(4, h, w),
+                              dimension_names=original.metadata.dimension_names, fill_value=0)
+    for t in range(8):
+        if t != 5:  # frame 5 never arrived; its shard (frames 4–7) was written
+            array[t] = raw[t]
+    assert (sharded / "0" / "c" / "1" / "0" / "0").exists()
+    recording = open_recording(sharded)
+    np.testing.assert_array_equal(recording.read(0, 5), raw[:5])
+    rc, err = _run([sharded, "--bundle", bundle.path, "-o", tmp_path / "out.ome.zarr", "--batch-size", "4"], capsys)
+    assert rc == 2 and re.search(r"frame 5 was never written \(its chunk inside shard 0/c/1/0/0 is empty", err), err

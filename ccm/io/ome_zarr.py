@@ -26,6 +26,7 @@ metadata and the frames' tags (``frame_metadata``, :meth:`ccm.io.frame_metadata.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -144,11 +145,44 @@ def read_frame(store: str, path: str, array: Any, index: tuple[int, ...], frame:
     """Frame ``frame`` of the recording: ``array`` (at ``path`` in ``store``) at ``index`` over its extra axes
     → (H, W) in its dtype; refused if its chunk file is missing (never written)."""
     grid = array.shards or array.chunks
-    key = array.metadata.encode_chunk_key(tuple(i // c for i, c in zip((*index, 0, 0), grid)))
-    if not (Path(store) / path / key).exists():
+    position = (*index, 0, 0)
+    key = array.metadata.encode_chunk_key(tuple(i // c for i, c in zip(position, grid)))
+    file = Path(store) / path / key
+    if not file.exists():
         raise RecordingError(f"frame {frame} was never written (its chunk {path}/{key} is missing: an interrupted "
                              "acquisition?); --select the frames that were")
+    if array.shards and _inner_chunk_written(file, array, position) is False:
+        raise RecordingError(f"frame {frame} was never written (its chunk inside shard {path}/{key} is empty: an "
+                             "interrupted acquisition?); --select the frames that were")
     return np.asarray(array[index])
+
+
+EMPTY_CHUNK = 2**64 - 1
+"""A shard index entry (offset, length) of two of these: the inner chunk was never written (zarr v3 sharding)."""
+
+
+def _inner_chunk_written(shard: Path, array: Any, position: tuple[int, ...]) -> bool | None:
+    """Whether the inner chunk holding ``position`` was written into ``shard``, from the shard's index
+    ((offset, length) little-endian uint64 pairs per inner chunk, C order, at the shard's start or end);
+    None when the index is encoded in a way not read here (then the frame is read as zarr returns it)."""
+    codec = array.metadata.codecs[0]
+    names = [type(c).__name__ for c in getattr(codec, "index_codecs", ())]
+    if not names or names[0] != "BytesCodec" or names[1:] not in ([], ["Crc32cCodec"]) \
+            or getattr(codec.index_codecs[0].endian, "value", "little") != "little":
+        return None
+    inner_grid = tuple(s // c for s, c in zip(array.shards, array.chunks))
+    inner = tuple((p % s) // c for p, s, c in zip(position, array.shards, array.chunks))
+    entries = int(np.prod(inner_grid))
+    size = 16 * entries + 4 * (len(names) - 1)
+    at_end = str(getattr(codec.index_location, "value", codec.index_location)) == "end"
+    with open(shard, "rb") as f:
+        if at_end:
+            f.seek(-size, os.SEEK_END)
+        raw = f.read(16 * entries)
+    if len(raw) != 16 * entries:
+        return None
+    entry = np.frombuffer(raw, "<u8").reshape(entries, 2)[np.ravel_multi_index(inner, inner_grid)]
+    return not bool((entry == EMPTY_CHUNK).all())
 
 
 def frame_tags(store: str, arrays: list[str]) -> dict[tuple[int, tuple[int, ...]], dict]:
