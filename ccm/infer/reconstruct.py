@@ -9,6 +9,7 @@ the one implementation shared with training) and hands them, in batches, to a ba
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,8 +46,6 @@ class Reconstructor:
             on_backend = self.options.precision == "fp32" and self.options.device_type == "cpu"
             bundle.self_test(self.backend.run if on_backend else None)
         self.batch_size = batch_size
-        self._inverse: LinearMap | None = None  # the bundle's linear stage, loaded by the first confidence map
-        self._inverse_loaded = False
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -63,7 +62,7 @@ class Reconstructor:
 
     def score(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray | None:
         """(N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes → (N,) float32 forward-consistency
-        scores (:mod:`ccm.infer.consistency`; in PyTorch, on the backend's threads); None when the bundle has no
+        scores (:mod:`ccm.infer.consistency`; NumPy, on the backend's BLAS threads); None when the bundle has no
         consistency model."""
         return None if self.bundle.consistency is None else self.bundle.consistency.score(x, volumes)
 
@@ -72,13 +71,19 @@ class Reconstructor:
         maps: the brightness the frame's unexplained residual implies at each reconstructed pixel, in the
         volumes' units (:func:`ccm.infer.consistency.unexplained_brightness`; near 0 = supported by the frame).
         None when the bundle has no consistency model or no linear stage to carry the residual back."""
-        if self.bundle.consistency is None:
+        if self.bundle.consistency is None or self.linear_stage is None:
             return None
-        from ccm.infer.consistency import linear_stage, unexplained_brightness
+        from ccm.infer.consistency import unexplained_brightness
 
-        if not self._inverse_loaded:
-            self._inverse, self._inverse_loaded = linear_stage(self.bundle), True
-        return None if self._inverse is None else unexplained_brightness(self.bundle.consistency, self._inverse, x, volumes)
+        return unexplained_brightness(self.bundle.consistency, self.linear_stage, x, volumes)
+
+    @cached_property
+    def linear_stage(self) -> LinearMap | None:
+        """The bundle's linear inverse (:func:`ccm.infer.consistency.linear_stage`), built once: it carries
+        residuals back to the reconstruction's grid for confidence maps; None when the bundle has none."""
+        from ccm.infer.consistency import linear_stage
+
+        return linear_stage(self.bundle)
 
     def run_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(N, 1, H', W') float32 frames already through :attr:`preprocessor` → (N, D, h, w) float32."""

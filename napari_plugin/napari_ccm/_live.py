@@ -58,7 +58,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
 
-from ccm.infer.consistency import linear_stage, unexplained_brightness
+from ccm.infer.consistency import unexplained_brightness
 from napari_ccm._common import (
     CONFIDENCE_LAYER,
     CONFIDENCE_MEANING,
@@ -668,7 +668,7 @@ class LiveWidget(QWidget):
 
     def _update_residual(self, pipeline, frame, volume) -> None:
         """Start computing the newest frame's normalised residual ``bundle.consistency.residual(x, v)[0]``
-        in a worker thread (one at a time: ~10–70 ms of torch on a small CPU, neither on the GUI thread
+        in a worker thread (one at a time: ~1–2 ms of NumPy per frame on a small CPU, neither on the GUI thread
         nor in the pipeline's); :meth:`_show_residual` puts it on the raw grid."""
         model = pipeline.consistency
         if model is None or frame.index == self._residual_index or self._residual_worker is not None:
@@ -676,9 +676,8 @@ class LiveWidget(QWidget):
         preprocessor = pipeline.reconstructor.preprocessor
         label = f"{pipeline.source.name} frame {frame.index}"
 
-        inverse = self._linear_stage(pipeline)
-
         def compute():
+            inverse = pipeline.reconstructor.linear_stage  # built on the first call, here in the worker
             x, v = preprocessor(frame.image[None], label), np.asarray(volume)[None]
             z, predicted = model.residual(x, v)  # one forward pass serves both layers
             unexplained = unexplained_brightness(model, inverse, x, v, predicted)[0] if inverse is not None else None
@@ -691,12 +690,6 @@ class LiveWidget(QWidget):
         worker.finished.connect(self._residual_done)
         self._residual_worker = worker
         worker.start()
-
-    def _linear_stage(self, pipeline):
-        """The bundle's linear inverse for the confidence map, built once per pipeline (None: the bundle has none)."""
-        if getattr(self, "_inverse_for", None) is not pipeline:
-            self._inverse_for, self._inverse = pipeline, linear_stage(pipeline.reconstructor.bundle)
-        return self._inverse
 
     def _residual_done(self) -> None:
         self._residual_worker = None
