@@ -186,3 +186,15 @@ def test_linear_stage_refuses_weights_that_do_not_fit_its_spec(tiny_bundle):
     state = {k: (v[:-1] if k == "linear.weight" else v) for k, v in bundle.state.items()}
     with pytest.raises(ccm.BundleError, match="linear stage has buffers"):
         linear_stage(dataclasses.replace(bundle, state=state))
+
+
+def test_the_confidence_file_never_replaces_an_input(scored, tmp_path):
+    import tifffile
+
+    bundle, _, _, held_out = scored
+    source = tmp_path / "movie.confidence.ome.tif"  # the name the confidence maps of movie.ome.tif would take
+    tifffile.imwrite(source, held_out[:4])
+    before = source.read_bytes()
+    with pytest.raises(ccm.CcmError, match="movie.confidence.ome.tif"):
+        ccm.reconstruct_recording(source, bundle, tmp_path / "movie.ome.tif", progress=False, overwrite=True, confidence_map=True)
+    assert source.read_bytes() == before and not (tmp_path / "movie.ome.tif").exists()
