@@ -115,13 +115,11 @@ def peak_rss_mb(children: bool = False) -> float | None:
 
 
 def process_uptime_s() -> float | None:
-    """Seconds since this process started (interpreter start-up and imports included); None where unknown."""
-    try:
-        import psutil
+    """Seconds since this process started (interpreter start-up and imports included), to 10 ms; None where unknown.
 
-        return time.time() - psutil.Process().create_time()
-    except ImportError:
-        pass
+    On Linux from /proc (clock ticks since boot): psutil's ``create_time`` adds the boot time rounded down to
+    a whole second, which overstated start-up by up to a second. Elsewhere psutil, where it is exact.
+    """
     if sys.platform == "linux":
         try:
             with open("/proc/self/stat") as f:
@@ -131,4 +129,9 @@ def process_uptime_s() -> float | None:
             return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
-    return None
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except ImportError:
+        return None

@@ -129,6 +129,32 @@ def test_live_command_line(tiny_bundle, tmp_path, capsys):
     assert len(list((tmp_path / "rec").glob("live-*.h5"))) == 1
 
 
+def test_live_on_the_simulated_camera_with_onnx_never_imports_torch(tiny_bundle, tmp_path):
+    """Start-up (issue 17): the simulated camera is NumPy/OpenCV, so `ccm live --backend onnx` starts without
+    torch (2.2 s of its first frame on the 2-core VM). The ONNX export itself needs torch, once per bundle."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import tiny_cannula_dict
+
+    from ccm.infer.export import cached_onnx
+
+    device_file = tmp_path / "tiny.yaml"
+    device_file.write_text(yaml.safe_dump(tiny_cannula_dict()))
+    bundle = tiny_bundle[0]
+    cached_onnx(bundle)
+    code = ("import sys, json\nfrom ccm.cli.main import main\n"
+            f"main(['live', '--device', {str(device_file)!r}, '--bundle', {str(bundle.path)!r}, '--seconds', '0.5', "
+            "'--fps', '50', '--backend', 'onnx', '--json'])\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    summary = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
+    assert summary["reconstructed"] > 0 and summary["dropped"] == 0
+    assert 0 < summary["first_result_s"] < 60
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
 # --- Micro-Manager -------------------------------------------------------------------------------
 
 @pytest.fixture

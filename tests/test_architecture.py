@@ -44,6 +44,16 @@ def test_cli_help_never_imports_torch():
     assert result["heavy"] == []
 
 
+def test_process_uptime_counts_from_this_process_start():
+    """Reported start-up times (first_result_s, reconstruct's wall seconds) start at the process's start: psutil's
+    create_time on Linux rounds the boot time down to a second and overstated them by up to 1 s."""
+    import time
+
+    started = time.monotonic()
+    reported = _fresh("import json\nfrom ccm.portable import process_uptime_s\nprint(json.dumps(process_uptime_s()))")
+    assert 0 < reported <= time.monotonic() - started + 0.02  # /proc/uptime has 10 ms ticks
+
+
 def test_facade_names_resolve():
     for name in ccm.__all__:
         assert getattr(ccm, name) is not None, name

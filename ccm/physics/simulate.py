@@ -9,13 +9,12 @@ machine, and an interrupted run resumes at a chunk boundary with identical resul
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ccm.devices import CannulaDevice, WindowDevice
@@ -23,7 +22,7 @@ from ccm.errors import UsageError
 from ccm.io.atomic import refuse_existing, refuse_output_over_inputs
 from ccm.io.stack import StackWriter
 from ccm.physics.optics import forward_model
-from ccm.physics.optics.camera import EXPOSE_BLOCK, camera_generator, dark_frame, expose, pixel_gain_map
+from ccm.physics.optics.camera import EXPOSE_BLOCK, dark_frame, expose, pixel_gain_map
 from ccm.physics.scene_worker import SceneWorker
 from ccm.physics.scenes import GENERATORS, ImageScenes, draw_labelled, field_of_view_mask
 
@@ -137,11 +136,10 @@ class Simulator:
 
     def _expose(self, light: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Irradiance (N, H, W) → uint16 frames, a few frames at a time so each pass stays in cache."""
-        generator = camera_generator(rng)
         out = np.empty(light.shape, np.uint16)
         for start in range(0, len(light), EXPOSE_BLOCK):
             block = light[start:start + EXPOSE_BLOCK]
-            out[start:start + EXPOSE_BLOCK] = expose(self._to_electrons(block), self.device.sensor, rng, generator)
+            out[start:start + EXPOSE_BLOCK] = expose(self._to_electrons(block), self.device.sensor, rng)
         return out
 
     def dark(self) -> np.ndarray:
@@ -206,17 +204,6 @@ def scene_sources(kinds: Sequence[str], files: Sequence[Path] = (), brightness: 
 def chunk_noise_rng(seed: int, chunk_index: int) -> np.random.Generator:
     """Generator for the camera noise of one chunk (scenes have their own stream, see ccm.physics.scene_worker)."""
     return np.random.default_rng([seed, chunk_index, 1])
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run torch (and scipy.fft, which follows it here) on ``n`` threads inside the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mode: Mode = "2d",
@@ -309,7 +296,7 @@ def _simulate_chunks(simulator: Simulator, sources: Sequence[SceneSource], seed:
     """Draw, image and append ``chunks`` [(index, size)] in order."""
     # scenes are drawn and encoded in a worker process while this one applies the operator,
     # the camera, and writes: two stages on two cores, so the operator runs single-threaded here
-    with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, _torch_threads(1):
+    with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, threadpool_limits(1, user_api="blas"):
         for volumes, encoded, index, slot in drawn:
             raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
             if writer.labelled:

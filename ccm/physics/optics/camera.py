@@ -4,13 +4,12 @@
 Poisson in photo-electrons. Counts below :data:`EXACT_POISSON_BELOW` are drawn exactly; above
 it, a Gaussian with the same mean and variance is used (the difference is far below one ADU
 after quantisation, and it is ~10× faster), merged with the read noise into one normal draw.
-Normal draws come from torch's vectorised generator, seeded from the numpy ``rng``.
+NumPy only (float32 normal draws), so the simulated camera starts without torch.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ccm.devices import Sensor
 
@@ -28,35 +27,33 @@ EXPOSE_BLOCK = 8
 """Frames exposed at a time by callers that stream: each elementwise pass then stays in cache."""
 
 
-def camera_generator(rng: np.random.Generator) -> torch.Generator:
-    """torch generator for the normal draws, seeded from ``rng``."""
-    return torch.Generator().manual_seed(int(rng.integers(2**62)))
-
-
-def expose(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator, generator: torch.Generator | None = None) -> np.ndarray:
+def expose(electrons: np.ndarray, sensor: Sensor, rng: np.random.Generator) -> np.ndarray:
     """Noisy digital frames from expected photo-electron counts.
 
     Parameters
     ----------
     electrons : (..., H, W) float32 ≥ 0 — expected photo-electrons per pixel (gain map included).
     sensor : the camera's parameters.
-    rng : source of randomness; same state, same bytes (whatever the number of threads).
-    generator : torch generator for the normal draws; made from ``rng`` if None.
+    rng : source of randomness; same state, same bytes.
 
     Returns
     -------
     (..., H, W) uint16 — digital numbers, saturated at ``2^bit_depth - 1``.
     """
-    generator = camera_generator(rng) if generator is None else generator
-    lam = torch.from_numpy(np.ascontiguousarray(electrons, dtype=np.float32)).clamp(min=0.0)
-    noise = torch.empty_like(lam).normal_(generator=generator)
-    signal = (lam + sensor.read_noise_e**2).sqrt_().mul_(noise).add_(lam)  # shot ⊕ read noise, Gaussian branch
-    low = ((lam > 0) & (lam < EXACT_POISSON_BELOW)).numpy()
+    lam = np.maximum(np.asarray(electrons, dtype=np.float32), np.float32(0.0))
+    noise = rng.standard_normal(lam.shape, dtype=np.float32)
+    signal = lam + np.float32(sensor.read_noise_e**2)  # shot ⊕ read noise, Gaussian branch
+    np.sqrt(signal, out=signal)
+    signal *= noise
+    signal += lam
+    low = (lam > 0) & (lam < EXACT_POISSON_BELOW)
     if low.any():
-        signal_np, lam_np, noise_np = signal.numpy(), lam.numpy(), noise.numpy()
-        signal_np[low] = rng.poisson(lam_np[low]).astype(np.float32) + sensor.read_noise_e * noise_np[low]
-    adu = signal.mul_(1.0 / sensor.gain_e_per_adu).add_(sensor.offset_adu).round_().clamp_(0, sensor.max_adu)
-    return adu.numpy().astype(np.uint16)
+        signal[low] = rng.poisson(lam[low]).astype(np.float32) + np.float32(sensor.read_noise_e) * noise[low]
+    signal *= np.float32(1.0 / sensor.gain_e_per_adu)
+    signal += np.float32(sensor.offset_adu)
+    np.rint(signal, out=signal)
+    np.clip(signal, 0, sensor.max_adu, out=signal)
+    return signal.astype(np.uint16)
 
 
 def dark_frame(sensor: Sensor, rng: np.random.Generator, n_average: int = 32) -> np.ndarray:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import scipy.fft
-import torch
 
 from ccm.devices import CannulaDevice
 from ccm.errors import UsageError
@@ -222,7 +221,7 @@ class CannulaForwardModel:
         self.planes_um = tuple(planes_um)
         self.emitter_grid = PolarGrid.for_image(device.target.shape, device.target.pixel_size_um)
         self.sensor_grid = PolarGrid.for_disk(device.cannula.diameter_um / 2, device.sensor.pixel_size_um, self.emitter_grid.n_phi)
-        self.spectrum = torch.from_numpy(np.ascontiguousarray(arrays["spectrum"]))  # (n_m, n_rs, D·n_re)
+        self.spectrum = np.ascontiguousarray(arrays["spectrum"], dtype=np.float32)  # (n_m, n_rs, D·n_re)
         self.guided_fraction = arrays["guided_fraction"]
         matrix, self.transmission = exit_face_distortion(device)
         self._to_polar = cv2.convertMaps(*self.emitter_grid.sample_map(device.target.shape, device.target.pixel_size_um), cv2.CV_16SC2)
@@ -261,9 +260,9 @@ class CannulaForwardModel:
         n_m, n, _, k = spectra.shape
         n_phi = self.emitter_grid.n_phi
         # (n_m, 2N, D·n_re) @ (n_m, D·n_re, n_rs) → (n_m, 2N, n_rs); BLAS reads the kernel transposed in place
-        product = torch.matmul(torch.from_numpy(spectra).reshape(n_m, 2 * n, k), self.spectrum.transpose(1, 2))
+        product = np.matmul(spectra.reshape(n_m, 2 * n, k), self.spectrum.transpose(0, 2, 1))
         product = product.reshape(n_m, n, 2, -1)
-        sensor_polar = scipy.fft.irfft(torch.complex(product[:, :, 0], product[:, :, 1]).numpy(), n=n_phi, axis=0, workers=torch.get_num_threads())
+        sensor_polar = scipy.fft.irfft(product[:, :, 0] + 1j * product[:, :, 1], n=n_phi, axis=0)
         frames = np.empty((n, *self.device.sensor.shape), np.float32)
         wrapped = np.empty((n_phi + 1, self.sensor_grid.n_r), np.float32)
         for i in range(n):
