@@ -61,10 +61,48 @@ def test_score_is_calibrated_and_stored_in_the_bundle(scored, tmp_path):
     assert loaded.consistency.quantiles == model.quantiles
 
 
-def test_score_is_the_tail_of_the_residual_image(scored):
-    """score() computes on the aperture's pixels only; it must equal the TAIL quantile of residual()'s z²."""
+def test_score_is_the_unexplained_fraction_of_the_confidence_map(scored):
+    """New bundles score a frame by the 99th percentile of its confidence map over the field of view,
+    relative to the reconstruction's own 99th percentile (a fraction: the same for dim and bright scenes)."""
+    from ccm.infer.consistency import FLOOR, UNEXPLAINED
+
     bundle, _, _, held_out = scored
     model = bundle.consistency
+    assert model.statistic == UNEXPLAINED  # the tiny U-Net has a linear stage
+    x = bundle.preprocessor()(held_out[:5])
+    volumes = ccm.Reconstructor(bundle).run_preprocessed(x)
+    confidence = ccm.Reconstructor(bundle).confidence(x, volumes)
+    h, w = volumes.shape[-2:]
+    cy, cx, radius = model.inverse.spec.target_circle
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    field = np.hypot(yy - cy, xx - cx) <= radius
+    tail = lambda a: np.sort(a, 1)[:, int(0.99 * (a.shape[1] - 1))]  # noqa: E731
+    expected = tail(confidence[:, :, field].reshape(5, -1)) / np.maximum(tail(volumes[:, :, field].reshape(5, -1)), FLOOR)
+    np.testing.assert_allclose(model.score(x, volumes), expected, rtol=1e-5)
+
+
+def test_bundles_from_before_keep_the_noise_chi2_score(scored, tmp_path):
+    """A bundle whose consistency model predates the statistic field scores as it did: the tail of residual()'s z²."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from ccm.infer.consistency import CHI2
+
+    bundle, _, _, held_out = scored
+    path = bundle.save(tmp_path / "new.safetensors")
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "numpy") as f:
+        meta = f.metadata()
+    consistency = json.loads(meta["consistency"])
+    consistency.pop("statistic")
+    consistency["version"] = 1
+    meta["consistency"] = json.dumps(consistency)
+    save_file(tensors, tmp_path / "old.safetensors", metadata=meta)
+    model = ccm.load_bundle(tmp_path / "old.safetensors").consistency
+    assert model.statistic == CHI2
     x = bundle.preprocessor()(held_out[:5])
     volumes = ccm.Reconstructor(bundle).run_preprocessed(x)
     z, _ = model.residual(x, volumes)

@@ -849,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("consistency", help="fit a bundle's forward-consistency model (the per-frame trust score) from a calibration stack",
                        description="Fit the linear forward model (target → raw frame) from the calibration pairs, push the "
                                    "bundle's own reconstructions of held-out pairs through it and store the range of their "
-                                   "scores: every reconstruction path then scores each frame against the camera's noise and "
+                                   "scores: every reconstruction path then scores each frame (the brightest structure the frame does not "
+                                   "support, relative to the brightest reconstructed) and "
                                    "raises the recalibration alarm when a device drifts. Writes a new bundle.")
     p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
     p.add_argument("--data", type=Path, required=True, help="calibration stack of the bundle's device (.h5)")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from ccm.devices import CannulaDevice, DeviceError, WindowDevice, device_from_json, device_to_json, fingerprint
 from ccm.errors import BundleError
 from ccm.infer.architecture import LinearSpec, UNetConfig
-from ccm.infer.consistency import ConsistencyModel
+from ccm.infer.consistency import UNEXPLAINED, ConsistencyModel, linear_stage, linear_stage_spec
 from ccm.infer.preprocess import PreprocessConfig, Preprocessor
 from ccm.resources import resolve_shipped
 
@@ -384,8 +385,12 @@ def load_bundle(path: Path, self_test: bool = True) -> Bundle:
             training=json.loads(meta.get("training", "{}")), metrics=json.loads(meta.get("metrics", "{}")),
             description=meta.get("description", ""), path=path)
         if "consistency" in meta:
-            bundle.consistency = ConsistencyModel.from_tensors(tensors, meta["consistency"], str(path),
-                                                               expected=(len(depths), target_shape(device), network_input(preprocess, device)))
+            model = ConsistencyModel.from_tensors(tensors, meta["consistency"], str(path),
+                                                  expected=(len(depths), target_shape(device), network_input(preprocess, device)))
+            if model.statistic == UNEXPLAINED and linear_stage_spec(architecture) is None:
+                raise BundleError(f"{path}: its consistency score ({UNEXPLAINED}) needs a linear stage, and its network has none")
+            model.bind_inverse(partial(linear_stage, bundle))  # picklable: DDP workers receive the bundle
+            bundle.consistency = model
         if self_test:
             bundle.self_test()
     except BundleError:

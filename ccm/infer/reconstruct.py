@@ -81,6 +81,8 @@ class Reconstructor:
     def linear_stage(self) -> LinearMap | None:
         """The bundle's linear inverse (:func:`ccm.infer.consistency.linear_stage`), built once: it carries
         residuals back to the reconstruction's grid for confidence maps; None when the bundle has none."""
+        if self.bundle.consistency is not None:
+            return self.bundle.consistency.inverse
         from ccm.infer.consistency import linear_stage
 
         return linear_stage(self.bundle)

@@ -6,18 +6,20 @@
    for a window. Training pairs fit it, validation pairs choose its regularisation.
 2. The noise model from the device's sensor and the bundle's preprocessing.
 3. The calibrated range: the scores of the bundle's own reconstructions of held-out pairs (the
-   stack's test split, or the pairs given), whose quantiles the bundle stores.
+   stack's test split, or the pairs given), whose quantiles the bundle stores. The statistic is the
+   unexplained fraction when the bundle has a linear stage to carry residuals back, the noise χ² otherwise.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ccm.infer.architecture import LinearFit, LinearSpec
 from ccm.infer.bundle import Bundle
-from ccm.infer.consistency import QUANTILES, ConsistencyModel, NoiseModel
+from ccm.infer.consistency import CHI2, QUANTILES, UNEXPLAINED, ConsistencyModel, NoiseModel, linear_stage, linear_stage_spec
 from ccm.infer.linear import fit_linear_inverse
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack
@@ -72,7 +74,9 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
         else np.ones((hh, ww), np.float32)
     noise = NoiseModel.from_preprocessing(device.sensor, preprocessor.config.scale_adu, device.sensor.shape, (hh, ww))
     buffers = {k: v.detach().cpu().numpy() for k, v in forward.state_dict().items()}
-    model = ConsistencyModel.from_buffers(spec, buffers, noise, mask, {"0.999": float("inf")})
+    statistic = UNEXPLAINED if linear_stage_spec(bundle.architecture) is not None else CHI2
+    model = ConsistencyModel.from_buffers(spec, buffers, noise, mask, {"0.999": float("inf")}, statistic=statistic)
+    model.bind_inverse(partial(linear_stage, bundle))
     held_out = split["test"] if len(split.get("test", [])) else split["val"]
     held_out = held_out[:max_calibration_frames]
     reconstructor = Reconstructor(bundle)
@@ -83,7 +87,7 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
     scores = np.concatenate(scores)
     model.quantiles = {str(q): float(np.quantile(scores, q)) for q in QUANTILES}
     model.report = {"forward_fit": {k: report[k] for k in ("pairs", "validation_pairs", "basis")},
-                    "held_out_frames": int(len(scores)), "held_out_flagged_fraction": float(model.flags(scores).mean()),
+                    "statistic": statistic, "held_out_frames": int(len(scores)), "held_out_flagged_fraction": float(model.flags(scores).mean()),
                     "score_mean": float(scores.mean())}
     return model
 
