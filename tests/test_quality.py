@@ -164,7 +164,7 @@ def test_confidence_map_grows_where_the_frame_is_not_explained(tiny_bundle):
     def mean_map(frames):
         x = reconstructor.preprocessor(frames)
         volumes = reconstructor.run_preprocessed(x)
-        unexplained = unexplained_brightness(bundle.consistency, inverse, x, volumes)
+        unexplained = unexplained_brightness(bundle.consistency, x, volumes)
         assert unexplained.shape == volumes.shape and (unexplained >= 0).all()
         return float(unexplained.mean())
 

@@ -13,6 +13,8 @@ most of a second-long start-up (issue 17). A test holds the two evaluations equa
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import scipy.sparse
 
@@ -150,6 +152,19 @@ class LinearMap:
         else:
             self._index = pixel_index(spec)
             self._mean_in, self._mean_out, self._weight = f32(mean_in), f32(mean_out), f32(weight)
+
+    def low_pass(self, fraction: float) -> LinearMap:
+        """The same polar map keeping only the lowest ``fraction`` of its angular frequencies: smoother, and
+        cheaper in proportion (the per-frequency weights dominate the cost); a pixel map is returned as is."""
+        keep = int(self.spec.max_frequency * fraction)
+        if self.spec.basis != "polar" or keep >= self.spec.max_frequency:
+            return self
+        spec = self.spec.model_copy(update={"max_frequency": keep})
+        g = polar_geometry(spec)
+        out = copy.copy(self)
+        out.spec, out._dft, out._idft = spec, g["dft"], g["idft"]
+        out._wr, out._wi, out._bias = (np.ascontiguousarray(a[:keep + 1]) for a in (self._wr, self._wi, self._bias))
+        return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The map with its means, clipped to [0, 1] when the spec says so (as ``LinearInverse.forward``)."""

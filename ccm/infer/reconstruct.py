@@ -75,7 +75,7 @@ class Reconstructor:
             return None
         from ccm.infer.consistency import unexplained_brightness
 
-        return unexplained_brightness(self.bundle.consistency, self.linear_stage, x, volumes)
+        return unexplained_brightness(self.bundle.consistency, x, volumes)
 
     @cached_property
     def linear_stage(self) -> LinearMap | None:

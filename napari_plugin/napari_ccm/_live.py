@@ -679,8 +679,8 @@ class LiveWidget(QWidget):
         def compute():
             inverse = pipeline.reconstructor.linear_stage  # built on the first call, here in the worker
             x, v = preprocessor(frame.image[None], label), np.asarray(volume)[None]
-            z, predicted = model.residual(x, v)  # one forward pass serves both layers
-            unexplained = unexplained_brightness(model, inverse, x, v, predicted)[0] if inverse is not None else None
+            z, _ = model.residual(x, v)
+            unexplained = unexplained_brightness(model, x, v)[0] if inverse is not None else None
             return pipeline, frame.index, z[0, 0], unexplained
 
         worker = create_worker(compute, _ignore_errors=True)
