@@ -234,7 +234,7 @@ def warnings_shown():
 def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, qtbot, warnings_shown, tmp_path):
     """The shipped 2D bundle's forward-consistency score in the status; the simulated cannula moved by
     10 µm mid-run turns the recalibration alarm on: a red line and one warning notification."""
-    from napari_ccm._live import RECALIBRATE
+    from napari_ccm._live import RECALIBRATE, _number
 
     viewer = make_napari_viewer()
     widget = _live_widget(viewer)
@@ -247,7 +247,7 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
                     and "consistency" in widget.trust.text() and "–" not in widget.trust.text().split("(")[0], timeout=30000)
     stats = widget.pipeline.stats()
     assert not stats.recalibrate and stats.alarms == 0 and widget.alarm_label.isHidden()
-    assert f"alarm above {model.alarm_level:.0f}" in widget.trust.text() and f"{model.threshold:.0f}" in widget.trust.text()
+    assert f"alarm above {_number(model.alarm_level)}" in widget.trust.text() and _number(model.threshold) in widget.trust.text()
     assert "consistency" in viewer.status
     quiet = widget.status_numbers["consistency_window_median"]
     assert quiet < model.alarm_level

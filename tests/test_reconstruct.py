@@ -337,6 +337,16 @@ def test_ome_output_refuses_axes_it_cannot_hold(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_ddp_writer_that_never_started_reports_the_real_error(tmp_path):
+    """A worker that fails before the writer's setup (a bundle it cannot load, a device it cannot open) must
+    not bury that error under an AttributeError from the writer's cleanup."""
+    from ccm.infer.distributed import WriterCallback
+
+    callback = WriterCallback(spec=None, total=10, done_before=0, progress=False)
+    callback.on_exception(trainer=None, pl_module=None, exception=RuntimeError("cannot load"))
+    assert not callback.interrupted
+
+
 def test_lightning_ddp_on_two_cpu_processes(tiny, inputs, tmp_path):
     bundle = tiny[0]
     spec, _, frames = inputs["multipage"]

@@ -57,6 +57,10 @@ class WriterCallback(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.spec, self.total, self.done_before, self.show_progress = spec, total, done_before, progress
         self.interrupted = False
+        # set in setup(); None until then, so an exception before it (a worker that cannot start) is reported as itself
+        self.writer: VolumeWriter | None = None
+        self.background: BackgroundWriter | None = None
+        self.bar = None
 
     def setup(self, trainer, pl_module, stage):
         self.writer = VolumeWriter(self.spec, rank=trainer.global_rank)
@@ -71,13 +75,15 @@ class WriterCallback(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         positions = prediction[0]
+        assert self.background is not None  # setup() ran
         self.background.put(prediction)
         if self.bar is not None:
             self.bar.update(len(positions) * trainer.world_size)
 
     def _stop(self, raise_error: bool) -> None:
         try:
-            self.background.close(raise_error=raise_error)
+            if self.background is not None:
+                self.background.close(raise_error=raise_error)
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -85,6 +91,7 @@ class WriterCallback(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module):
         self._stop(raise_error=True)
+        assert self.writer is not None  # setup() ran
         self.writer.close()
         trainer.strategy.barrier()
         if trainer.is_global_zero:
@@ -93,7 +100,8 @@ class WriterCallback(BasePredictionWriter):
     def on_exception(self, trainer, pl_module, exception):
         self.interrupted = isinstance(exception, KeyboardInterrupt)
         self._stop(raise_error=False)
-        self.writer.close()  # what was written is made durable and recorded: a re-run resumes
+        if self.writer is not None:
+            self.writer.close()  # what was written is made durable and recorded: a re-run resumes
 
 
 def _quiet_lightning() -> None:
