@@ -352,8 +352,9 @@ def written_scores(spec: OutputSpec) -> np.ndarray | None:
     return scores if found else None
 
 
-SCORE_MEANING = ("forward-consistency score per frame (ccm.infer.consistency): the 99th percentile of the squared residual "
-                 "against the camera noise; compare with the bundle's threshold")
+SCORE_MEANING = ("forward-consistency score per frame (ccm.infer.consistency): the brightest structure the frame does not "
+                 "support relative to the brightest reconstructed (bundles before 2026-12: the 99th percentile of the squared "
+                 "residual against the camera noise); compare with the bundle's threshold")
 
 
 def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:

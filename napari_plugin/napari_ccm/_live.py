@@ -188,9 +188,10 @@ class LiveWidget(QWidget):
         self.message.setWordWrap(True)
         self.trust = QLabel("")
         self.trust.setWordWrap(True)
-        self.trust.setToolTip("forward-consistency: the reconstruction pushed back through the device's forward model, "
-                              "compared with the camera frame in units of the camera's noise (median of the last 25 "
-                              "scored frames). Inside the calibrated range: the frames are explained as well as the "
+        self.trust.setToolTip("forward-consistency: the reconstruction pushed back through the device's forward model and "
+                              "compared with the camera frame; the score is the brightest structure the frame does not "
+                              "support, relative to the brightest reconstructed (median of the last 25 scored frames). "
+                              "Inside the calibrated range: the frames are explained as well as the "
                               "calibration's own held-out frames were.")
         self.alarm_label = QLabel("")
         self.alarm_label.setWordWrap(True)
