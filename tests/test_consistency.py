@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 import ccm
-from ccm.infer.consistency import roc_auc
+from ccm.infer.consistency import CHI2, FLOOR, UNEXPLAINED, roc_auc
 from ccm.learn.consistency import drift_report, fit_consistency
 from ccm.learn.data import SplitConfig, split_indices
 from ccm.physics.simulate import Simulator, simulate_stack
@@ -64,8 +67,6 @@ def test_score_is_calibrated_and_stored_in_the_bundle(scored, tmp_path):
 def test_score_is_the_unexplained_fraction_of_the_confidence_map(scored):
     """New bundles score a frame by the 99th percentile of its confidence map over the field of view,
     relative to the reconstruction's own 99th percentile (a fraction: the same for dim and bright scenes)."""
-    from ccm.infer.consistency import FLOOR, UNEXPLAINED
-
     bundle, _, _, held_out = scored
     model = bundle.consistency
     assert model.statistic == UNEXPLAINED  # the tiny U-Net has a linear stage
@@ -83,17 +84,9 @@ def test_score_is_the_unexplained_fraction_of_the_confidence_map(scored):
 
 def test_bundles_from_before_keep_the_noise_chi2_score(scored, tmp_path):
     """A bundle whose consistency model predates the statistic field scores as it did: the tail of residual()'s z²."""
-    import json
-
-    from safetensors.numpy import load_file, save_file
-
-    from ccm.infer.consistency import CHI2
-
     bundle, _, _, held_out = scored
     path = bundle.save(tmp_path / "new.safetensors")
     tensors = load_file(path)
-    from safetensors import safe_open
-
     with safe_open(path, "numpy") as f:
         meta = f.metadata()
     consistency = json.loads(meta["consistency"])

@@ -134,9 +134,6 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     # the model is loaded — and a bundle loaded without its self-test is tested on this backend — before anything is
     # written; ONNX Runtime threads stop spinning between calls: readers and the writer need the cores
     reconstructor = None if distributed else Reconstructor(bundle, replace(options, spin=False), batch_size, calibration=calibration)
-    if maps is not None and reconstructor is not None and reconstructor.linear_stage is None:
-        raise BundleError(f"{bundle.label}: its network has no linear first stage to carry the residual back to the "
-                          "reconstruction's grid, so no confidence map (the per-frame score is still written)")
     done = prepare(spec, restart=restart, overwrite=overwrite)
     if maps is not None:  # a position counts as done when both outputs hold it
         done &= prepare(maps, restart=restart, overwrite=overwrite)
@@ -178,13 +175,15 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
 
 
 def _confidence_spec(spec: OutputSpec, bundle: Bundle, distributed: bool) -> OutputSpec:
-    """The confidence maps' output for ``spec``, or a clear refusal before anything is written (the linear
-    stage they need is checked once the Reconstructor exists, also before anything is written)."""
+    """The confidence maps' output for ``spec``, or a clear refusal before anything is written."""
     if bundle.consistency is None:
         raise BundleError(f"{bundle.label} has no forward-consistency model, so no confidence map: fit one with "
                           "`ccm consistency BUNDLE --data CALIBRATION.h5 -o BUNDLE_WITH_SCORE.safetensors`")
     if distributed:
         raise OutputError(f"{spec.path}: confidence maps are written by one process; leave out --devices/--num-nodes/--strategy")
+    if bundle.consistency.inverse is None:
+        raise BundleError(f"{bundle.label}: its network has no linear first stage to carry the residual back to the "
+                          "reconstruction's grid, so no confidence map (the per-frame score is still written)")
     return confidence_spec(spec)
 
 

@@ -9,16 +9,11 @@ the one implementation shared with training) and hands them, in batches, to a ba
 from __future__ import annotations
 
 import os
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ccm.infer.backends import InferenceOptions, make_backend
 from ccm.infer.bundle import Bundle
-
-if TYPE_CHECKING:
-    from ccm.infer.linear_map import LinearMap
 
 
 class Reconstructor:
@@ -71,21 +66,11 @@ class Reconstructor:
         maps: the brightness the frame's unexplained residual implies at each reconstructed pixel, in the
         volumes' units (:func:`ccm.infer.consistency.unexplained_brightness`; near 0 = supported by the frame).
         None when the bundle has no consistency model or no linear stage to carry the residual back."""
-        if self.bundle.consistency is None or self.linear_stage is None:
+        if self.bundle.consistency is None or self.bundle.consistency.inverse is None:
             return None
         from ccm.infer.consistency import unexplained_brightness
 
         return unexplained_brightness(self.bundle.consistency, x, volumes)
-
-    @cached_property
-    def linear_stage(self) -> LinearMap | None:
-        """The bundle's linear inverse (:func:`ccm.infer.consistency.linear_stage`), built once: it carries
-        residuals back to the reconstruction's grid for confidence maps; None when the bundle has none."""
-        if self.bundle.consistency is not None:
-            return self.bundle.consistency.inverse
-        from ccm.infer.consistency import linear_stage
-
-        return linear_stage(self.bundle)
 
     def run_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """(N, 1, H', W') float32 frames already through :attr:`preprocessor` → (N, D, h, w) float32."""

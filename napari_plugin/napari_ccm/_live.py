@@ -678,10 +678,10 @@ class LiveWidget(QWidget):
         label = f"{pipeline.source.name} frame {frame.index}"
 
         def compute():
-            inverse = pipeline.reconstructor.linear_stage  # built on the first call, here in the worker
             x, v = preprocessor(frame.image[None], label), np.asarray(volume)[None]
             z, _ = model.residual(x, v)
-            unexplained = unexplained_brightness(model, x, v)[0] if inverse is not None else None
+            # the linear stage is built on its first use, here in the worker
+            unexplained = unexplained_brightness(model, x, v)[0] if model.inverse is not None else None
             return pipeline, frame.index, z[0, 0], unexplained
 
         worker = create_worker(compute, _ignore_errors=True)
