@@ -45,7 +45,7 @@ def labelled(tmp_path_factory, _isolated_cache):
 
 def test_labelled_scene_classes_give_stacks_labels(labelled, tmp_path):
     from ccm.io.stack import CalibrationStack
-    from ccm.physics.scenes import GENERATORS, _shipped_digits, mnist, mnist_test
+    from ccm.physics.scenes import GENERATORS, _shipped_handwriting, mnist, mnist_test
     from ccm.physics.simulate import simulate_stack
 
     folder, _ = labelled
@@ -54,7 +54,7 @@ def test_labelled_scene_classes_give_stacks_labels(labelled, tmp_path):
         assert stack.labels.shape == (600,) and stack.labels.dtype == np.int64
         assert set(np.unique(stack.labels)) == set(range(10))
     # the held-out pool shares no digit with the training pool
-    images, _ = _shipped_digits("mnist-5k.npz")
+    images = _shipped_handwriting("mnist-5k.npz")["images"]
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     train_pool, test_pool = mnist._pool()[0], mnist_test._pool()[0]
     assert len(train_pool) == 4000 and len(test_pool) == 1000
@@ -97,6 +97,63 @@ def test_classifier_beats_chance_on_held_out_digits(labelled):
         assert 0 <= report["ece"] <= 1
         assert set(report["per_class_recall"]) == set("0123456789")
         assert 0 < report["ms_per_frame_cpu_1_thread"] < 50
+
+
+def test_ridge_inverse_recovers_a_linear_map_and_picks_its_regularisation():
+    from ccm.learn.classify import ridge_inverse
+
+    rng = np.random.default_rng(0)
+    true_map = rng.normal(size=(6, 20))
+    x = rng.normal(size=(400, 20))
+    y = x @ true_map.T + 0.5
+    weight, bias, alpha = ridge_inverse(x, y + 0.01 * rng.normal(size=y.shape), np.arange(300), np.arange(300, 400))
+    assert weight.shape == (6, 20) and bias.shape == (6,)
+    assert np.abs(weight - true_map).max() < 0.05 and np.abs(bias - 0.5).max() < 0.05
+    assert alpha == 1e-3  # nearly noiseless: the least regularisation of the grid
+    # pure noise to fit: the most regularisation wins
+    assert ridge_inverse(x, rng.normal(size=y.shape), np.arange(300), np.arange(300, 400))[2] == 10.0
+
+
+def test_raw_classifier_starts_from_the_ridge_inverse(labelled):
+    folder, classifiers = labelled
+    raw = classifiers["raw"]
+    assert raw.config.kind == "inverse-cnn" and raw.config.image_shape == (16, 16)
+    assert raw.training["ridge_alpha"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    assert tuple(raw.state["inverse.0.weight"].shape) == (128, 12 * 16)  # rank 128 of the 192 → 256 map
+    assert tuple(raw.state["inverse.1.weight"].shape) == (16 * 16, 128)
+    # the fixed layer is the ridge inverse the training stack's pairs give
+    from ccm.io.stack import CalibrationStack
+    from ccm.learn.classify import ridge_inverse, stack_inputs
+
+    with CalibrationStack(folder / "train.h5") as stack:
+        frames, truth = raw.prepare(stack_inputs(stack, "raw")), stack_inputs(stack, "truth")
+    split = raw.training["split"]["val"]
+    train = np.setdiff1d(np.arange(len(frames)), split)
+    weight, bias, _ = ridge_inverse(frames, truth, train, np.asarray(split))
+    u, singular, vt = np.linalg.svd(weight, full_matrices=False)
+    weight = (u[:, :128] * singular[:128]) @ vt[:128]
+    stored = (raw.state["inverse.1.weight"] @ raw.state["inverse.0.weight"]).numpy()
+    assert np.abs(stored - weight).max() < 1e-3 * np.abs(weight).max()
+
+
+def test_digit_classifiers_on_letters_they_never_saw(labelled, tmp_path, capsys):
+    from ccm.cli.main import main
+    from ccm.physics.simulate import simulate_stack
+
+    folder, _ = labelled
+    simulate_stack(_tiny_window(), tmp_path / "letters.h5", 60, scenes=["letters-test"], seed=5, progress=False)
+    report = tmp_path / "unseen.json"
+    assert main(["classify", "evaluate", "--classifier", str(folder / "truth.safetensors"), str(folder / "raw.safetensors"),
+                 "--data", str(tmp_path / "letters.h5"), "--known", str(folder / "test.h5"), "-o", str(report)]) == 0
+    reports = json.loads(report.read_text())
+    for r in reports:
+        assert r["pairs"] == 60 and r["unseen_classes"] == list("abcdefghijklmnopqrstuvwxyz")
+        assert sum(r["predicted_share"].values()) == pytest.approx(1, abs=1e-3) and set(r["predicted_share"]) == set("0123456789")
+        assert 0 <= r["rejected_share_at_known_p05"] <= 1 and 0.1 <= r["mean_confidence"] <= 1
+        assert r["known"]["data"] == "test.h5" and 0 < r["known"]["confidence_p05"] < 1
+    # letters are less familiar than held-out digits: more of them fall below the digits' 5th percentile
+    assert reports[0]["rejected_share_at_known_p05"] > 0.05, reports[0]
+    assert "never learned" in capsys.readouterr().out
 
 
 def test_expected_calibration_error():

@@ -49,12 +49,31 @@ def test_3d_scenes_spread_over_planes(tiny_cannula):
 
 
 def test_digits_are_the_real_uci_digits(tiny_window):
-    from ccm.physics.scenes import _uci_digits
+    from ccm.physics.scenes import _shipped_handwriting
 
-    digits = _uci_digits()
+    digits = _shipped_handwriting("uci-digits-8x8.npz")["images"]
     assert digits.shape == (1797, 8, 8) and digits.max() == 16
     scene = GENERATORS["digits"](tiny_window, 1, np.random.default_rng(3))
     assert scene.max() > 0.3
+
+
+def test_letters_are_real_omniglot_handwriting_split_by_writer(tiny_window):
+    from ccm.physics.scenes import GREEK_CLASSES, LATIN_CLASSES, _shipped_handwriting, greek, letters, letters_test
+
+    data = _shipped_handwriting("omniglot-letters.npz")
+    assert data["images"].shape == (1000, 28, 28) and data["images"].dtype == np.uint8
+    assert np.bincount(data["script"]).tolist() == [26 * 20, 24 * 20]
+    train, train_labels = letters._pool()
+    test, test_labels = letters_test._pool()
+    assert (len(train), len(test)) == (26 * 15, 26 * 5)
+    assert set(train_labels) == set(test_labels) == set(range(26))
+    assert not {a.tobytes() for a in train} & {a.tobytes() for a in test}
+    assert len(greek._pool()[0]) == 480 and len(GREEK_CLASSES) == 24 and len(LATIN_CLASSES) == 26
+    # MNIST-like: strokes bright on dark, centred
+    scene, label = letters.labelled(tiny_window, 1, np.random.default_rng(4))
+    assert 0 <= label < 26 and scene.max() > 0.3
+    ink = data["images"].astype(float)
+    assert ink[:, 4:24, 4:24].sum() > 0.97 * ink.sum()
 
 
 def test_user_images_and_stacks(tmp_path, tiny_cannula):

@@ -199,18 +199,47 @@ def _cmd_classify_train(args: argparse.Namespace) -> None:
                      seed=args.seed, arch=args.arch, work=args.workdir, progress=not args.no_progress)
 
 
+def _classify_unseen(args: argparse.Namespace, classifiers: list, bundle) -> None:
+    """``ccm classify evaluate`` on a stack labelled with classes the classifiers never learned."""
+    from ccm.learn.classify import evaluate_classifier, evaluate_unseen
+
+    if any(set(c.class_names) != set(classifiers[0].class_names) for c in classifiers):
+        raise UsageError("on a stack of other classes, compare classifiers of the same class set")
+    if args.figure:
+        print("ccm classify: note: no figure for classes the classifiers never learned (no confusion matrix)", file=sys.stderr)
+    reports = []
+    for c in classifiers:
+        own = bundle if c.input_kind == "reconstructed" else None
+        known = evaluate_classifier(c, args.known, own) if args.known else None
+        report = evaluate_unseen(c, args.data, own, known)
+        reports.append(report)
+        rejected = (f", {report['rejected_share_at_known_p05']:.1%} rejected at the confidence that keeps 95 % of "
+                    f"{report['known']['data']}" if known else "")
+        print(f"{report['classifier']}: {report['input']} input on {report['pairs']} pairs of classes it never learned "
+              f"({report['data']}): mean confidence {report['mean_confidence']:.3f}, {report['confident_share']:.1%} at ≥ 0.9{rejected}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=1))
+    print(f"wrote {args.output}")
+
+
 def _cmd_classify_evaluate(args: argparse.Namespace) -> None:
     from ccm.infer.bundle import load_bundle
     from ccm.infer.classifier import load_classifier
     from ccm.io.atomic import refuse_output_over_inputs
+    from ccm.io.stack import CalibrationStack
     from ccm.learn.classify import comparison_figure, evaluate_classifier
 
-    refuse_output_over_inputs(args.output, [args.data, *args.classifier])
+    refuse_output_over_inputs(args.output, [args.data, *args.classifier, *([args.known] if args.known else [])])
     classifiers = [load_classifier(c) for c in args.classifier]
     needs_bundle = any(c.input_kind == "reconstructed" for c in classifiers)
     if needs_bundle and args.bundle is None:
         raise UsageError("a classifier of reconstructions needs --bundle (the bundle it was trained with)")
     bundle = load_bundle(args.bundle) if needs_bundle else None
+    with CalibrationStack(args.data) as stack:
+        class_names = stack.class_names
+    if class_names is not None and any(c.class_names != class_names for c in classifiers):
+        _classify_unseen(args, classifiers, bundle)
+        return
     reports = [evaluate_classifier(c, args.data, bundle if c.input_kind == "reconstructed" else None,
                                    examples=4 if args.figure else 0) for c in classifiers]
     if args.figure:
@@ -600,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="device YAML file, or the name of a shipped device (default: cannula-220um; see `ccm devices`)")
     p.add_argument("--scenes", nargs="+", default=None, metavar="CLASS",
-                   help="scene classes, mixed uniformly: neurons, beads, digits (default: neurons)")
+                   help="scene classes, mixed uniformly: neurons, beads, nuclei, tissue, points, patterns, vessels, "
+                        "digits, mnist, mnist-test, letters, letters-test, greek (default: neurons)")
     p.add_argument("--scene-files", nargs="+", type=Path, default=[], metavar="FILE",
                    help="images or TIFF stacks (Z planes must match --planes) as scenes; alone unless --scenes names classes too")
     p.add_argument("--n", type=int, default=None, help="number of pairs (default: 1000)")
@@ -828,8 +858,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the classifier sees: raw frames, the --bundle's reconstructions, or the true images")
     q.add_argument("--bundle", help="reconstruction bundle (.safetensors or a shipped name), for --input reconstructed")
     q.add_argument("-o", "--output", type=Path, required=True, help="classifier to write (.safetensors)")
-    q.add_argument("--arch", choices=["mlp", "cnn"], help="network: a one-hidden-layer MLP on the whole frame, or a small "
-                                                         "CNN (default: mlp for --input raw, cnn for images)")
+    q.add_argument("--arch", choices=["inverse-cnn", "mlp", "cnn"],
+                   help="network: a small CNN on images; for raw frames, a fixed dense layer to an image (a ridge "
+                        "inverse fitted on the stack's pairs) then the CNN, or a one-hidden-layer MLP on the whole frame "
+                        "(default: inverse-cnn for --input raw, cnn for images)")
     q.add_argument("--epochs", type=int, default=12, help="passes over the training pairs (default: 12)")
     q.add_argument("--batch-size", type=int, default=64, help="pairs per step (default: 64)")
     q.add_argument("--seed", type=int, default=0, help="split and initialisation seed (default: 0)")
@@ -844,6 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", type=Path, default=Path("classification.json"),
                    help="report JSON: accuracy, confusion, per-class recall, ECE, ms/frame (default: classification.json)")
     q.add_argument("--figure", type=Path, help="also write a PNG: confusion matrices and examples with predicted labels")
+    q.add_argument("--known", type=Path, help="when --data holds classes the classifiers never learned: a held-out stack "
+                                               "of their own classes, to report the share of unseen frames that the "
+                                               "confidence threshold keeping 95 %% of known frames rejects")
     q.set_defaults(func=_cmd_classify_evaluate)
 
     p = sub.add_parser("consistency", help="fit a bundle's forward-consistency model (the per-frame trust score) from a calibration stack",

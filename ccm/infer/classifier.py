@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -46,12 +46,15 @@ class ClassifierConfig(BaseModel):
     """``cnn``: (3×3 conv, batch norm, ReLU, 2×2 max-pool) per width but the last, then average pooling
     to ``pooled`` and one linear layer — for images. ``mlp``: one hidden layer of ``hidden`` units on the
     whole frame — for raw frames, whose information is spread over the sensor (a window or cannula
-    scrambles the scene globally, which local convolutions learn slowly). Input (N, in_channels,
-    *in_shape), output (N, n_classes) logits."""
+    scrambles the scene globally, which local convolutions learn slowly). ``inverse-cnn``: for raw
+    frames, one fixed dense linear layer from the frame to an ``image_shape`` image (a ridge inverse that
+    training fits on the training pairs' true images; left free, it overfits: validation accuracy 0.90–0.92
+    instead of 0.97 on the window's MNIST set), then the ``cnn``.
+    Input (N, in_channels, *in_shape), output (N, n_classes) logits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["cnn", "mlp"] = "cnn"
+    kind: Literal["cnn", "mlp", "inverse-cnn"] = "cnn"
     hidden: int = Field(default=512, ge=8, le=8192)
     """Hidden units (``mlp``)."""
 
@@ -61,6 +64,18 @@ class ClassifierConfig(BaseModel):
     widths: tuple[int, ...] = Field(default=(16, 32, 64), min_length=1, max_length=5)
     pooled: tuple[int, int] = (4, 4)
     dropout: float = Field(default=0.2, ge=0, lt=1)
+    image_shape: tuple[int, int] | None = None
+    """(h, w) of the image the ``inverse-cnn``'s linear layer makes (the device's target grid)."""
+    inverse_rank: int = Field(default=128, ge=1, le=4096)
+    """Rank of the ``inverse-cnn``'s linear layer, stored as two factors: at full rank the window's 3,072 → 1,024
+    map is 12.6 MB that every frame reads (~0.3–0.8 ms at batch 1); rank 128 keeps 95 % of its energy, the
+    same held-out accuracy (0.957 vs 0.957 on the window's MNIST test) and costs 0.05 ms."""
+
+    @model_validator(mode="after")
+    def _inverse_has_an_image(self) -> ClassifierConfig:
+        if (self.kind == "inverse-cnn") != (self.image_shape is not None):
+            raise ValueError("image_shape is set for kind 'inverse-cnn', and only for it")
+        return self
 
 
 class ClassifierNet(nn.Module):
@@ -71,8 +86,15 @@ class ClassifierNet(nn.Module):
             self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(config.in_channels * math.prod(config.in_shape), config.hidden),
                                       nn.ReLU(inplace=True), nn.Dropout(config.dropout), nn.Linear(config.hidden, config.n_classes))
             return
-        layers: list[nn.Module] = []
+        self.inverse: nn.Sequential | None = None
         channels = config.in_channels
+        if config.image_shape is not None:
+            rank = min(config.inverse_rank, config.in_channels * math.prod(config.in_shape), math.prod(config.image_shape))
+            self.inverse = nn.Sequential(nn.Linear(config.in_channels * math.prod(config.in_shape), rank, bias=False),
+                                         nn.Linear(rank, math.prod(config.image_shape)))
+            self.inverse.requires_grad_(False)
+            self.image_shape, channels = config.image_shape, 1
+        layers: list[nn.Module] = []
         for i, width in enumerate(config.widths):
             layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             if i < len(config.widths) - 1:
@@ -83,7 +105,11 @@ class ClassifierNet(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(channels * math.prod(config.pooled), config.n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x) if self.kind == "mlp" else self.head(self.pool(self.features(x)))
+        if self.kind == "mlp":
+            return self.head(x)
+        if self.inverse is not None:
+            x = self.inverse(x.flatten(1)).unflatten(1, (1, *self.image_shape))
+        return self.head(self.pool(self.features(x)))
 
 
 def standardise(x: np.ndarray) -> np.ndarray:

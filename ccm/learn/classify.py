@@ -54,6 +54,27 @@ def stack_inputs(stack: CalibrationStack, input_kind: str, bundle=None, indices:
     return np.concatenate(parts)
 
 
+def ridge_inverse(x: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray,
+                  alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> tuple[np.ndarray, np.ndarray, float]:
+    """The linear map from prepared raw frames ``x`` (N, ...) to true images ``y`` (N, ...) that a ridge
+    regression fits on pairs ``train``, its regularisation λ = alpha · mean eigenvalue of the frames' covariance
+    chosen by the squared error on pairs ``val``: (weight (Y, X) float32, bias (Y,) float32, alpha) — the
+    ``inverse-cnn`` classifier's fixed first layer (:class:`ccm.infer.classifier.ClassifierConfig`)."""
+    flat_x, flat_y = x.reshape(len(x), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+    x_mean, y_mean = flat_x[train].mean(axis=0), flat_y[train].mean(axis=0)
+    centred = flat_x[train] - x_mean
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    projected = eigenvectors.T @ (centred.T @ (flat_y[train] - y_mean))
+    best = (np.inf, None, 0.0)
+    for alpha in alphas:
+        weight = eigenvectors @ (projected / (eigenvalues + alpha * eigenvalues.mean())[:, None])
+        error = float((((flat_x[val] - x_mean) @ weight + y_mean - flat_y[val]) ** 2).mean())
+        if error < best[0]:
+            best = (error, weight, alpha)
+    _, weight, alpha = best
+    return weight.T.astype(np.float32), (y_mean - x_mean @ weight).astype(np.float32), alpha
+
+
 def _labelled(stack: CalibrationStack) -> tuple[np.ndarray, list[str]]:
     if stack.labels is None:
         raise StackError(f"{stack.path}: no labels; simulate it from a labelled scene class "
@@ -114,7 +135,9 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
 
     ``arch`` (default: ``mlp`` for raw frames, ``cnn`` for images, see :class:`ClassifierConfig`); ``lr``
     (default: 1e-3 for ``mlp``, 3e-3 for ``cnn``) is the peak of a one-cycle schedule."""
-    arch = arch or ("mlp" if input_kind == "raw" else "cnn")
+    arch = arch or ("inverse-cnn" if input_kind == "raw" else "cnn")
+    if arch == "inverse-cnn" and input_kind != "raw":
+        raise UsageError(f"--arch inverse-cnn learns from raw frames; for --input {input_kind} use cnn")
     lr = lr if lr is not None else (1e-3 if arch == "mlp" else 3e-3)
     data, output = Path(data), Path(output)
     work = Path(work) if work is not None else output.with_name(output.name.removesuffix(".safetensors") + ".training")
@@ -126,13 +149,17 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
         if len(keep) < 20:
             raise StackError(f"{data}: {len(keep)} labelled pairs; a classifier needs at least 20")
         inputs = stack_inputs(stack, input_kind, bundle, keep)
+        truth = stack_inputs(stack, "truth", None, keep) if arch == "inverse-cnn" else None
         device, dark, provenance = stack.device, stack.dark, stack.provenance
+    if truth is not None and truth.shape[1] != 1:
+        raise UsageError(f"--arch inverse-cnn maps a frame to one image; {data} has {truth.shape[1]} planes (use --arch mlp)")
     labels = labels[keep]
     split = split_indices(len(keep), SplitConfig(val_fraction=0.1, test_fraction=0.0, seed=seed, max_val=2000))
     in_shape = tuple(device.sensor.shape) if input_kind == "raw" else tuple(inputs.shape[2:])
     config = ClassifierConfig(in_channels=1 if input_kind == "raw" else inputs.shape[1], in_shape=in_shape,
                               n_classes=len(class_names), widths=widths, pooled=pooled, kind=arch, hidden=hidden,
-                              dropout=0.3 if arch == "mlp" else 0.2)
+                              dropout=0.3 if arch == "mlp" else 0.2,
+                              image_shape=tuple(truth.shape[2:]) if truth is not None else None)
     classifier = Classifier(name=f"{device.name}-{input_kind}", input_kind=input_kind, config=config, state={},
                             class_names=list(class_names), device=device, sample_input=np.zeros(1), sample_probs=np.zeros(1),
                             dark=dark if input_kind == "raw" else None,
@@ -145,6 +172,17 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
     val_set = TensorDataset(x[split["val"]], y[split["val"]])
     steps = epochs * max(1, len(train_set) // batch_size)
     net = ClassifierNet(config)
+    ridge_alpha = None
+    if net.inverse is not None:
+        weight, bias, ridge_alpha = ridge_inverse(x.numpy(), truth, split["train"], split["val"])
+        log(f"inverse-cnn: ridge inverse fitted on the training pairs (alpha {ridge_alpha:g}), the fixed first layer "
+                f"(rank {config.inverse_rank})")
+        rank = net.inverse[0].out_features
+        u, singular, vt = np.linalg.svd(weight, full_matrices=False)
+        with torch.no_grad():
+            net.inverse[0].weight.copy_(torch.from_numpy(vt[:rank]))
+            net.inverse[1].weight.copy_(torch.from_numpy(u[:, :rank] * singular[:rank]))
+            net.inverse[1].bias.copy_(torch.from_numpy(bias))
     module = ClassifierModule(net, lr, steps, weight_decay=1e-2 if arch == "mlp" else 1e-4)
     keep_best = _KeepBest()
     from pytorch_lightning.loggers import CSVLogger
@@ -166,7 +204,7 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
 
     classifier.training = {"data": {"file": data.name, "sha256": file_sha256(data), "pairs": int(len(keep)), "provenance": provenance},
                            "epochs": epochs, "steps": int(trainer.global_step), "batch_size": batch_size, "lr": lr, "seed": seed,
-                           "weight_decay": module.weight_decay,
+                           "weight_decay": module.weight_decay, "ridge_alpha": ridge_alpha,
                            "split": {"val": split["val"].tolist()}, "best_val_loss": keep_best.best,
                            "seconds": round(time.perf_counter() - started, 1), "versions": versions()}
     classifier.save(output)
@@ -229,6 +267,7 @@ def evaluate_classifier(classifier: Classifier, data: Path, bundle=None, example
               "accuracy": round(float((predicted == labels).mean()), 4),
               "ece": round(expected_calibration_error(probs, labels), 4),
               "mean_confidence": round(float(probs.max(axis=1).mean()), 4),
+              "confidence_p05": round(float(np.percentile(probs.max(axis=1), 5)), 4),
               "per_class_recall": {c: round(float(r), 4) for c, r in zip(class_names, recall)},
               "confusion": confusion.tolist(), "class_names": class_names,
               "ms_per_frame_cpu_1_thread": round(median_ms, 3), "ms_per_frame_cpu_1_thread_p10": round(p10_ms, 3)}
@@ -239,6 +278,37 @@ def evaluate_classifier(classifier: Classifier, data: Path, bundle=None, example
         report["examples"] = [{"pair": int(keep[i]), "label": int(labels[i]), "predicted": int(predicted[i]),
                                "confidence": round(float(probs[i].max()), 3)} for i in pick]
         report["_images"] = standardise(inputs[pick] if classifier.input_kind == "raw" else inputs[pick][:, 0])
+    return report
+
+
+def evaluate_unseen(classifier: Classifier, data: Path, bundle=None, known: dict | None = None) -> dict:
+    """What a classifier says about scenes of classes it never learned: ``data`` is a stack labelled with
+    another class set (letters before a digit classifier). A closed-set classifier names one of its classes
+    for every frame; the report gives how confident it is (mean, the share at ≥ 0.9) and which of its classes
+    it names. With ``known`` (:func:`evaluate_classifier`'s report on held-out frames of its own classes):
+    the share of unseen frames rejected by the confidence threshold that keeps 95 % of the known ones."""
+    data = Path(data)
+    with CalibrationStack(data) as stack:
+        labels, class_names = _labelled(stack)
+        classifier.check_device(stack.device, str(data))
+        classifier.check_bundle(bundle)
+        keep = np.flatnonzero(labels >= 0)
+        inputs = stack_inputs(stack, classifier.input_kind, bundle, keep)
+        provenance = stack.provenance
+    confidence = classifier.probabilities(inputs).max(axis=1)
+    predicted = classifier.predict(inputs)[0]
+    report = {"classifier": str(classifier.label), "input": classifier.input_kind, "data": data.name, "pairs": int(len(keep)),
+              "scenes": provenance.get("scenes"), "photons": provenance.get("photons", 1.0), "unseen_classes": class_names,
+              "mean_confidence": round(float(confidence.mean()), 4),
+              "confident_share": round(float((confidence >= 0.9).mean()), 4),
+              "predicted_share": {c: round(float((predicted == i).mean()), 4) for i, c in enumerate(classifier.class_names)}}
+    if known is not None:
+        threshold = known["confidence_p05"]
+        report["known"] = {"data": known["data"], "confidence_p05": threshold, "accuracy": known["accuracy"],
+                           "mean_confidence": known["mean_confidence"]}
+        report["rejected_share_at_known_p05"] = round(float((confidence < threshold).mean()), 4)
+    if classifier.bundle:
+        report["bundle"] = classifier.bundle
     return report
 
 

@@ -18,9 +18,11 @@ Scene classes:
   the see-through window's display;
 - ``mnist`` / ``mnist-test`` — real 28×28 handwritten MNIST digits (``datasets/mnist-5k.npz``): 4,000
   for training and 1,000 other ones held out for testing (every fifth of the file);
+- ``letters`` / ``letters-test`` — real handwritten Latin letters a–z (Omniglot, ``datasets/omniglot-letters.npz``):
+  390 by 15 writers for training, 130 by 5 other writers held out; ``greek`` — 480 Greek letters α–ω, another script;
 - ``files``   — any user image or TIFF stack (:class:`ImageScenes`).
 
-Labelled classes (digits, mnist) also have ``labelled(device, n_planes, rng) -> (volume, label)``
+Labelled classes (digits, mnist, letters, greek) also have ``labelled(device, n_planes, rng) -> (volume, label)``
 and ``class_names``; calling them draws the same scene without the label.
 """
 
@@ -255,43 +257,50 @@ def vessels(device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.
 
 
 DIGIT_CLASSES: tuple[str, ...] = tuple("0123456789")
+LATIN_CLASSES: tuple[str, ...] = tuple("abcdefghijklmnopqrstuvwxyz")
+GREEK_CLASSES: tuple[str, ...] = tuple("αβγδεζηθικλμνξοπρστυφχψω")
+HELD_OUT_DRAWERS = 16
+"""Omniglot drawers 16–20 (of 1–20) are the letters' held-out writers (``letters-test``)."""
 
 
-@lru_cache(maxsize=2)
-def _shipped_digits(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of a shipped digit set in ``datasets/``."""
+@lru_cache(maxsize=4)
+def _shipped_handwriting(name: str) -> dict[str, np.ndarray]:
+    """The arrays of a shipped handwriting set in ``datasets/`` (``images``, ``labels`` and, for Omniglot,
+    ``script`` and ``drawer``)."""
     with np.load(shipped_path("datasets", name)) as data:
-        return data["images"], data["labels"].astype(np.int64)
+        return {key: data[key] for key in data.files}
 
 
-def _uci_digits() -> np.ndarray:
-    return _shipped_digits("uci-digits-8x8.npz")[0]
+class Handwriting:
+    """Real handwritten glyphs from a shipped set, shown at ``fill`` of the grid at a random offset and a
+    brightness of 0.6–1.0, labelled with ``class_names``.
 
+    ``script`` keeps one script of a multi-script file (Omniglot: 0 Latin, 1 Greek). ``part`` selects the
+    glyphs: ``"all"``, ``"train"`` or ``"test"`` — disjoint, so a test stack holds glyphs no training stack
+    has shown. Files with writers (``drawer``) hold out whole writers (drawers ≥ ``HELD_OUT_DRAWERS``); the
+    others every fifth glyph."""
 
-class HandwrittenDigits:
-    """Real handwritten digits from a shipped set, shown at ``fill`` of the grid at a random offset and a
-    brightness of 0.6–1.0; ``part`` selects which digits of the file (``"all"``, ``"train"``: four in five,
-    ``"test"``: every fifth — disjoint, so a test stack holds digits no training stack has shown)."""
-
-    class_names = DIGIT_CLASSES
-
-    def __init__(self, file: str, max_value: float, fill: float, interpolation: int, part: str = "all"):
-        self.file, self.max_value, self.fill, self.interpolation, self.part = file, max_value, fill, interpolation, part
+    def __init__(self, file: str, max_value: float, fill: float, interpolation: int, class_names: tuple[str, ...],
+                 part: str = "all", script: int | None = None):
+        self.file, self.max_value, self.fill, self.interpolation = file, max_value, fill, interpolation
+        self.class_names, self.part, self.script = class_names, part, script
 
     def _pool(self) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = _shipped_digits(self.file)
-        if self.part == "all":
-            return images, labels
-        keep = (np.arange(len(images)) % 5 == 0) == (self.part == "test")
+        data = _shipped_handwriting(self.file)
+        images, labels = data["images"], data["labels"].astype(np.int64)
+        keep = np.ones(len(images), bool) if self.script is None else data["script"] == self.script
+        if self.part != "all":
+            held_out = data["drawer"] >= HELD_OUT_DRAWERS if "drawer" in data else np.arange(len(images)) % 5 == 0
+            keep &= held_out == (self.part == "test")
         return images[keep], labels[keep]
 
     def labelled(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         h, w = device.target.shape
         images, labels = self._pool()
         k = rng.integers(len(images))
-        digit = images[k].astype(np.float32) / self.max_value
+        glyph = images[k].astype(np.float32) / self.max_value
         size = int(round(self.fill * min(h, w)))
-        big = cv2.resize(digit, (size, size), interpolation=self.interpolation).clip(0, 1)
+        big = cv2.resize(glyph, (size, size), interpolation=self.interpolation).clip(0, 1)
         volume = np.zeros((n_planes, h, w), np.float32)
         y0 = rng.integers(0, h - size + 1)
         x0 = rng.integers(0, w - size + 1)
@@ -302,12 +311,18 @@ class HandwrittenDigits:
         return self.labelled(device, n_planes, rng)[0]
 
 
-digits = HandwrittenDigits("uci-digits-8x8.npz", 16.0, 0.7, cv2.INTER_CUBIC)
+digits = Handwriting("uci-digits-8x8.npz", 16.0, 0.7, cv2.INTER_CUBIC, DIGIT_CLASSES)
 """A real handwritten digit (UCI optical digits, 8×8, 0..16), upscaled to ~70 % of the grid at a random offset."""
-mnist = HandwrittenDigits("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, part="train")
+mnist = Handwriting("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, DIGIT_CLASSES, part="train")
 """A real 28×28 MNIST digit of the training pool (its 28×28 box at ~90 % of the grid: strokes span ~65 %)."""
-mnist_test = HandwrittenDigits("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, part="test")
+mnist_test = Handwriting("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, DIGIT_CLASSES, part="test")
 """A held-out MNIST digit (never in a ``mnist`` stack)."""
+letters = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR, LATIN_CLASSES, part="train", script=0)
+"""A real handwritten Latin letter a–z (Omniglot, drawers 1–15), drawn like an MNIST digit."""
+letters_test = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR, LATIN_CLASSES, part="test", script=0)
+"""A Latin letter by one of the five held-out writers (drawers 16–20; never in a ``letters`` stack)."""
+greek = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR, GREEK_CLASSES, script=1)
+"""A real handwritten Greek letter α–ω (Omniglot, all 20 drawers): another script."""
 
 
 def draw_labelled(source, device: CannulaDevice | WindowDevice, n_planes: int,
@@ -332,6 +347,7 @@ def _finish(drawn_volume: np.ndarray, device: CannulaDevice | WindowDevice, sigm
 GENERATORS: dict[str, Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]] = {
     "beads": beads, "neurons": neurons, "nuclei": nuclei, "tissue": tissue, "points": points, "patterns": patterns,
     "vessels": vessels, "digits": digits, "mnist": mnist, "mnist-test": mnist_test,
+    "letters": letters, "letters-test": letters_test, "greek": greek,
 }
 
 
