@@ -136,6 +136,17 @@ def test_raw_classifier_starts_from_the_ridge_inverse(labelled):
     assert np.abs(stored - weight).max() < 1e-3 * np.abs(weight).max()
 
 
+def test_raw_default_is_mlp_where_a_dense_inverse_does_not_fit(labelled, tmp_path, monkeypatch):
+    from ccm.learn import classify
+
+    folder, _ = labelled
+    monkeypatch.setattr(classify, "INVERSE_MAX_WEIGHTS", 1000)  # the tiny window's 192 × 256 no longer fits
+    quiet = {"progress": False, "log": lambda *a: None, "epochs": 1}
+    assert classify.train_classifier(folder / "train.h5", "raw", tmp_path / "m.safetensors", **quiet).config.kind == "mlp"
+    with pytest.raises(UsageError, match="use --arch mlp"):
+        classify.train_classifier(folder / "train.h5", "raw", tmp_path / "i.safetensors", arch="inverse-cnn", **quiet)
+
+
 def test_digit_classifiers_on_letters_they_never_saw(labelled, tmp_path, capsys):
     from ccm.cli.main import main
     from ccm.physics.simulate import simulate_stack
@@ -154,6 +165,20 @@ def test_digit_classifiers_on_letters_they_never_saw(labelled, tmp_path, capsys)
     # letters are less familiar than held-out digits: more of them fall below the digits' 5th percentile
     assert reports[0]["rejected_share_at_known_p05"] > 0.05, reports[0]
     assert "never learned" in capsys.readouterr().out
+    # a letters classifier beside the digit ones: refused, naming the one that knows none of the classes
+    assert main(["classify", "train", "--data", str(tmp_path / "letters.h5"), "--input", "truth", "--epochs", "1",
+                 "-o", str(tmp_path / "letters.safetensors"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["classify", "evaluate", "--classifier", str(tmp_path / "letters.safetensors"), str(folder / "truth.safetensors"),
+                 "--data", str(tmp_path / "letters.h5"), "-o", str(report)]) == 2
+    assert "truth.safetensors" in capsys.readouterr().err
+    # --known of the wrong classes names the option; --known beside a stack of the classifier's own classes is noted
+    assert main(["classify", "evaluate", "--classifier", str(folder / "truth.safetensors"), "--data", str(tmp_path / "letters.h5"),
+                 "--known", str(tmp_path / "letters.h5"), "-o", str(report)]) == 2
+    assert "--known" in capsys.readouterr().err
+    assert main(["classify", "evaluate", "--classifier", str(folder / "truth.safetensors"), "--data", str(folder / "test.h5"),
+                 "--known", str(folder / "test.h5"), "-o", str(report)]) == 0
+    assert "--known is used only" in capsys.readouterr().err
 
 
 def test_expected_calibration_error():

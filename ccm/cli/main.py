@@ -201,16 +201,21 @@ def _cmd_classify_train(args: argparse.Namespace) -> None:
 
 def _classify_unseen(args: argparse.Namespace, classifiers: list, bundle) -> None:
     """``ccm classify evaluate`` on a stack labelled with classes the classifiers never learned."""
+    from ccm.errors import StackError
     from ccm.learn.classify import evaluate_classifier, evaluate_unseen
 
     if any(set(c.class_names) != set(classifiers[0].class_names) for c in classifiers):
-        raise UsageError("on a stack of other classes, compare classifiers of the same class set")
+        raise UsageError("on a stack of classes the classifiers never learned, compare classifiers of one class set; given: "
+                         + "; ".join(f"{c.label} knows {c.class_names}" for c in classifiers))
     if args.figure:
         print("ccm classify: note: no figure for classes the classifiers never learned (no confusion matrix)", file=sys.stderr)
     reports = []
     for c in classifiers:
         own = bundle if c.input_kind == "reconstructed" else None
-        known = evaluate_classifier(c, args.known, own) if args.known else None
+        try:
+            known = evaluate_classifier(c, args.known, own) if args.known else None
+        except StackError as error:
+            raise UsageError(f"--known {args.known}: {error}") from error
         report = evaluate_unseen(c, args.data, own, known)
         reports.append(report)
         rejected = (f", {report['rejected_share_at_known_p05']:.1%} rejected at the confidence that keeps 95 % of "
@@ -237,9 +242,16 @@ def _cmd_classify_evaluate(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle) if needs_bundle else None
     with CalibrationStack(args.data) as stack:
         class_names = stack.class_names
-    if class_names is not None and any(c.class_names != class_names for c in classifiers):
+    unseen = [class_names is not None and not set(c.class_names) & set(class_names) for c in classifiers]
+    if all(unseen):
         _classify_unseen(args, classifiers, bundle)
         return
+    if any(unseen):
+        raise UsageError(f"{args.data} is labelled with {class_names}: some classifiers learned none of these classes ("
+                         + ", ".join(str(c.label) for c, u in zip(classifiers, unseen) if u) + "); score them in a separate run")
+    if args.known:
+        print(f"ccm classify: note: --known is used only when --data holds classes the classifiers never learned; "
+              f"{args.data} holds theirs", file=sys.stderr)
     reports = [evaluate_classifier(c, args.data, bundle if c.input_kind == "reconstructed" else None,
                                    examples=4 if args.figure else 0) for c in classifiers]
     if args.figure:
@@ -869,14 +881,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workdir", type=Path, help="logs (default: OUTPUT without .safetensors + .training/)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_classify_train)
-    q = classify.add_parser("evaluate", help="score classifiers on a held-out labelled stack → JSON (+ PNG)")
+    q = classify.add_parser("evaluate", help="score classifiers on a held-out labelled stack → JSON (+ PNG)",
+                            description="Score classifiers side by side on a held-out labelled stack: accuracy, confusion, "
+                                        "per-class recall, ECE and CPU time per frame. On a stack of classes the classifiers "
+                                        "never learned (letters before a digit classifier) the report says instead what they "
+                                        "claim: mean confidence, the share named at >= 0.9 and, with --known, the share a "
+                                        "confidence threshold keeping 95 % of known frames rejects.")
     q.add_argument("--classifier", type=Path, nargs="+", required=True, help="classifier file(s), scored side by side")
     q.add_argument("--data", type=Path, required=True, help="held-out labelled calibration stack (.h5)")
     q.add_argument("--bundle", help="the reconstruction bundle, for classifiers of reconstructions")
     q.add_argument("-o", "--output", type=Path, default=Path("classification.json"),
                    help="report JSON: accuracy, confusion, per-class recall, ECE, ms/frame (default: classification.json)")
     q.add_argument("--figure", type=Path, help="also write a PNG: confusion matrices and examples with predicted labels")
-    q.add_argument("--known", type=Path, help="when --data holds classes the classifiers never learned: a held-out stack "
+    q.add_argument("--known", type=Path, metavar="STACK", help="when --data holds classes the classifiers never learned: a held-out stack "
                                                "of their own classes, to report the share of unseen frames that the "
                                                "confidence threshold keeping 95 %% of known frames rejects")
     q.set_defaults(func=_cmd_classify_evaluate)

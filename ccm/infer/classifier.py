@@ -10,6 +10,9 @@ input, ``preprocess.dark`` (H, W). Metadata (JSON strings): ``format``, ``format
 input), ``bundle`` (name and digest of the reconstruction bundle; enforced for reconstructed
 input), ``training`` and ``metrics``.
 
+Networks (:class:`ClassifierConfig`): a small CNN for images; for raw frames, ``inverse-cnn`` (a fixed
+ridge inverse, frame → image, fitted on the training pairs, then the CNN) or a one-hidden-layer ``mlp``.
+
 Input preparation (:meth:`Classifier.prepare`, the one implementation for training and inference):
 raw frames minus the stored dark frame, volumes as they are; then each frame is standardised (zero
 mean, unit standard deviation), so a dimmer scene or a shorter exposure changes the noise, not the scale.
@@ -74,7 +77,8 @@ class ClassifierConfig(BaseModel):
     @model_validator(mode="after")
     def _inverse_has_an_image(self) -> ClassifierConfig:
         if (self.kind == "inverse-cnn") != (self.image_shape is not None):
-            raise ValueError("image_shape is set for kind 'inverse-cnn', and only for it")
+            raise ValueError(f"kind {self.kind!r} with image_shape {self.image_shape}: kind 'inverse-cnn' needs the image "
+                             "shape its linear layer makes, and the other kinds take none")
         return self
 
 
@@ -82,11 +86,11 @@ class ClassifierNet(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.kind = config.kind
+        self.inverse: nn.Sequential | None = None
         if config.kind == "mlp":
             self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(config.in_channels * math.prod(config.in_shape), config.hidden),
                                       nn.ReLU(inplace=True), nn.Dropout(config.dropout), nn.Linear(config.hidden, config.n_classes))
             return
-        self.inverse: nn.Sequential | None = None
         channels = config.in_channels
         if config.image_shape is not None:
             rank = min(config.inverse_rank, config.in_channels * math.prod(config.in_shape), math.prod(config.image_shape))

@@ -11,6 +11,7 @@ CPU time per frame.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from ccm.learn.data import SplitConfig, split_indices
 from ccm.provenance import versions
 
 ECE_BINS = 15
+INVERSE_MAX_WEIGHTS = 16_000_000
+"""Largest frame pixels × image pixels for an ``inverse-cnn`` (the window: 3,072 × 1,024 = 3.1 M). A 256×256
+cannula frame to a 128×128 image would be 1.1·10⁹ weights and a 65,536² covariance to decompose."""
 
 
 def stack_inputs(stack: CalibrationStack, input_kind: str, bundle=None, indices: np.ndarray | None = None,
@@ -133,12 +137,12 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
                      log=print) -> Classifier:
     """Train a classifier on the labelled stack ``data`` from ``input_kind`` inputs and write it to ``output``.
 
-    ``arch`` (default: ``mlp`` for raw frames, ``cnn`` for images, see :class:`ClassifierConfig`); ``lr``
-    (default: 1e-3 for ``mlp``, 3e-3 for ``cnn``) is the peak of a one-cycle schedule."""
-    arch = arch or ("inverse-cnn" if input_kind == "raw" else "cnn")
+    ``arch`` (default: ``cnn`` for images; for raw frames ``inverse-cnn`` where it fits — one plane and at
+    most :data:`INVERSE_MAX_WEIGHTS` frame × image pixels, the see-through window — else ``mlp``; see
+    :class:`ClassifierConfig`); ``lr`` (default: 1e-3 for ``mlp``, 3e-3 for the others) is the peak of a
+    one-cycle schedule."""
     if arch == "inverse-cnn" and input_kind != "raw":
         raise UsageError(f"--arch inverse-cnn learns from raw frames; for --input {input_kind} use cnn")
-    lr = lr if lr is not None else (1e-3 if arch == "mlp" else 3e-3)
     data, output = Path(data), Path(output)
     work = Path(work) if work is not None else output.with_name(output.name.removesuffix(".safetensors") + ".training")
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -148,11 +152,16 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
         keep = np.flatnonzero(labels >= 0)
         if len(keep) < 20:
             raise StackError(f"{data}: {len(keep)} labelled pairs; a classifier needs at least 20")
+        planes, weights = stack.target.shape[1], math.prod(stack.device.sensor.shape) * math.prod(stack.device.target.shape)
+        fits = planes == 1 and weights <= INVERSE_MAX_WEIGHTS
+        if arch == "inverse-cnn" and not fits:
+            raise UsageError(f"--arch inverse-cnn maps a frame to one image through a dense {weights:,}-weight layer; {data} has "
+                             f"{planes} plane(s) and at most {INVERSE_MAX_WEIGHTS:,} weights fit — use --arch mlp")
+        arch = arch or ("cnn" if input_kind != "raw" else "inverse-cnn" if fits else "mlp")
         inputs = stack_inputs(stack, input_kind, bundle, keep)
         truth = stack_inputs(stack, "truth", None, keep) if arch == "inverse-cnn" else None
         device, dark, provenance = stack.device, stack.dark, stack.provenance
-    if truth is not None and truth.shape[1] != 1:
-        raise UsageError(f"--arch inverse-cnn maps a frame to one image; {data} has {truth.shape[1]} planes (use --arch mlp)")
+    lr = lr if lr is not None else (1e-3 if arch == "mlp" else 3e-3)
     labels = labels[keep]
     split = split_indices(len(keep), SplitConfig(val_fraction=0.1, test_fraction=0.0, seed=seed, max_val=2000))
     in_shape = tuple(device.sensor.shape) if input_kind == "raw" else tuple(inputs.shape[2:])
@@ -176,7 +185,7 @@ def train_classifier(data: Path, input_kind: str, output: Path, bundle=None, epo
     if net.inverse is not None:
         weight, bias, ridge_alpha = ridge_inverse(x.numpy(), truth, split["train"], split["val"])
         log(f"inverse-cnn: ridge inverse fitted on the training pairs (alpha {ridge_alpha:g}), the fixed first layer "
-                f"(rank {config.inverse_rank})")
+                f"(rank {net.inverse[0].out_features})")
         rank = net.inverse[0].out_features
         u, singular, vt = np.linalg.svd(weight, full_matrices=False)
         with torch.no_grad():
@@ -267,7 +276,7 @@ def evaluate_classifier(classifier: Classifier, data: Path, bundle=None, example
               "accuracy": round(float((predicted == labels).mean()), 4),
               "ece": round(expected_calibration_error(probs, labels), 4),
               "mean_confidence": round(float(probs.max(axis=1).mean()), 4),
-              "confidence_p05": round(float(np.percentile(probs.max(axis=1), 5)), 4),
+              "confidence_p05": float(np.percentile(probs.max(axis=1), 5)),
               "per_class_recall": {c: round(float(r), 4) for c, r in zip(class_names, recall)},
               "confusion": confusion.tolist(), "class_names": class_names,
               "ms_per_frame_cpu_1_thread": round(median_ms, 3), "ms_per_frame_cpu_1_thread_p10": round(p10_ms, 3)}
@@ -295,8 +304,8 @@ def evaluate_unseen(classifier: Classifier, data: Path, bundle=None, known: dict
         keep = np.flatnonzero(labels >= 0)
         inputs = stack_inputs(stack, classifier.input_kind, bundle, keep)
         provenance = stack.provenance
-    confidence = classifier.probabilities(inputs).max(axis=1)
-    predicted = classifier.predict(inputs)[0]
+    probs = classifier.probabilities(inputs)
+    confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
     report = {"classifier": str(classifier.label), "input": classifier.input_kind, "data": data.name, "pairs": int(len(keep)),
               "scenes": provenance.get("scenes"), "photons": provenance.get("photons", 1.0), "unseen_classes": class_names,
               "mean_confidence": round(float(confidence.mean()), 4),
