@@ -195,21 +195,23 @@ class OnnxBackend:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, np.float32)})[0]
 
 
-def limit_blas_threads(threads: int | None) -> None:
-    """Give NumPy's BLAS (the consistency score's products, :mod:`ccm.infer.linear_map`) the model's thread
-    count, process-wide: on the 2-core VM, live at 100 frames/s with BLAS on both cores had a latency p95
-    of 22 ms against 6.5 ms with one thread (OpenBLAS's threads spin between calls)."""
-    if threads:
-        from threadpoolctl import threadpool_limits
+def limit_blas_threads() -> None:
+    """Give NumPy's BLAS (the consistency score's products, :mod:`ccm.infer.linear_map`) one thread, process-wide.
 
-        threadpool_limits(threads, user_api="blas")
+    The score works one frame at a time on small products: on the 2-core VM one BLAS thread scores a
+    frame in the same wall time as two (1.0 vs 1.3 ms) for 2.5× less CPU (1.0 vs 2.6 ms), which the model
+    needs — and live at 100 frames/s with BLAS on both cores had a latency p95 of 22 ms against 6.5 ms with
+    one thread (OpenBLAS's threads spin between calls)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
 
 
 def make_backend(bundle: Bundle, options: InferenceOptions, onnx_path: str | os.PathLike | None = None,
                  calibration: np.ndarray | None = None) -> Backend:
     """The backend ``options`` names, ready to run ``bundle``; ``calibration``: (N, H, W) raw frames for
-    an int8 export that is not cached yet. Sets NumPy's BLAS threads to ``options.threads`` (:func:`limit_blas_threads`)."""
-    limit_blas_threads(options.threads)
+    an int8 export that is not cached yet. Sets NumPy's BLAS to one thread (:func:`limit_blas_threads`)."""
+    limit_blas_threads()
     if options.backend == "onnx":
         return OnnxBackend(bundle, options, onnx_path, calibration)
     if onnx_path is not None:

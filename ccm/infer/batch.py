@@ -189,8 +189,8 @@ def _confidence_spec(spec: OutputSpec, bundle: Bundle, distributed: bool) -> Out
 
 def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec | None, reconstructor: Reconstructor,
                         done_before: int, readers: int, progress: bool) -> float:
-    """Read ahead on ``readers`` threads, run the model here, write on a writer thread; returns seconds in the model.
-    ``maps``: the confidence maps' output, if asked for.
+    """Read ahead on ``readers`` threads, run the model here, score and write on a writer thread (the score
+    overlaps the next chunk's model); returns seconds in the model. ``maps``: the confidence maps' output, if asked for.
 
     An interruption (Ctrl-C, an error) closes the writer cleanly: what was written is durable and recorded,
     and a re-run resumes after it.
@@ -198,9 +198,10 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec 
     writers = [VolumeWriter(spec)] + ([VolumeWriter(maps)] if maps is not None else [])
 
     def write(item: tuple) -> None:
-        positions, volumes, scores, confidence = item
-        if confidence is not None:  # first: the reconstruction's progress record is the later of the two
-            writers[1].write(positions, confidence)
+        positions, x, volumes = item
+        scores = reconstructor.score(x, volumes)
+        if maps is not None:  # first: the reconstruction's progress record is the later of the two
+            writers[1].write(positions, reconstructor.confidence(x, volumes))
         writers[0].write(positions, volumes, scores)
 
     def sync() -> None:
@@ -226,9 +227,7 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec 
                 start = time.perf_counter()
                 volumes = reconstructor.run_preprocessed(x)
                 model_s += time.perf_counter() - start
-                scores = reconstructor.score(x, volumes)
-                confidence = reconstructor.confidence(x, volumes) if maps is not None else None
-                background.put((positions, volumes, scores, confidence))
+                background.put((positions, x, volumes))
                 if bar is not None:
                     bar.update(len(positions))
     except BaseException:
