@@ -212,3 +212,23 @@ def test_training_with_lightning_ddp_on_two_cpu_processes(tiny_stacks, tmp_path)
     assert main(["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 0
     bundle = load_bundle(out)
     assert bundle.training["recipe"]["trainer"]["strategy"] == "ddp_spawn"
+
+
+def test_ctrl_c_during_training_is_raised_between_batches_not_in_the_handler():
+    """SIGINT only records the stop; the KeyboardInterrupt comes at the next batch boundary (raised in the handler it
+    could land in a finaliser, where Python drops it and the training ran on); a second Ctrl-C interrupts at once."""
+    import os
+    import signal
+
+    from ccm.learn.training import _StopOnSigint
+
+    stop = _StopOnSigint()
+    before = signal.getsignal(signal.SIGINT)
+    with stop.handling_sigint():
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread: recorded, nothing raised
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.on_train_batch_end(None, None, None, None, 0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler right after this call
+    assert signal.getsignal(signal.SIGINT) == before

@@ -13,9 +13,12 @@ and at the end the bundle's own reconstruction of it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -315,7 +318,8 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
                                   example)
     datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
-    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False)]
+    stop = _StopOnSigint()
+    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False), stop]
     if progress:
         from pytorch_lightning.callbacks import TQDMProgressBar
 
@@ -332,7 +336,8 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
         log(f"resuming from {resume}")
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        with stop.handling_sigint():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown
         if trainer.interrupted:
             _restore_sigint()
@@ -370,10 +375,47 @@ def _check_checkpoint(path: Path) -> None:
         raise UsageError(f"{path}: not a Lightning checkpoint of ccm train (no state_dict); delete it, or pass --restart")
 
 
+class _StopOnSigint(pl.Callback):
+    """Ctrl-C (SIGINT; the napari Train widget's Stop) stops the training at the next batch boundary.
+
+    While :meth:`handling_sigint` is active the signal handler only records the request, and the
+    KeyboardInterrupt is raised here, on the main thread between batches, for Lightning's graceful shutdown.
+    Raised by the handler itself it can land inside a finaliser (a weakref callback), where Python prints
+    "Exception ignored" and drops it — the training then ran to its end and exited 0 (seen in CI). A second
+    Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def handling_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._request)
+        try:
+            yield
+        finally:
+            if signal.getsignal(signal.SIGINT) == self._request:
+                signal.signal(signal.SIGINT, previous)
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def _check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._check()
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._check()
+
+
 def _restore_sigint() -> None:
     """Lightning ignores SIGINT from the first Ctrl-C on; give the process its default handler back."""
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
