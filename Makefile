@@ -19,11 +19,15 @@ demo: $(STAMP)
 	$(VENV)/bin/ccm demo -o out/demo
 	@echo "Live in napari: $(VENV)/bin/ccm napari   (no display: runs headless, screenshot to out/napari/)"
 
+# napari's tests run in worker processes of their own: in a worker that had run many other tests first,
+# software OpenGL under Xvfb stopped painting the canvas (black screenshots, a missing GL context)
 test: lint
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --ignore-glob="tests/test_napari_*.py"
+	$(PY) -m pytest -n 2 tests/test_napari_*.py
 
 test-fast: lint
-	$(PY) -m pytest -n 2 -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow" --ignore-glob="tests/test_napari_*.py"
+	$(PY) -m pytest -n 2 -m "not slow" tests/test_napari_*.py
 
 # Style (ruff), the import contracts of the layout (import-linter, pyproject.toml) and types (mypy)
 lint: $(STAMP)
