@@ -46,7 +46,7 @@ from qtpy.QtWidgets import (
 )
 from superqt.utils import create_worker  # napari 0.9.2's wrapper breaks on a worker error (its status lambda)
 
-from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, replace_layer, scale_bar, shipped_devices
+from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, replace_layer, scale_bar, shipped_devices, show_in_place
 
 DISPLAY_HZ = 15
 """Redraws per second at most (pairs may come faster; the newest is shown)."""
@@ -428,8 +428,8 @@ class CalibrateWidget(QWidget):
             old_low, old_high = self.frame_layer.contrast_limits
             if low < old_low or high > old_high:
                 self.frame_layer.contrast_limits = (min(low, old_low), max(high, old_high))
-        self.frame_layer.data = raw
-        self.target_layer.data = target[0] if self.target_layer.ndim == 2 else target
+        show_in_place(self.frame_layer, raw)
+        show_in_place(self.target_layer, target[0] if self.target_layer.ndim == 2 else target)
         self._times.append((at, done))
         rate = self._rate()
         eta = f", ETA {_duration((n - done) / rate)}" if rate > 0 and done < n else ""

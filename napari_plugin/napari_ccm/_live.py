@@ -70,9 +70,12 @@ from napari_ccm._common import (
     scale_bar,
     shipped_bundles,
     shipped_devices,
+    show_in_place,
 )
 
 DISPLAY_HZ = 30
+THUMBNAIL_EVERY_S = 1.0
+"""How often the layer list's thumbnails of ``raw`` and ``reconstruction`` follow the frames (each costs ~1 ms)."""
 """Redraws per second at most (the camera may run faster; the newest result is shown)."""
 
 RESIDUAL_HZ = 4
@@ -122,6 +125,7 @@ class LiveWidget(QWidget):
         self.status_numbers: dict = {}
         self._alarms_notified = 0
         self._residual_at = 0.0
+        self._thumbnail_at = 0.0
         self._residual_index: int | None = None
         self.residual_layer = None
         self.unexplained_layer = None
@@ -565,8 +569,11 @@ class LiveWidget(QWidget):
             if self._shown_index is None:  # the first frame fixes the raw contrast (no flicker after it)
                 low, high = np.percentile(frame.image, [0.1, 99.9])
                 self.raw_layer.contrast_limits = (float(low), float(max(low + 1, low + 1.2 * (high - low))))
-            self.raw_layer.data = frame.image
-            self.recon_layer.data = volume[0] if self.recon_layer.ndim == 2 else volume
+            thumbnail = now - self._thumbnail_at >= THUMBNAIL_EVERY_S
+            if thumbnail:
+                self._thumbnail_at = now
+            show_in_place(self.raw_layer, frame.image, thumbnail)
+            show_in_place(self.recon_layer, volume[0] if self.recon_layer.ndim == 2 else volume, thumbnail)
             self._shown_index = frame.index
             self._draws.append(now)
         if pipeline.classifier is not None:
@@ -705,7 +712,7 @@ class LiveWidget(QWidget):
         if unexplained is not None and self.recon_layer is not None:
             self._show_unexplained(index, unexplained)
         if self.residual_layer is not None and self.residual_layer in self.viewer.layers:
-            self.residual_layer.data = residual
+            show_in_place(self.residual_layer, residual)
             return
         preprocessor = pipeline.reconstructor.preprocessor
         # where the network-input grid lies on the raw layer: crop origin, area-resize factor, pixel centres
@@ -727,7 +734,7 @@ class LiveWidget(QWidget):
         """The confidence map on the reconstruction's grid (same scale and placement as its layer)."""
         data = unexplained[0] if unexplained.shape[0] == 1 else unexplained
         if self.unexplained_layer is not None and self.unexplained_layer in self.viewer.layers:
-            self.unexplained_layer.data = data
+            show_in_place(self.unexplained_layer, data)
             return
         self.unexplained_layer = replace_layer(self.viewer, data, {
             "name": "unexplained brightness", "scale": tuple(self.recon_layer.scale)[-data.ndim:],
