@@ -76,6 +76,30 @@ def test_letters_are_real_omniglot_handwriting_split_by_writer(tiny_window):
     assert ink[:, 4:24, 4:24].sum() > 0.97 * ink.sum()
 
 
+def test_deformed_mnist_is_the_training_pool_distorted_with_its_label():
+    from ccm.physics.scenes import _distort, mnist, mnist_deformed
+
+    pool, labels = mnist._pool()
+    assert np.array_equal(mnist_deformed._pool()[0], pool) and len(pool) == 4000
+    glyph = pool[0].astype(np.float32) / 255
+    a, b = (_distort(glyph, np.random.default_rng(5)) for _ in range(2))
+    assert np.array_equal(a, b)  # seeded
+    c = _distort(glyph, np.random.default_rng(6))
+    assert a.shape == glyph.shape and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert np.abs(a - glyph).mean() > 0.02 and np.abs(a - c).mean() > 0.02  # really moved, differently per draw
+    assert 0.7 < a.sum() / glyph.sum() < 1.4  # the strokes survive: the ink stays about the same
+    # drawn as a scene, the label is the digit's own
+    rng = np.random.default_rng(1)
+    k = np.random.default_rng(1).integers(len(pool))
+    assert mnist_deformed.labelled(_window(), 1, rng)[1] == labels[k]
+
+
+def _window():
+    from ccm.devices import load_device
+
+    return load_device("window-see-through")
+
+
 def test_user_images_and_stacks(tmp_path, tiny_cannula):
     image = np.zeros((50, 60), np.uint16)
     image[20:30, 20:40] = 1000

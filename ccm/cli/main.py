@@ -642,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device YAML file, or the name of a shipped device (default: cannula-220um; see `ccm devices`)")
     p.add_argument("--scenes", nargs="+", default=None, metavar="CLASS",
                    help="scene classes, mixed uniformly: neurons, beads, nuclei, tissue, points, patterns, vessels, "
-                        "digits, mnist, mnist-test, letters, letters-test, greek (default: neurons)")
+                        "digits, mnist, mnist-deformed, mnist-test, letters, letters-test, greek (default: neurons)")
     p.add_argument("--scene-files", nargs="+", type=Path, default=[], metavar="FILE",
                    help="images or TIFF stacks (Z planes must match --planes) as scenes; alone unless --scenes names classes too")
     p.add_argument("--n", type=int, default=None, help="number of pairs (default: 1000)")

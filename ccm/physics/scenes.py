@@ -17,7 +17,8 @@ Scene classes:
 - ``digits``  — real handwritten digits (UCI optical digits, see ``datasets/README.md``), for
   the see-through window's display;
 - ``mnist`` / ``mnist-test`` — real 28×28 handwritten MNIST digits (``datasets/mnist-5k.npz``): 4,000
-  for training and 1,000 other ones held out for testing (every fifth of the file);
+  for training and 1,000 other ones held out for testing (every fifth of the file); ``mnist-deformed`` — a
+  training-pool digit under a random affine map and elastic distortion (training-set augmentation);
 - ``letters`` / ``letters-test`` — real handwritten Latin letters a–z (Omniglot, ``datasets/omniglot-letters.npz``):
   390 by 15 writers for training, 130 by 5 other writers held out; ``greek`` — 480 Greek letters α–ω, another script;
 - ``files``   — any user image or TIFF stack (:class:`ImageScenes`).
@@ -278,12 +279,16 @@ class Handwriting:
     ``script`` keeps one script of a multi-script file (Omniglot: 0 Latin, 1 Greek). ``part`` selects the
     glyphs: ``"all"``, ``"train"`` or ``"test"`` — disjoint, so a test stack holds glyphs no training stack
     has shown. Files with writers (``drawer``) hold out whole writers (drawers ≥ ``HELD_OUT_DRAWERS``); the
-    others every fifth glyph."""
+    others every fifth glyph.
+
+    ``deform`` draws each glyph through a random affine map (rotation ±12°, scale 0.9–1.1, shear ±0.2)
+    and an elastic distortion (a smoothed random displacement field, Simard et al. 2003) — more handwriting
+    from a small pool of writers; the label is unchanged."""
 
     def __init__(self, file: str, max_value: float, fill: float, interpolation: int, class_names: tuple[str, ...],
-                 part: str = "all", script: int | None = None):
+                 part: str = "all", script: int | None = None, deform: bool = False):
         self.file, self.max_value, self.fill, self.interpolation = file, max_value, fill, interpolation
-        self.class_names, self.part, self.script = class_names, part, script
+        self.class_names, self.part, self.script, self.deform = class_names, part, script, deform
 
     def _pool(self) -> tuple[np.ndarray, np.ndarray]:
         data = _shipped_handwriting(self.file)
@@ -299,6 +304,8 @@ class Handwriting:
         images, labels = self._pool()
         k = rng.integers(len(images))
         glyph = images[k].astype(np.float32) / self.max_value
+        if self.deform:
+            glyph = _distort(glyph, rng)
         size = int(round(self.fill * min(h, w)))
         big = cv2.resize(glyph, (size, size), interpolation=self.interpolation).clip(0, 1)
         volume = np.zeros((n_planes, h, w), np.float32)
@@ -315,6 +322,8 @@ digits = Handwriting("uci-digits-8x8.npz", 16.0, 0.7, cv2.INTER_CUBIC, DIGIT_CLA
 """A real handwritten digit (UCI optical digits, 8×8, 0..16), upscaled to ~70 % of the grid at a random offset."""
 mnist = Handwriting("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, DIGIT_CLASSES, part="train")
 """A real 28×28 MNIST digit of the training pool (its 28×28 box at ~90 % of the grid: strokes span ~65 %)."""
+mnist_deformed = Handwriting("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, DIGIT_CLASSES, part="train", deform=True)
+"""A training-pool MNIST digit, randomly rotated, scaled, sheared and elastically distorted."""
 mnist_test = Handwriting("mnist-5k.npz", 255.0, 0.9, cv2.INTER_LINEAR, DIGIT_CLASSES, part="test")
 """A held-out MNIST digit (never in a ``mnist`` stack)."""
 letters = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR, LATIN_CLASSES, part="train", script=0)
@@ -323,6 +332,22 @@ letters_test = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR,
 """A Latin letter by one of the five held-out writers (drawers 16–20; never in a ``letters`` stack)."""
 greek = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR, GREEK_CLASSES, script=1)
 """A real handwritten Greek letter α–ω (Omniglot, all 20 drawers): another script."""
+
+
+def _distort(glyph: np.ndarray, rng: np.random.Generator, alpha: float = 0.12, sigma: float = 0.15) -> np.ndarray:
+    """(n, n) float32 glyph → the same glyph under a random affine map about its centre and an elastic
+    displacement field (Gaussian-smoothed white noise, width ``sigma`` and amplitude ``alpha`` in units of
+    the glyph's side)."""
+    n = glyph.shape[0]
+    angle, scale, shear = rng.uniform(-12, 12), rng.uniform(0.9, 1.1), rng.uniform(-0.2, 0.2)
+    affine = cv2.getRotationMatrix2D((n / 2, n / 2), angle, scale)
+    affine[0, 1] += shear * affine[0, 0]
+    affine[0, 2] -= shear * n / 2
+    shifts = [cv2.GaussianBlur(rng.uniform(-1, 1, (n, n)).astype(np.float32), (0, 0), sigma * n) for _ in range(2)]
+    shifts = [d * (alpha * n / max(float(np.abs(d).max()), 1e-6)) for d in shifts]
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    warped = cv2.warpAffine(glyph, affine, (n, n), flags=cv2.INTER_LINEAR)
+    return cv2.remap(warped, xx + shifts[1], yy + shifts[0], cv2.INTER_LINEAR).clip(0, 1)
 
 
 def draw_labelled(source, device: CannulaDevice | WindowDevice, n_planes: int,
@@ -346,7 +371,8 @@ def _finish(drawn_volume: np.ndarray, device: CannulaDevice | WindowDevice, sigm
 
 GENERATORS: dict[str, Callable[[CannulaDevice | WindowDevice, int, np.random.Generator], np.ndarray]] = {
     "beads": beads, "neurons": neurons, "nuclei": nuclei, "tissue": tissue, "points": points, "patterns": patterns,
-    "vessels": vessels, "digits": digits, "mnist": mnist, "mnist-test": mnist_test,
+    "vessels": vessels, "digits": digits, "mnist": mnist, "mnist-deformed": mnist_deformed,
+    "mnist-test": mnist_test,
     "letters": letters, "letters-test": letters_test, "greek": greek,
 }
 
