@@ -250,6 +250,32 @@ def test_interrupted_run_resumes_where_it_stopped(tiny, inputs, tmp_path, monkey
     assert not list(tmp_path.glob(".*"))
 
 
+def test_onnx_threads_run_as_concurrent_calls_with_the_same_result_and_resume(tiny, inputs, tmp_path, monkeypatch):
+    """Two ONNX threads run as two one-thread model calls at once (``model_streams``): same volumes, in place,
+    and an interruption in one chunk keeps exactly the chunks before it."""
+    bundle = tiny[0]
+    spec, _, frames = inputs["multipage"]
+    options = InferenceOptions(backend="onnx", threads=2)
+    out = tmp_path / "streams.ome.tif"
+    original = Reconstructor.run_preprocessed
+    fourth_chunk = bundle.preprocessor()(frames[15:20])
+
+    def failing(self, x):
+        assert self.options.threads == 1
+        if np.array_equal(x, fourth_chunk):
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(Reconstructor, "run_preprocessed", failing)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_recording(spec, bundle, out, options, batch_size=5, num_workers=0, progress=False)
+    monkeypatch.setattr(Reconstructor, "run_preprocessed", original)
+    summary = reconstruct_recording(spec, bundle, out, options, batch_size=5, num_workers=0, progress=False)
+    assert summary["model_streams"] == 2 and summary["threads"] == 2
+    assert summary["resumed_with_done"] == 15 and summary["frames_done"] == len(frames) - 15
+    np.testing.assert_allclose(tifffile.imread(out), _reference(bundle, frames)[:, 0], atol=1e-4)
+
+
 def test_a_different_job_does_not_mix_into_a_partial_output(tiny, inputs, tmp_path, monkeypatch):
     bundle = tiny[0]
     out = tmp_path / "x.ome.tif"
