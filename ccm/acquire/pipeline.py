@@ -353,6 +353,11 @@ class LivePipeline:
 
     # --- consumers -------------------------------------------------------------------------------
 
+    @property
+    def backlog(self) -> int:
+        """Frames waiting in the ring for the model (0 when it keeps up) — cheap; displays yield to it."""
+        return len(self.ring)
+
     def latest(self) -> tuple[Frame, np.ndarray] | None:
         """The newest (frame, volume (D, h, w)) — cheap; for displays that redraw on a timer."""
         return self._latest

@@ -120,11 +120,9 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
     to_display: list[float] = []  # seconds from a frame's readout to the first draw showing it
     state: dict = {"running": None, "pending": None, "renderer": None, "result": None}
 
-    def on_data(_event=None) -> None:  # the widget put a new frame in the layers: the pipeline's newest
+    def on_shown(frame) -> None:  # the widget put a new frame in the layers
         updates.append(time.monotonic())
-        latest = widget.pipeline.latest() if widget.pipeline is not None else None
-        if latest is not None:
-            state["pending"] = latest[0].timestamp_s
+        state["pending"] = frame.timestamp_s
 
     def on_draw(_event=None) -> None:
         now = time.monotonic()
@@ -155,7 +153,7 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
             finish(widget.last_error)
         elif state["running"] is None and widget.running:
             state["running"] = now
-            widget.recon_layer.events.data.connect(on_data)
+            widget.frame_shown.connect(on_shown)
         elif state["running"] is None and now - clicked > START_TIMEOUT_S:
             finish(f"the Live widget did not start within {START_TIMEOUT_S:.0f} s")
         elif state["running"] is not None and now - state["running"] >= seconds:

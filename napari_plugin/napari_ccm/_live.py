@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -74,6 +74,11 @@ from napari_ccm._common import (
 )
 
 DISPLAY_HZ = 30
+YIELD_BACKLOG = 2
+YIELD_MAX_S = 0.25
+"""While more than ``YIELD_BACKLOG`` frames wait for the model, the display skips redraws, but never for
+longer than ``YIELD_MAX_S``: on a machine whose CPU also renders the canvas (software OpenGL), the redraws
+would otherwise take the model's time and the latency would grow."""
 THUMBNAIL_EVERY_S = 1.0
 """How often the layer list's thumbnails of ``raw`` and ``reconstruction`` follow the frames (each costs ~1 ms)."""
 """Redraws per second at most (the camera may run faster; the newest result is shown)."""
@@ -107,6 +112,10 @@ def existing_core():
 
 class LiveWidget(QWidget):
     """Acquire and reconstruct live. ``viewer``: the napari viewer (npe2 passes it)."""
+
+    frame_shown = Signal(object)
+    """Emitted with the :class:`ccm.acquire.source.Frame` whose raw image and reconstruction the layers now hold
+    (the layers are updated in place, so their ``data`` events do not fire)."""
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
@@ -564,7 +573,9 @@ class LiveWidget(QWidget):
             return
         latest = pipeline.latest()
         now = time.monotonic()
-        if latest is not None and latest[0].index != self._shown_index:
+        # the display yields to the pipeline: while frames wait for the model, skip redraws (at least YIELD_MAX_S apart)
+        yielding = pipeline.backlog > YIELD_BACKLOG and self._draws and now - self._draws[-1] < YIELD_MAX_S
+        if latest is not None and latest[0].index != self._shown_index and not yielding:
             frame, volume = latest
             if self._shown_index is None:  # the first frame fixes the raw contrast (no flicker after it)
                 low, high = np.percentile(frame.image, [0.1, 99.9])
@@ -576,6 +587,7 @@ class LiveWidget(QWidget):
             show_in_place(self.recon_layer, volume[0] if self.recon_layer.ndim == 2 else volume, thumbnail)
             self._shown_index = frame.index
             self._draws.append(now)
+            self.frame_shown.emit(frame)
         if pipeline.classifier is not None:
             self._update_classification(pipeline)
         if latest is not None and self.show_residual.isChecked() and now - self._residual_at >= 1.0 / RESIDUAL_HZ:
