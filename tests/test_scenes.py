@@ -76,7 +76,7 @@ def test_letters_are_real_omniglot_handwriting_split_by_writer(tiny_window):
     assert ink[:, 4:24, 4:24].sum() > 0.97 * ink.sum()
 
 
-def test_deformed_mnist_is_the_training_pool_distorted_with_its_label():
+def test_deformed_mnist_is_the_training_pool_distorted_with_its_label(tiny_window):
     from ccm.physics.scenes import _distort, mnist, mnist_deformed
 
     pool, labels = mnist._pool()
@@ -91,13 +91,7 @@ def test_deformed_mnist_is_the_training_pool_distorted_with_its_label():
     # drawn as a scene, the label is the digit's own
     rng = np.random.default_rng(1)
     k = np.random.default_rng(1).integers(len(pool))
-    assert mnist_deformed.labelled(_window(), 1, rng)[1] == labels[k]
-
-
-def _window():
-    from ccm.devices import load_device
-
-    return load_device("window-see-through")
+    assert mnist_deformed.labelled(tiny_window, 1, rng)[1] == labels[k]
 
 
 def test_user_images_and_stacks(tmp_path, tiny_cannula):

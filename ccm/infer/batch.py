@@ -262,15 +262,13 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec 
         while running:
             collect()
     except BaseException:
-        for executor in (models, pool):  # queued reads and model calls are dropped; running ones finish
-            executor.shutdown(wait=True, cancel_futures=True)
         background.close(raise_error=False)
         for writer in writers:
             writer.close()
         raise
     finally:
-        for executor in (models, pool):
-            executor.shutdown(wait=True)
+        for executor in (models, pool):  # on an interruption, queued reads and model calls are dropped
+            executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     background.close()

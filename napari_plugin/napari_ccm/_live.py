@@ -74,6 +74,7 @@ from napari_ccm._common import (
 )
 
 DISPLAY_HZ = 30
+"""Redraws per second at most (the camera may run faster; the newest result is shown)."""
 YIELD_BACKLOG = 2
 YIELD_MAX_S = 0.25
 """While more than ``YIELD_BACKLOG`` frames wait for the model, the display skips redraws, but never for
@@ -81,7 +82,6 @@ longer than ``YIELD_MAX_S``: on a machine whose CPU also renders the canvas (sof
 would otherwise take the model's time and the latency would grow."""
 THUMBNAIL_EVERY_S = 1.0
 """How often the layer list's thumbnails of ``raw`` and ``reconstruction`` follow the frames (each costs ~1 ms)."""
-"""Redraws per second at most (the camera may run faster; the newest result is shown)."""
 
 RESIDUAL_HZ = 4
 """The residual layer is recomputed at most this many times a second (one linear stage, in a worker thread)."""
