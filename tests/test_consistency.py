@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import ccm
-from ccm.infer.consistency import CHI2, FLOOR, UNEXPLAINED, roc_auc
+from ccm.infer.consistency import CHI2, FLOOR, UNEXPLAINED, order_statistic, roc_auc
 from ccm.learn.consistency import drift_report, fit_consistency
 from ccm.learn.data import SplitConfig, split_indices
 from ccm.physics.simulate import Simulator, simulate_stack
@@ -229,3 +229,18 @@ def test_the_confidence_file_never_replaces_an_input(scored, tmp_path):
     with pytest.raises(ccm.CcmError, match="movie.confidence.ome.tif"):
         ccm.reconstruct_recording(source, bundle, tmp_path / "movie.ome.tif", progress=False, overwrite=True, confidence_map=True)
     assert source.read_bytes() == before and not (tmp_path / "movie.ome.tif").exists()
+
+
+@pytest.mark.parametrize("case", ["tail", "ties", "bound_too_high", "any_rank"])
+def test_order_statistic_is_exactly_the_partition(case):
+    rng = np.random.default_rng(["tail", "ties", "bound_too_high", "any_rank"].index(case))
+    values = np.abs(rng.standard_normal((17, 5003))).astype(np.float32)
+    k = int(0.99 * (values.shape[1] - 1))
+    if case == "ties":  # a field that is mostly one value, as a dark reconstruction is
+        values[:, :4900] = 0.25
+    if case == "bound_too_high":  # the strided sample holds only large values, fewer than rank below them: whole rows
+        values[:, ::8] = 10.0
+        k = 1234
+    if case == "any_rank":
+        k = 1234
+    np.testing.assert_array_equal(order_statistic(values, k), np.partition(values, k, axis=1)[:, k])

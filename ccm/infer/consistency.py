@@ -39,7 +39,8 @@ Neither statistic sees a rotation of the cannula's image about its axis: the for
 rotation-symmetric (polar-Fourier blocks), so a rotated frame is explained as a rotated scene.
 
 Cost per frame: two linear maps (forward and back), each at half the angular frequencies of the stored
-ones (:data:`BANDWIDTH`) — 0.9 ms at batch 1 for the 2D bundle on the 2-core CPU; a network's own
+ones (:data:`BANDWIDTH`) — 0.65 ms at batch 1 for the 2D bundle on the 2-core CPU (0.79 ms before its products
+went complex and its quantiles partial, :func:`order_statistic`); a network's own
 uncertainty (ensembles, test-time noise resampling) would cost several network passes per frame.
 """
 
@@ -163,7 +164,7 @@ class ConsistencyModel:
 
     @cached_property
     def _field(self) -> np.ndarray:
-        """Flat indices of the field-of-view pixels of a (D, h, w) reconstruction (the inverse's target circle)."""
+        """(D·h·w,) bool: the field-of-view pixels of a (D, h, w) reconstruction (the inverse's target circle)."""
         inverse = self.inverse
         if inverse is None:
             raise BundleError(f"the {UNEXPLAINED!r} consistency score needs the bundle's linear stage, and this bundle has none")
@@ -172,7 +173,7 @@ class ConsistencyModel:
         cy, cx, radius = inverse.spec.target_circle
         yy, xx = np.mgrid[0:h, 0:w] + 0.5
         plane = (np.hypot(yy - cy, xx - cx) <= radius).ravel()
-        return np.flatnonzero(np.tile(plane, spec.in_channels))
+        return np.tile(plane, spec.in_channels)
 
     @property
     def threshold(self) -> float:
@@ -199,14 +200,15 @@ class ConsistencyModel:
         reconstructions, by the model's :attr:`statistic` (see the module docstring); compare with
         :attr:`threshold`. Computed on the scored pixels only (the score runs on live frames)."""
         n = len(volumes)
-        k = lambda a: int(TAIL * (a.shape[1] - 1))  # noqa: E731
-        # order statistics by partial selection (~10x cheaper than quantile's sort and interpolation)
-        tail = lambda a: np.partition(a, k(a), axis=1)[:, k(a)]  # noqa: E731
         if self.statistic == UNEXPLAINED:
+            # the field's quantile without gathering it: pixels outside rank below every pixel inside
             field = self._field
-            unexplained = unexplained_brightness(self, x, volumes).reshape(n, -1)[:, field]
-            brightest = np.maximum(tail(np.asarray(volumes, np.float32).reshape(n, -1)[:, field]), FLOOR)
-            return (tail(unexplained) / brightest).astype(np.float32)
+            outside = len(field) - int(field.sum())
+            k = outside + int(TAIL * (len(field) - outside - 1))
+            tail = lambda a: order_statistic(np.where(field, a.reshape(n, -1), -np.inf), k)  # noqa: E731
+            brightest = np.maximum(tail(np.asarray(volumes, np.float32)), FLOOR)
+            return (tail(unexplained_brightness(self, x, volumes)) / brightest).astype(np.float32)
+        tail = lambda a: order_statistic(a, int(TAIL * (a.shape[1] - 1)))  # noqa: E731
         predicted = self.forward(volumes).reshape(n, -1)[:, self._inside]
         frames = np.asarray(x, np.float32).reshape(n, -1)[:, self._inside]
         return tail(np.square(frames - predicted) / self.noise.variance(predicted)).astype(np.float32)
@@ -260,6 +262,27 @@ class ConsistencyModel:
         return model
 
 
+def order_statistic(values: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
+    """(N, P) values → (N,) the k-th smallest of each row (0-based; what ``np.partition(values, k, axis=1)[:, k]``
+    gives), for k in the upper tail, exactly.
+
+    A strided sample of each row bounds the answer from below; only the values above that bound are
+    partitioned (a row where the bound turns out too high falls back to the whole row). For the score's
+    99th percentile of ~13,000 pixels that is ~5× cheaper than partitioning the row."""
+    n, p = values.shape
+    above = p - 1 - k  # values after the k-th in sorted order
+    out = np.empty(n, values.dtype)
+    sample = values[:, ::stride]
+    # a sample quantile well below the answer's: the rows' selected values then hold it (checked below)
+    j = max(0, sample.shape[1] - 1 - 4 * (above // stride + 1))
+    bounds = np.partition(sample, j, axis=1)[:, j]
+    for row, bound in zip(range(n), bounds):
+        selected = values[row][values[row] >= bound]
+        rank = k - (p - len(selected))  # the answer's rank among the selected values
+        out[row] = np.partition(selected, rank)[rank] if rank >= 0 else np.partition(values[row], k)[k]
+    return out
+
+
 def unexplained_brightness(model: ConsistencyModel, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
     """The confidence map (see the module docstring): (N, 1, H', W') preprocessed frames and their (N, D, h, w)
     reconstructions → (N, D, h, w) float32 ≥ 0, the absolute brightness (reconstruction units) that the
@@ -268,7 +291,9 @@ def unexplained_brightness(model: ConsistencyModel, x: np.ndarray, volumes: np.n
     inverse = model.inverse
     if inverse is None:
         raise BundleError("a confidence map needs the bundle's linear stage, and this bundle has none")
-    r = (np.asarray(x, np.float32) - model.smooth_forward(volumes)) * model.aperture
+    r = model.smooth_forward(volumes)  # a new array: the residual is computed in place
+    np.subtract(x, r, out=r)
+    r *= model.aperture
     return np.abs(inverse.apply_map(r, affine=False))
 
 

@@ -146,9 +146,10 @@ class LinearMap:
             g = polar_geometry(spec)
             self._rings = sparse_taps(g["input_index"], g["input_weight"], spec.in_shape[0] * spec.in_shape[1])
             self._pixels = sparse_taps(g["output_index"], g["output_weight"], spec.n_rings_target * spec.n_angles)
-            self._dft, self._idft = g["dft"], g["idft"]
-            self._wr, self._wi = f32(weight[..., 0]), f32(weight[..., 1])
-            self._bias = fold_bias(f32(mean_in), f32(mean_out), self._wr, self._wi)
+            self._dft, self._idft = _interleaved_dft(g["dft"], g["idft"])
+            bias = fold_bias(f32(mean_in), f32(mean_out), f32(weight[..., 0]), f32(weight[..., 1]))
+            self._blocks = np.ascontiguousarray(weight[..., 0] + 1j * np.asarray(weight[..., 1]), np.complex64)  # (M, F, G)
+            self._bias = np.ascontiguousarray(bias[:, 0] + 1j * bias[:, 1], np.complex64)  # (M, G)
         else:
             self._index = pixel_index(spec)
             self._mean_in, self._mean_out, self._weight = f32(mean_in), f32(mean_out), f32(weight)
@@ -162,8 +163,8 @@ class LinearMap:
         spec = self.spec.model_copy(update={"max_frequency": keep})
         g = polar_geometry(spec)
         out = copy.copy(self)
-        out.spec, out._dft, out._idft = spec, g["dft"], g["idft"]
-        out._wr, out._wi, out._bias = (np.ascontiguousarray(a[:keep + 1]) for a in (self._wr, self._wi, self._bias))
+        out.spec, (out._dft, out._idft) = spec, _interleaved_dft(g["dft"], g["idft"])
+        out._blocks, out._bias = (np.ascontiguousarray(a[:keep + 1]) for a in (self._blocks, self._bias))
         return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -174,9 +175,10 @@ class LinearMap:
     def apply_map(self, x: np.ndarray, affine: bool = True) -> np.ndarray:
         """As ``LinearInverse.apply_map``: ``affine=False`` leaves out the means (the linear part alone).
 
-        Polar maps run a frame at a time: on the 2-core CPU the per-frame cost grows with the batch
-        (consistency score 0.69 ms per frame at batch 1, 0.86 at 4, 1.5 at 32 — the transposed
-        intermediates leave the cache), so a batch is the loop over its frames."""
+        Polar maps run a frame at a time: batching saves no arithmetic here (each frame meets each weight once
+        either way), and a batch's intermediates are large enough (MB) that the allocator returns them to the
+        system after each call — the page faults of the next made batch 32 twice as slow per frame as batch 1
+        on the 2-core CPU; a batch is the loop over its frames."""
         x = np.ascontiguousarray(x, np.float32)
         if self.spec.basis == "polar" and len(x) > 1:
             return np.concatenate([self._apply_polar(x[k:k + 1], affine) for k in range(len(x))])
@@ -191,14 +193,22 @@ class LinearMap:
     def _apply_polar(self, x: np.ndarray, affine: bool) -> np.ndarray:
         n, c = x.shape[:2]
         d, (h, w) = self.spec.out_channels, self.spec.out_shape
-        m, a, r = self.spec.max_frequency + 1, self.spec.n_angles, self.spec.n_rings_target
+        a = self.spec.n_angles
         rings = (self._rings @ x.reshape(n * c, -1).T).T  # (N·C, R_in·A)
-        spectrum = rings.reshape(n, -1, a) @ self._dft  # (N, F, 2M): real parts, then imaginary
-        s = np.ascontiguousarray(spectrum.reshape(n, -1, 2, m).transpose(3, 2, 0, 1).reshape(m, 2 * n, -1))
-        p, q = s @ self._wr, s @ self._wi  # (M, 2N, G)
-        b = np.stack([p[:, :n] - q[:, n:], q[:, :n] + p[:, n:]], 1)  # (M, 2, N, G)
+        spectrum = (rings.reshape(n, -1, a) @ self._dft).view(np.complex64)  # (N, F, M) angular spectrum
+        b = spectrum.transpose(2, 0, 1) @ self._blocks  # (M, N, G): one complex matrix per frequency
         if affine:
-            b += self._bias[:, :, None]
-        spectra = b.reshape(m, 2, n, d, r).transpose(2, 3, 4, 1, 0).reshape(n, d, r, 2 * m)
-        polar = spectra @ self._idft  # (N, D, R_out, A)
+            b += self._bias[:, None]
+        spectra = np.ascontiguousarray(b.transpose(1, 2, 0)).view(np.float32)  # (N, G, 2M) interleaved
+        polar = spectra @ self._idft  # (N, D·R_out, A)
         return np.ascontiguousarray((self._pixels @ polar.reshape(n * d, -1).T).T.reshape(n, d, h, w), np.float32)
+
+
+def _interleaved_dft(dft: np.ndarray, idft: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`polar_geometry`'s (A, 2M) DFT and (2M, A) inverse DFT matrices (real parts before imaginary
+    ones) with real and imaginary columns/rows interleaved: a product's float32 result is then viewed as
+    complex64 without a copy, and a complex64 spectrum viewed as float32 goes straight back."""
+    m = dft.shape[1] // 2
+    forward = np.stack([dft[:, :m], dft[:, m:]], -1).reshape(len(dft), 2 * m)
+    inverse = np.stack([idft[:m], idft[m:]], 1).reshape(2 * m, -1)
+    return np.ascontiguousarray(forward, np.float32), np.ascontiguousarray(inverse, np.float32)
