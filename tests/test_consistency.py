@@ -114,6 +114,27 @@ def test_a_moved_device_is_detected(scored):
     assert report["in_distribution"]["flagged_fraction"] <= 0.01
 
 
+def test_aperture_offset_reads_how_far_the_cannula_moved_on_the_sensor(scored, tmp_path):
+    from ccm.physics.simulate import move_on_sensor
+
+    bundle, _, _, held_out = scored
+    check = bundle.consistency.aperture_check
+    preprocessor, pixel = bundle.preprocessor(), bundle.device.sensor.pixel_size_um
+    still = check.offsets_um(preprocessor(held_out))
+    assert (still > check.threshold_um).mean() <= 0.01  # the device as calibrated stays inside its range
+    for shift in (5.0, 10.0):  # about 1 and 2 camera pixels of the tiny cannula (4.6 µm)
+        moved = check.offsets_um(preprocessor(move_on_sensor(held_out, pixel, shift_um=shift)))
+        assert np.median(moved) == pytest.approx(shift, rel=0.2)
+        assert roc_auc(still, moved) >= 0.99 and (moved > check.threshold_um).mean() >= 0.95
+    turned = check.offsets_um(preprocessor(move_on_sensor(held_out, pixel, rotation_deg=2.0)))
+    assert np.median(turned) < check.threshold_um  # a turn about the axis leaves the disc where it was
+    loaded = ccm.load_bundle(bundle.save(tmp_path / "with-aperture.safetensors"))
+    np.testing.assert_array_equal(loaded.consistency.aperture_check.offsets_um(preprocessor(held_out)), still)
+    report = drift_report(bundle, held_out, shifts_um=(5.0,), rotations_deg=())
+    case = report["cases"]["shift 5 µm"]
+    assert case["offset_auc"] >= 0.99 and case["window_median_alarm"] and case["flagged_fraction"] >= 0.95
+
+
 def test_roc_auc():
     assert roc_auc([0, 1, 2], [3, 4]) == 1.0
     assert roc_auc([3, 4], [0, 1]) == 0.0
@@ -152,16 +173,18 @@ def test_live_alarm_fires_after_the_cannula_moves_and_not_before(scored):
 def test_reconstruct_writes_a_score_per_frame(scored, tmp_path, suffix):
     import tifffile
 
-    from ccm.io.volume_writer import read_scores
+    from ccm.io.volume_writer import read_per_frame
 
     bundle, _, _, held_out = scored
     tifffile.imwrite(tmp_path / "in.tif", held_out[:20])
     out = tmp_path / f"out{suffix}"
     ccm.reconstruct_recording(tmp_path / "in.tif", bundle, out, batch_size=8, progress=False)
-    scores = read_scores(out)
+    scores = read_per_frame(out)
     x = bundle.preprocessor()(held_out[:20])
     expected = bundle.consistency.score(x, ccm.Reconstructor(bundle).run_preprocessed(x))
     np.testing.assert_allclose(scores, expected, rtol=1e-3)
+    offsets = read_per_frame(out, "aperture_offset_um")
+    np.testing.assert_allclose(offsets, bundle.consistency.aperture_check.offsets_um(x), rtol=1e-3, atol=1e-4)
     if suffix == ".ome.tif":
         assert tifffile.imread(out).shape == (20, 24, 24)  # the annotation leaves the image readable
 

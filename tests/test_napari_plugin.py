@@ -243,14 +243,14 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
     qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
     model = widget.pipeline.consistency
     assert model is not None
-    qtbot.waitUntil(lambda: widget.pipeline.alarm is not None and len(widget.pipeline.alarm._scores) >= 20
+    qtbot.waitUntil(lambda: widget.pipeline.alarm is not None and len(widget.pipeline.alarm.scores._scores) >= 20
                     and "consistency" in widget.trust.text() and "–" not in widget.trust.text().split("(")[0], timeout=30000)
     stats = widget.pipeline.stats()
     assert not stats.recalibrate and stats.alarms == 0 and widget.alarm_label.isHidden()
     assert f"alarm above {_number(model.alarm_level)}" in widget.trust.text() and _number(model.threshold) in widget.trust.text()
     assert "consistency" in viewer.status
     quiet = widget.status_numbers["consistency_window_median"]
-    assert quiet < model.alarm_level
+    assert quiet < model.alarm_level and widget.status_numbers["aperture_offset_um"] < model.aperture_check.alarm_level_um
 
     widget.show_residual.setChecked(True)  # the residual layer, on the raw grid
     qtbot.waitUntil(lambda: "consistency residual" in viewer.layers, timeout=10000)
@@ -271,7 +271,11 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
     alarm_median = widget.status_numbers["consistency_window_median"]
     fired_after = widget.pipeline.stats().seconds - moved_at
     qtbot.waitUntil(lambda: any(RECALIBRATE in w for w in warnings_shown), timeout=5000)
-    assert alarm_median > model.alarm_level and "ccm calibrate → ccm train" in viewer.status
+    offset_at_alarm = widget.status_numbers["aperture_offset_um"]
+    check = model.aperture_check  # the shipped bundle's: either window median out of range turns the alarm on
+    assert (alarm_median > model.alarm_level or offset_at_alarm > check.alarm_level_um) and "ccm calibrate → ccm train" in viewer.status
+    qtbot.waitUntil(lambda: widget.status_numbers["aperture_offset_um"] > 8.0, timeout=10000)  # reads the 10 µm move
+    assert "cannula offset" in widget.trust.text() and f"alarm above {check.alarm_level_um:.2f} µm" in widget.trust.text()
     # the residual layer follows the frames after the shift (its size is the score's business, checked above)
     qtbot.waitUntil(lambda: widget._residual_index is not None and widget._residual_index > shifted_from + 25, timeout=20000)
     assert np.isfinite(viewer.layers["consistency residual"].data).all() and quiet_residual > 0

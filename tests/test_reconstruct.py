@@ -397,9 +397,9 @@ def test_onnx_reconstruct_and_its_score_never_import_torch(tmp_path):
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
-    from ccm.io.volume_writer import read_scores
+    from ccm.io.volume_writer import read_per_frame
 
-    assert np.isfinite(read_scores(out)).all()  # the consistency score ran (NumPy)
+    assert np.isfinite(read_per_frame(out)).all()  # the consistency score ran (NumPy)
     np.testing.assert_allclose(tifffile.imread(out), bundle.sample_output[0], atol=2e-3)
 
 

@@ -21,7 +21,7 @@ from ccm.infer.batch import reconstruct_recording
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.frame_metadata import FrameMetadata, tags_from_json
 from ccm.io.recorded import RecordingError, open_recording
-from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, prepare, read_scores, written_positions
+from ccm.io.volume_writer import OutputError, OutputSpec, VolumeWriter, finish, prepare, read_per_frame, written_positions
 
 zarr = pytest.importorskip("zarr", minversion="3.1")  # zarr 3 needs Python 3.11+
 
@@ -171,7 +171,7 @@ def test_metadata_round_trip_pixel_size_planes_times_and_scores(tmp_path):
     volumes = np.random.default_rng(0).random((5, 4, 6, 6), dtype=np.float32)
     prepare(spec)
     writer = VolumeWriter(spec)
-    writer.write(np.arange(5), volumes, scores=np.arange(5, dtype=np.float32))
+    writer.write(np.arange(5), volumes, {"consistency_score": np.arange(5, dtype=np.float32)})
     writer.close()
     assert finish(spec)
     group = zarr.open_group(str(spec.path), mode="r")
@@ -189,7 +189,7 @@ def test_metadata_round_trip_pixel_size_planes_times_and_scores(tmp_path):
     np.testing.assert_array_equal(group["stage_position_um"][:, 2], 7.0)  # z known, x and y not reported: NaN
     assert np.isnan(group["stage_position_um"][:, :2]).all()
     assert tags_from_json(json.dumps(group.attrs["ccm"]["frame_metadata"])) == tags
-    np.testing.assert_array_equal(read_scores(spec.path), np.arange(5))
+    np.testing.assert_array_equal(read_per_frame(spec.path), np.arange(5))
     again = open_recording(spec.path)  # ccm's own output read back as OME-Zarr: its axes and pixel size
     assert (again.axes, again.shape, again.metadata["pixel_size_um"]) == ("TZ", (5, 4), pytest.approx(1.72))
 
@@ -230,7 +230,7 @@ def test_a_finish_stopped_before_the_rename_finishes_when_resumed(tmp_path, monk
     spec = _spec(tmp_path / name, frames=FrameMetadata.from_tags([{"ElapsedTime-ms": 10.0 * t} for t in range(5)]))
     prepare(spec)
     writer = VolumeWriter(spec)
-    writer.write(np.arange(5), np.zeros((5, 4, 6, 6), np.float32), scores=np.arange(5, dtype=np.float32))
+    writer.write(np.arange(5), np.zeros((5, 4, 6, 6), np.float32), {"consistency_score": np.arange(5, dtype=np.float32)})
     writer.close()
 
     def power_cut(*args):
@@ -242,7 +242,7 @@ def test_a_finish_stopped_before_the_rename_finishes_when_resumed(tmp_path, monk
     monkeypatch.undo()
     assert not spec.path.exists() and prepare(spec).all()
     assert finish(spec)
-    np.testing.assert_array_equal(read_scores(spec.path), np.arange(5))
+    np.testing.assert_array_equal(read_per_frame(spec.path), np.arange(5))
     if name.endswith(".tif"):
         import tifffile
 

@@ -219,8 +219,11 @@ class LiveStats:
     consistency_score: float | None = None
     """The last scored frame's forward-consistency score (None: the bundle has no consistency model)."""
     consistency_window_median: float | None = None
+    aperture_offset_um: float | None = None
+    """The window's median offset (µm) of the cannula's disc of light from its calibrated position on the sensor
+    (:mod:`ccm.infer.aperture`; None: the bundle has no aperture check)."""
     recalibrate: bool = False
-    """The recalibration alarm: the window's median score left the calibrated range."""
+    """The recalibration alarm: the window's median score or aperture offset left the calibrated range."""
     alarms: int = 0
     """How many times the alarm went on during the run."""
     predicted_class: str | None = None
@@ -233,8 +236,9 @@ class LiveStats:
         latency = f"latency {self.latency_ms_median:.1f} ms (p95 {self.latency_ms_p95:.1f})" if self.latency_ms_median is not None else ""
         trust = ""
         if self.consistency_window_median is not None:
-            trust = f"  consistency {self.consistency_window_median:.3g}" + ("  ALARM: recalibrate (ccm calibrate → ccm train)"
-                                                                           if self.recalibrate else "")
+            trust = (f"  consistency {self.consistency_window_median:.3g}"
+                     + (f"  offset {self.aperture_offset_um:.1f} µm" if self.aperture_offset_um is not None else "")
+                     + ("  ALARM: recalibrate (ccm calibrate → ccm train)" if self.recalibrate else ""))
         return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
                 f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}"
                 + (f"  class {self.predicted_class} ({self.confidence:.2f})" if self.predicted_class is not None else ""))
@@ -284,6 +288,7 @@ class LivePipeline:
         self.consistency = bundle.consistency
         self.score_every = max(1, score_every)
         self.alarm = self.consistency.alarm(alarm_window) if self.consistency is not None else None
+        """The recalibration alarm (:class:`ccm.infer.consistency.RecalibrationAlarm`): scores and aperture offsets."""
         self._last_score: float | None = None
         self.classifier = None
         if classifier is not None:
@@ -376,7 +381,8 @@ class LivePipeline:
                          latency_ms_median=float(np.median(latencies)) if latencies is not None else None,
                          latency_ms_p95=float(np.percentile(latencies, 95)) if latencies is not None else None,
                          recorded=self._recorded_before + recording, consistency_score=self._last_score,
-                         consistency_window_median=self.alarm.median if self.alarm is not None else None,
+                         consistency_window_median=self.alarm.score_median if self.alarm is not None else None,
+                         aperture_offset_um=self.alarm.offset_median_um if self.alarm is not None else None,
                          recalibrate=bool(self.alarm is not None and self.alarm.active),
                          alarms=self.alarm.fired if self.alarm is not None else 0,
                          predicted_class=last[1] if last else None, confidence=round(last[2], 4) if last else None,
@@ -411,10 +417,8 @@ class LivePipeline:
                 if self.first_result_at is None:
                     self.first_result_at = time.monotonic()
                 scored = [k for k, f in enumerate(frames) if f.index % self.score_every == 0]
-                if self.consistency is not None and self.alarm is not None and scored:  # after the result is out
-                    scores = self.consistency.score(x[scored], volumes[scored])
-                    self._last_score = float(scores[-1])
-                    self.alarm.update(scores)
+                if self.alarm is not None and scored:  # after the result is out
+                    self._last_score = float(self.alarm.update(x[scored], volumes[scored])[-1])
                 if self.classifier is not None:
                     labels, confidences = self.classifier(images, volumes)
                     names = self.classifier.class_names

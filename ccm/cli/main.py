@@ -272,8 +272,9 @@ def _cmd_consistency(args: argparse.Namespace) -> None:
 
     from ccm.infer.bundle import load_bundle
     from ccm.io.stack import CalibrationStack
-    from ccm.learn.consistency import drift_report, fit_consistency
+    from ccm.learn.consistency import APERTURE_FRAMES, drift_report, fit_aperture_check, fit_consistency
     from ccm.learn.data import SplitConfig, split_indices
+    from ccm.physics.simulate import own_device_pairs
 
     bundle = load_bundle(args.bundle)
     with CalibrationStack(args.data) as stack:
@@ -290,21 +291,43 @@ def _cmd_consistency(args: argparse.Namespace) -> None:
         split = {"train": np.setdiff1d(np.arange(n), np.concatenate(list(held.values()))), **held}
     else:
         split = split_indices(n, SplitConfig(val_fraction=0.1, test_fraction=0.1, max_val=2000))
-    model = fit_consistency(bundle, args.data, split)
-    model.alarm_margin = args.alarm_margin
+    if args.aperture_only:  # the forward model and the score's range stay as they are
+        if bundle.consistency is None:
+            raise UsageError(f"{bundle.label} has no forward-consistency model to add an aperture check to: run without --aperture-only")
+        model = bundle.consistency
+        with CalibrationStack(args.data) as stack:  # any frames of this very device (not the network's held-out ones)
+            own_frames = own_device_pairs(stack.provenance, n, np.arange(n))
+            chosen = own_frames[np.unique(np.linspace(0, len(own_frames) - 1, min(len(own_frames), APERTURE_FRAMES)).astype(int))]
+            model.aperture_check = fit_aperture_check(bundle, np.asarray(stack.raw[chosen]))
+        if model.aperture_check is None:
+            raise UsageError(f"{bundle.device.name} is a window: its frames have no rim to check")
+    else:
+        model = fit_consistency(bundle, args.data, split)
+        model.alarm_margin = args.alarm_margin
     out = dataclasses.replace(bundle, consistency=model, path=None).save(args.output)
     print(f"wrote {out}: forward model fitted on {model.report['forward_fit']['pairs']} pairs; held-out score median "
           f"{model.quantiles['0.5']:.3g}, 99.9th percentile {model.quantiles['0.999']:.3g} → frame threshold {model.threshold:.3g}, "
           f"alarm level {model.alarm_level:.3g}")
+    if model.aperture_check is not None:
+        print(f"aperture check: held-out offsets median {model.aperture_check.quantiles['0.5']:.2f} µm, 99.9th percentile "
+              f"{model.aperture_check.quantiles['0.999']:.2f} µm → frame threshold {model.aperture_check.threshold_um:.2f} µm, "
+              f"alarm level {model.aperture_check.alarm_level_um:.2f} µm")
     if args.report is not None:
-        with CalibrationStack(args.data) as stack:
-            raw = stack.raw[np.sort(split["test"])[:args.report_frames]]
+        if args.report_data is not None:
+            with CalibrationStack(args.report_data) as stack:
+                chosen = np.sort(own_device_pairs(stack.provenance, len(stack), np.arange(len(stack))))[:args.report_frames]
+                raw, targets = stack.raw[chosen], stack.target[chosen]
+        else:
+            with CalibrationStack(args.data) as stack:
+                chosen = np.sort(split["test"])[:args.report_frames]
+                raw, targets = stack.raw[chosen], stack.target[chosen]
         report = {"bundle": out.name, "consistency": model.report | {"quantiles": model.quantiles},
-                  "drift": drift_report(dataclasses.replace(bundle, consistency=model), raw)}
+                  "drift": drift_report(dataclasses.replace(bundle, consistency=model), raw, targets=targets)}
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=1))
         for name, case in report["drift"]["cases"].items():
-            print(f"  {name:16s} AUC {case['auc']:.3f}  median score {case['median']:.3g}  window alarm {case['window_median_alarm']}")
+            offset = f"  offset AUC {case['offset_auc']:.3f} (median {case['offset_median_um']:.2f} µm)" if "offset_auc" in case else ""
+            print(f"  {name:16s} AUC {case['auc']:.3f}  median score {case['median']:.3g}{offset}  window alarm {case['window_median_alarm']}")
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -602,6 +625,13 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         from ccm.benchmarks import startup
 
         print(f"wrote {startup.run(repeats=args.repeats, quick=args.quick)}")
+    if "alarm" in suites:
+        from ccm.benchmarks import alarm
+
+        for name in args.bundles:
+            seconds = args.seconds or (60 if args.quick else 600)
+            output = args.output if suites == ["alarm"] and len(args.bundles) == 1 else None
+            print(f"wrote {alarm.run(name, minutes=seconds / 60, output=output)}")
     if "napari" in suites:
         from importlib import import_module
 
@@ -909,9 +939,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the bundle with its consistency model (.safetensors)")
     p.add_argument("--report", type=Path, help="also write a JSON report: score ROC against moved-device frames")
     p.add_argument("--report-frames", type=int, default=300, help="held-out frames for the report (default: 300)")
+    p.add_argument("--report-data", type=Path, metavar="STACK",
+                   help="the report's in-distribution frames from this stack of the device instead (e.g. a test part)")
     p.add_argument("--alarm-margin", type=float, default=2.0,
                    help="the recalibration alarm fires when the median of recent scores exceeds this × the calibration's "
                         "90th percentile (default: 2.0 — no false alarm in 9 minutes of a live simulated scene)")
+    p.add_argument("--aperture-only", action="store_true",
+                   help="keep the bundle's forward model and score range; only (re)calibrate the aperture check (where the "
+                        "cannula's disc of light sits on the sensor) from the stack's held-out frames")
     p.set_defaults(func=_cmd_consistency)
 
     p = sub.add_parser("models", help="list the shipped model bundles")
@@ -927,15 +962,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "batch-1 latency with one busy process per thread setting; not in the default set), napari (the Live "
                                    "widget in a real viewer, under Xvfb without a display, at 100 frames/s with the 2D and 3D "
                                    "bundles: dropped frames, redraws/s, latency, the longest the GUI thread was blocked; not in "
-                                   "the default set).")
-    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", "startup", "napari", []], metavar="SUITE",
+                                   "the default set), alarm (the recalibration alarm fed 10 minutes of the simulated live scene "
+                                   "as calibrated, then the cannula moved: false alarms and seconds to fire, per bundle with a "
+                                   "consistency model; not in the default set).")
+    p.add_argument("suites", nargs="*", choices=["simulation", "inference", "batch", "live", "startup", "napari", "alarm", []],
+                   metavar="SUITE",
                    help="simulation, inference, batch, live (default: all four)")
     p.add_argument("--bundles", nargs="+", default=["cannula-220um-2d", "cannula-220um-3d"],
                    help="bundles for the inference and napari suites; the first also runs the batch suite (default: the shipped 2D and 3D)")
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON path (default: benchmarks/results/<suite>-<machine>.json)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--repeats", type=int, default=3, help="runs per case (default: 3)")
-    p.add_argument("--seconds", type=float, default=None, help="napari suite: seconds per bundle (default: 60; --quick: 10)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="napari suite: seconds per bundle (default: 60; --quick: 10); alarm suite: seconds of the quiet run "
+                        "(default: 600; --quick: 60)")
     p.set_defaults(func=_cmd_benchmark)
     return parser
 

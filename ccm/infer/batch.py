@@ -215,10 +215,10 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec 
 
     def write(item: tuple) -> None:
         positions, x, volumes = item
-        scores = reconstructor.score(x, volumes)
+        per_frame = reconstructor.per_frame(x, volumes)
         if maps is not None:  # first: the reconstruction's progress record is the later of the two
             writers[1].write(positions, reconstructor.confidence(x, volumes))
-        writers[0].write(positions, volumes, scores)
+        writers[0].write(positions, volumes, per_frame)
 
     def sync() -> None:
         for writer in reversed(writers):

@@ -54,6 +54,7 @@ from functools import cached_property
 import numpy as np
 
 from ccm.errors import BundleError
+from ccm.infer.aperture import ApertureCheck
 from ccm.infer.architecture import LinearSpec, UNetConfig
 from ccm.infer.linear_map import LinearMap, check_buffers
 
@@ -130,6 +131,9 @@ class ConsistencyModel:
         self.statistic = statistic
         self.alarm_margin = ALARM_MARGIN
         """× the 90th percentile for the drift alarm (see :data:`ALARM_MARGIN`); stored with the bundle."""
+        self.aperture_check: ApertureCheck | None = None
+        """Where the cannula's disc of light sits on the sensor (:mod:`ccm.infer.aperture`); None for windows
+        and in bundles written before it existed."""
         self._buffers: dict[str, np.ndarray] = {}
         self._inverse_source: Callable[[], LinearMap | None] = _no_inverse
 
@@ -185,8 +189,8 @@ class ConsistencyModel:
         """The level a window's median score must exceed for the recalibration alarm (:class:`DriftAlarm`)."""
         return self.alarm_margin * self.quantiles["0.9"]
 
-    def alarm(self, window: int = 100) -> DriftAlarm:
-        return DriftAlarm(self.alarm_level, window)
+    def alarm(self, window: int = 100) -> RecalibrationAlarm:
+        return RecalibrationAlarm(self, window)
 
     def residual(self, x: np.ndarray, volumes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 1, H', W') preprocessed frames and (N, D, h, w) reconstructions → (normalised residual
@@ -213,9 +217,13 @@ class ConsistencyModel:
         frames = np.asarray(x, np.float32).reshape(n, -1)[:, self._inside]
         return tail(np.square(frames - predicted) / self.noise.variance(predicted)).astype(np.float32)
 
-    def flags(self, scores: np.ndarray) -> np.ndarray:
-        """(N,) bool: frames outside the calibrated range."""
-        return np.asarray(scores) > self.threshold
+    def flags(self, scores: np.ndarray, offsets_um: np.ndarray | None = None) -> np.ndarray:
+        """(N,) bool: frames outside the calibrated range — their score, or their aperture offset (µm, from
+        :attr:`aperture_check`) when given."""
+        flagged = np.asarray(scores) > self.threshold
+        if offsets_um is not None and self.aperture_check is not None:
+            flagged |= np.asarray(offsets_um) > self.aperture_check.threshold_um
+        return flagged
 
     # --- storage in bundles ---------------------------------------------------------------------
 
@@ -229,6 +237,8 @@ class ConsistencyModel:
         meta = {"version": 2, "statistic": self.statistic, "spec": self.forward.spec.model_dump(mode="json"),
                 "noise": self.noise.__dict__, "quantiles": self.quantiles, "threshold_margin": THRESHOLD_MARGIN, "alarm_margin": self.alarm_margin,
                 "report": self.report}
+        if self.aperture_check is not None:
+            meta["aperture_check"] = self.aperture_check.to_meta()
         return tensors, json.dumps(meta)
 
     @classmethod
@@ -259,6 +269,8 @@ class ConsistencyModel:
             raise BundleError(f"{label}: its forward-consistency model does not fit its preprocessing")
         model = cls.from_buffers(spec, buffers, noise, aperture, quantiles, meta.get("report"), meta.get("statistic", CHI2))
         model.alarm_margin = float(meta.get("alarm_margin", ALARM_MARGIN))
+        if "aperture_check" in meta:
+            model.aperture_check = ApertureCheck.from_meta(meta["aperture_check"], label)
         return model
 
 
@@ -362,3 +374,37 @@ class DriftAlarm:
     @property
     def median(self) -> float | None:
         return float(np.median(self._scores)) if self._scores else None
+
+
+class RecalibrationAlarm:
+    """The recalibration alarm of a live run: on while the window median of the frames' scores, or of their
+    aperture offsets (when the model has an :attr:`~ConsistencyModel.aperture_check`), is out of its
+    calibrated range (a :class:`DriftAlarm` each)."""
+
+    def __init__(self, model: ConsistencyModel, window: int = 100):
+        self.model = model
+        self.scores = DriftAlarm(model.alarm_level, window)
+        check = model.aperture_check
+        self.offsets = DriftAlarm(check.alarm_level_um, window) if check is not None else None
+        self.active = False
+        self.fired = 0
+        """How many times the alarm went from quiet to active."""
+
+    def update(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+        """Score (N, 1, H', W') preprocessed frames and their (N, D, h, w) reconstructions, update the alarm;
+        returns the (N,) scores."""
+        scores = self.model.score(x, volumes)
+        active = self.scores.update(scores)
+        if self.offsets is not None and self.model.aperture_check is not None:
+            active = self.offsets.update(self.model.aperture_check.offsets_um(x)) or active
+        self.fired += active and not self.active
+        self.active = active
+        return scores
+
+    @property
+    def score_median(self) -> float | None:
+        return self.scores.median
+
+    @property
+    def offset_median_um(self) -> float | None:
+        return self.offsets.median if self.offsets is not None else None

@@ -46,7 +46,7 @@ class PredictModule(pl.LightningModule):
         positions, x = batch
         x = np.asarray(x)
         volumes = self.reconstructor.run_preprocessed(x)
-        return np.asarray(positions), volumes, self.reconstructor.score(x, volumes)
+        return np.asarray(positions), volumes, self.reconstructor.per_frame(x, volumes)
 
 
 class WriterCallback(BasePredictionWriter):

@@ -61,6 +61,17 @@ class Reconstructor:
         consistency model."""
         return None if self.bundle.consistency is None else self.bundle.consistency.score(x, volumes)
 
+    def offsets(self, x: np.ndarray) -> np.ndarray | None:
+        """(N, 1, H', W') preprocessed frames → (N,) float32 offsets (µm) of the cannula's disc of light from its
+        calibrated position on the sensor (:mod:`ccm.infer.aperture`); None when the bundle has no aperture check."""
+        consistency = self.bundle.consistency
+        return None if consistency is None or consistency.aperture_check is None else consistency.aperture_check.offsets_um(x)
+
+    def per_frame(self, x: np.ndarray, volumes: np.ndarray) -> dict[str, np.ndarray | None]:
+        """What ``ccm reconstruct`` stores per frame (:data:`ccm.io.volume_writer.PER_FRAME`): the consistency
+        score and the aperture offset of (N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes."""
+        return {"consistency_score": self.score(x, volumes), "aperture_offset_um": self.offsets(x)}
+
     def confidence(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray | None:
         """(N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes → (N, D, h, w) float32 confidence
         maps: the brightness the frame's unexplained residual implies at each reconstructed pixel, in the

@@ -18,7 +18,7 @@ scale: the lateral pixel size and the plane spacing in µm (the mean spacing whe
 irregular), translation: the first plane's depth; ``t`` scaled by the mean frame interval when
 times are known. One chunk per volume (Blosc/LZ4), so each frame is its own file: processes writing
 disjoint frames never touch the same file. Beside the image array ``0``: ``timestamps_s``,
-``exposure_ms``, ``stage_position_um`` (when the recording has them) and ``consistency_score`` (shape of
+``exposure_ms``, ``stage_position_um`` (when the recording has them) and the values per frame (shape of
 the extra axes); in the group's ``ccm`` attributes: the exact plane depths, the value range, the run's
 metadata and the frames' tags (``frame_metadata``, :meth:`ccm.io.frame_metadata.FrameMetadata.tags_json`).
 """
@@ -309,16 +309,16 @@ class VolumeChunks:
         self._unsynced.clear()
 
 
-def store_scores(spec: OutputSpec, scores: np.ndarray, meaning: str) -> None:
-    """Put the per-frame scores (n,) float32 into the finished partial output: the array ``consistency_score``
-    (shape of the extra axes), ``meaning`` in its attributes."""
+def store_per_frame(spec: OutputSpec, name: str, values: np.ndarray, meaning: str) -> None:
+    """Put values per frame (n,) float32 into the finished partial output: the array ``name`` (shape of the
+    extra axes), ``meaning`` in its attributes."""
     group = _zarr(OutputError, spec.path).open_group(str(spec.tmp), mode="r+")
-    array = group.create_array("consistency_score", data=np.asarray(scores, np.float32).reshape(spec.shape),
+    array = group.create_array(name, data=np.asarray(values, np.float32).reshape(spec.shape),
                                overwrite=True)  # a finish that stopped before the rename may have stored them
     array.attrs["meaning"] = meaning
 
 
-def read_scores(path: Path) -> np.ndarray | None:
-    """The consistency scores (shape of the extra axes) of a finished OME-Zarr output, or None."""
+def read_per_frame(path: Path, name: str) -> np.ndarray | None:
+    """The values per frame ``name`` (shape of the extra axes) of a finished OME-Zarr output, or None."""
     group = _zarr(OutputError, path).open_group(str(path), mode="r")
-    return np.asarray(group["consistency_score"][...]) if "consistency_score" in group else None
+    return np.asarray(group[name][...]) if name in group else None

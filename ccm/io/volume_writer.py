@@ -12,11 +12,11 @@ refused rather than mixed in.
 
 Layout: axes = the recording's kept extra axes + ``ZYX`` (e.g. ``TZYX``), physical sizes in µm,
 depth planes as Z; the source's metadata and the bundle's description are carried as JSON (OME
-``Description``; HDF5 attributes; OME-Zarr ``ccm`` attributes). A per-frame forward-consistency score
-(when the bundle has a consistency model) goes into the HDF5 dataset or OME-Zarr array
-``consistency_score`` (shape of the extra axes) or an OME-TIFF ``MapAnnotation`` (key
-``ccm.consistency_score``: a JSON list in position order) — recorded in the
-progress folder with each durability point, so a resumed run keeps the scores of the frames it skips.
+``Description``; HDF5 attributes; OME-Zarr ``ccm`` attributes). Values per frame (:data:`PER_FRAME`: the
+forward-consistency score and the cannula's aperture offset, when the bundle has them) go into HDF5
+datasets or OME-Zarr arrays of their name (shape of the extra axes) or OME-TIFF map annotations (key
+``ccm.<name>``: a JSON list in position order) — recorded in the progress folder with each durability
+point, so a resumed run keeps the values of the frames it skips.
 What the recording says about each frame (time, exposure, stage position, Micro-Manager's tags) is
 carried along: :attr:`OutputSpec.frames`.
 """
@@ -240,7 +240,7 @@ class VolumeWriter:
         self.spec = spec
         self._pending: list[tuple[int, int]] = []
         self._unsynced = 0
-        self._scores: list[tuple[int, float]] = []
+        self._values: list[tuple[int, str, float]] = []
         self._progress = open(spec.progress_dir / f"rank{rank}.txt", "a")
         self._score_file = open(spec.progress_dir / f"scores-rank{rank}.txt", "a")
         d, h, w = spec.volume_shape
@@ -262,11 +262,14 @@ class VolumeWriter:
                 raise OutputError(f"{spec.tmp}: not a contiguous OME-TIFF (was it written by ccm?)")
             self._fd = os.open(spec.tmp, os.O_WRONLY)
 
-    def write(self, positions: np.ndarray, volumes: np.ndarray, scores: np.ndarray | None = None) -> None:
+    def write(self, positions: np.ndarray, volumes: np.ndarray, per_frame: dict[str, np.ndarray | None] | None = None) -> None:
         """positions (n,) int64 output positions (C-order flat over ``spec.shape``); volumes (n, D, h, w) float32;
-        scores (n,) float32 forward-consistency scores, if any."""
-        if scores is not None:
-            self._scores.extend(zip(np.asarray(positions).tolist(), np.asarray(scores, np.float64).tolist()))
+        per_frame: name (a key of :data:`PER_FRAME`) → (n,) float32 values of these frames (None: not computed)."""
+        for name, values in (per_frame or {}).items():
+            if values is not None:
+                if name not in PER_FRAME:
+                    raise ValueError(f"unknown per-frame value {name!r}; known: {sorted(PER_FRAME)}")
+                self._values.extend((p, name, v) for p, v in zip(np.asarray(positions).tolist(), np.asarray(values, np.float64).tolist()))
         data = _as_dtype(volumes, self.spec.dtype)
         if self._h5 is not None:  # HDF5 does not survive a failed write: stop while the file is whole
             ensure_room(self.spec.tmp, self._unsynced + data.nbytes)  # HDF5's cache reaches the disk at the next sync
@@ -302,11 +305,11 @@ class VolumeWriter:
             else:
                 self._h5.flush()
                 self._unsynced = 0
-            if self._scores:  # before the positions: a position recorded as done always has its score
-                self._score_file.write("".join(f"{p} {s!r}\n" for p, s in self._scores))
+            if self._values:  # before the positions: a position recorded as done always has its values
+                self._score_file.write("".join(f"{p} {name} {v!r}\n" for p, name, v in self._values))
                 self._score_file.flush()
                 os.fsync(self._score_file.fileno())
-                self._scores.clear()
+                self._values.clear()
             self._progress.write("".join(f"{a} {b}\n" for a, b in self._pending))
             self._progress.flush()
             os.fsync(self._progress.fileno())
@@ -336,39 +339,48 @@ class VolumeWriter:
             self._score_file.close()
 
 
-def written_scores(spec: OutputSpec) -> np.ndarray | None:
-    """(n,) float32 consistency scores recorded by every process (NaN where none), or None if there are none."""
-    scores = np.full(spec.n, np.nan, np.float32)
-    found = False
+PER_FRAME = {
+    "consistency_score": "forward-consistency score per frame (ccm.infer.consistency): the brightest structure the frame "
+                         "does not support relative to the brightest reconstructed (bundles before 2026-12: the 99th percentile "
+                         "of the squared residual against the camera noise); compare with the bundle's threshold",
+    "aperture_offset_um": "offset of the cannula's disc of light from its calibrated position on the sensor, µm at the exit "
+                          "face (ccm.infer.aperture); compare with the bundle's aperture threshold",
+}
+"""The values ``ccm reconstruct`` stores per frame, and what each means (stored beside it)."""
+
+
+def written_per_frame(spec: OutputSpec) -> dict[str, np.ndarray]:
+    """Name → (n,) float32 values per frame recorded by every process (NaN where none); names with none are left out."""
+    values: dict[str, np.ndarray] = {}
     for path in spec.progress_dir.glob("scores-rank*.txt"):
         for line in path.read_text().splitlines():
             parts = line.split()
-            if len(parts) == 2:  # a torn last line is ignored (its frame is redone)
-                try:
-                    scores[int(parts[0])] = float(parts[1])
-                    found = True
-                except (ValueError, IndexError):
-                    continue
-    return scores if found else None
+            if len(parts) == 2:  # written before values had names: a consistency score
+                parts.insert(1, "consistency_score")
+            if len(parts) != 3 or parts[1] not in PER_FRAME:  # a torn last line is ignored (its frame is redone)
+                continue
+            try:
+                position, value = int(parts[0]), float(parts[2])
+                values.setdefault(parts[1], np.full(spec.n, np.nan, np.float32))[position] = value
+            except (ValueError, IndexError):
+                continue
+    return values
 
 
-SCORE_MEANING = ("forward-consistency score per frame (ccm.infer.consistency): the brightest structure the frame does not "
-                 "support relative to the brightest reconstructed (bundles before 2026-12: the 99th percentile of the squared "
-                 "residual against the camera noise); compare with the bundle's threshold")
-
-
-def _store_scores(spec: OutputSpec, scores: np.ndarray) -> None:
-    """Put the per-frame scores into the finished partial HDF5 (dataset) or OME-Zarr (array) output; OME-TIFF
-    outputs get them as an annotation in :func:`finish`."""
+def _store_per_frame(spec: OutputSpec, values: dict[str, np.ndarray]) -> None:
+    """Put the per-frame values into the finished partial HDF5 (datasets) or OME-Zarr (arrays) output; OME-TIFF
+    outputs get them as annotations in :func:`finish`."""
     if spec.format == "ome-zarr":
-        ome_zarr.store_scores(spec, scores, SCORE_MEANING)
+        for name, array in values.items():
+            ome_zarr.store_per_frame(spec, name, array, PER_FRAME[name])
         return
     import h5py
 
     with h5py.File(spec.tmp, "r+") as f:
-        if "consistency_score" in f:  # stored by a finish that stopped before the rename
-            del f["consistency_score"]
-        f.create_dataset("consistency_score", data=scores.reshape(spec.shape)).attrs["meaning"] = SCORE_MEANING
+        for name, array in values.items():
+            if name in f:  # stored by a finish that stopped before the rename
+                del f[name]
+            f.create_dataset(name, data=array.reshape(spec.shape)).attrs["meaning"] = PER_FRAME[name]
 
 
 def _annotate_ome(path: Path, entries: dict[str, str]) -> None:
@@ -404,20 +416,21 @@ def _annotate_ome(path: Path, entries: dict[str, str]) -> None:
     tifffile.tiffcomment(path, ET.tostring(root, encoding="unicode").encode())
 
 
-def read_scores(path: str | os.PathLike) -> np.ndarray | None:
-    """The per-frame consistency scores a finished ``ccm reconstruct`` output holds (None if it has none)."""
+def read_per_frame(path: str | os.PathLike, name: str = "consistency_score") -> np.ndarray | None:
+    """The values per frame named ``name`` (:data:`PER_FRAME`) that a finished ``ccm reconstruct`` output holds
+    (None if it has none)."""
     path = Path(path)
     if ome_zarr.is_zarr(path):
-        return ome_zarr.read_scores(path)
+        return ome_zarr.read_per_frame(path, name)
     if path.suffix in (".h5", ".hdf5"):
         import h5py
 
         with h5py.File(path, "r") as f:
-            return f["consistency_score"][()] if "consistency_score" in f else None
+            return f[name][()] if name in f else None
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        match = re.search(r'K="ccm\.consistency_score">([^<]*)<', tif.pages[0].description or "")
+        match = re.search(rf'K="ccm\.{re.escape(name)}">([^<]*)<', tif.pages[0].description or "")
     return np.array([np.nan if v is None else v for v in json.loads(match.group(1))], np.float32) if match else None
 
 
@@ -425,17 +438,16 @@ def finish(spec: OutputSpec) -> bool:
     """Rename the partial output to its destination if every position is written; returns whether it was."""
     if not written_positions(spec).all():
         return False
-    scores = written_scores(spec)
-    if spec.format == "ome-tiff":  # one rewrite of the OME-XML for both annotations
-        entries = {}
-        if scores is not None:
-            entries["ccm.consistency_score"] = json.dumps([None if np.isnan(s) else round(float(s), 4) for s in scores])
+    per_frame = written_per_frame(spec)
+    if spec.format == "ome-tiff":  # one rewrite of the OME-XML for every annotation
+        entries = {f"ccm.{name}": json.dumps([None if np.isnan(v) else round(float(v), 4) for v in values])
+                   for name, values in per_frame.items()}
         if spec.frames is not None:  # HDF5 and OME-Zarr hold the frames' tags from the start
             entries["ccm.frame_metadata"] = spec.frames.tags_json()
         if entries:
             _annotate_ome(spec.tmp, entries)
-    elif scores is not None:
-        _store_scores(spec, scores)
+    elif per_frame:
+        _store_per_frame(spec, per_frame)
     replace_output(spec.tmp, spec.path)
     shutil.rmtree(spec.progress_dir, ignore_errors=True)
     return True

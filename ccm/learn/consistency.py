@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ccm.devices import CannulaDevice
+from ccm.infer.aperture import ApertureCheck
 from ccm.infer.architecture import LinearFit, LinearSpec
 from ccm.infer.bundle import Bundle
 from ccm.infer.consistency import CHI2, QUANTILES, UNEXPLAINED, ConsistencyModel, NoiseModel, linear_stage, linear_stage_spec
@@ -24,7 +26,7 @@ from ccm.infer.linear import fit_linear_inverse
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack
 from ccm.learn.data import iterate_pairs
-from ccm.physics.simulate import move_on_sensor, own_device_pairs
+from ccm.physics.simulate import Simulator, move_on_sensor, own_device_pairs
 
 
 def forward_spec(bundle: Bundle, fit: LinearFit) -> LinearSpec:
@@ -86,6 +88,8 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
         scores.append(model.score(xs, reconstructor.run_preprocessed(xs)))
     scores = np.concatenate(scores)
     model.quantiles = {str(q): float(np.quantile(scores, q)) for q in QUANTILES}
+    with CalibrationStack(data) as stack:  # h5py reads increasing indices
+        model.aperture_check = fit_aperture_check(bundle, np.asarray(stack.raw[np.sort(held_out)[:APERTURE_FRAMES]]))
     model.report = {"forward_fit": {k: report[k] for k in ("pairs", "validation_pairs", "basis")},
                     "statistic": statistic, "held_out_frames": int(len(scores)), "held_out_flagged_fraction": float(model.flags(scores).mean()),
                     "score_mean": float(scores.mean())}
@@ -94,38 +98,94 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
 
 SHIFTS_UM = (2.0, 5.0, 10.0)
 ROTATIONS_DEG = (1.0, 2.0, 5.0)
+APERTURE_FRAMES = 400
+"""Held-out frames that calibrate the aperture check."""
+APERTURE_TABLE_UM = (0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0)
+"""The sensor shifts (µm, object side) at which :func:`fit_aperture_check` measures the band moment."""
+
+
+def fit_aperture_check(bundle: Bundle, raw: np.ndarray) -> ApertureCheck | None:
+    """The aperture check of ``bundle``'s cannula (:mod:`ccm.infer.aperture`) from (N, H, W) raw frames of the
+    device as calibrated — held-out calibration frames: their mean band moment is the reference, their
+    offsets give the calibrated range, and the same frames moved on the sensor by :data:`APERTURE_TABLE_UM`
+    (:func:`ccm.physics.simulate.move_on_sensor`) give the table from moment to µm. None for a window (no rim)."""
+    if not bundle.device.rotation_symmetric:
+        return None
+    preprocessor, pixel = bundle.preprocessor(), bundle.device.sensor.pixel_size_um
+    quantiles = {str(q): 0.0 for q in QUANTILES}
+    check = ApertureCheck(preprocessor.aperture_circle(), (0.0, 0.0), (1.0, 2.0), (1.0, 2.0), quantiles)
+    reference = check.moments(preprocessor(raw)).mean()
+    table: list[tuple[float, float]] = []
+    for shift in APERTURE_TABLE_UM:
+        distance = float(np.median(np.abs(check.moments(preprocessor(move_on_sensor(raw, pixel, shift_um=shift))) - reference)))
+        if not table or distance > table[-1][0]:  # the moment saturates for large shifts: keep the increasing part
+            table.append((distance, shift))
+    check = ApertureCheck(check.circle, (float(reference.real), float(reference.imag)), tuple(d for d, _ in table),
+                          tuple(s for _, s in table), quantiles)
+    offsets = check.offsets_um(preprocessor(raw))
+    check.quantiles = {str(q): float(np.quantile(offsets, q)) for q in QUANTILES}
+    return check
+
+
+SCATTERING_FACTORS = (0.67, 1.5)
+"""Scattering lengths of the tissue, relative to the calibrated device's, that :func:`drift_report` re-images at."""
 
 
 def drift_report(bundle: Bundle, raw: np.ndarray, others: dict[str, np.ndarray] | None = None,
-                 shifts_um: tuple[float, ...] = SHIFTS_UM, rotations_deg: tuple[float, ...] = ROTATIONS_DEG) -> dict:
-    """How well the score separates ``raw`` (N, H, W) in-distribution frames from the same frames after
-    the device moved (``shifts_um`` on the sensor, ``rotations_deg`` about its centre) and from ``others`` (name → frames, e.g.
-    scene classes the bundle never saw): ROC AUC, median score and the fraction flagged, per case."""
+                 shifts_um: tuple[float, ...] = SHIFTS_UM, rotations_deg: tuple[float, ...] = ROTATIONS_DEG,
+                 targets: np.ndarray | None = None, seed: int = 0) -> dict:
+    """How well the score — and the aperture offset, where the bundle has an aperture check — separate ``raw``
+    (N, H, W) in-distribution frames from the same frames after the device moved (``shifts_um`` on the sensor,
+    ``rotations_deg`` about its centre), from the same scenes (``targets``, (N, D, h, w), when given) re-imaged
+    through tissue of another scattering length (:data:`SCATTERING_FACTORS`; a cannula) and from ``others``
+    (name → frames, e.g. scene classes the bundle never saw): ROC AUC, median and the fraction flagged per
+    case; a frame is flagged, and a window's median raises the alarm, when either the score or the offset
+    leaves its calibrated range."""
     from ccm.infer.consistency import roc_auc
 
     model = bundle.consistency
     if model is None:
         raise ValueError(f"{bundle.label} has no forward-consistency model (add one with `ccm consistency`)")
+    aperture = model.aperture_check
     reconstructor, preprocessor = Reconstructor(bundle), bundle.preprocessor()
 
-    def scores(frames: np.ndarray) -> np.ndarray:
-        out = []
+    def measure(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        scores, offsets = [], []
         for start in range(0, len(frames), 64):
             x = preprocessor(frames[start:start + 64])
-            out.append(model.score(x, reconstructor.run_preprocessed(x)))
-        return np.concatenate(out)
+            scores.append(model.score(x, reconstructor.run_preprocessed(x)))
+            if aperture is not None:
+                offsets.append(aperture.offsets_um(x))
+        return np.concatenate(scores), np.concatenate(offsets) if aperture is not None else None
 
-    base = scores(raw)
+    def alarm(scores: np.ndarray, offsets: np.ndarray | None) -> bool:
+        return bool(np.median(scores) > model.alarm_level
+                    or (aperture is not None and offsets is not None and np.median(offsets) > aperture.alarm_level_um))
+
+    base, base_offsets = measure(raw)
     pixel = bundle.device.sensor.pixel_size_um
     cases = {f"shift {s:g} µm": move_on_sensor(raw, pixel, shift_um=s) for s in shifts_um}
     cases |= {f"rotation {r:g}°": move_on_sensor(raw, pixel, rotation_deg=r) for r in rotations_deg}
+    device = bundle.device
+    if targets is not None and isinstance(device, CannulaDevice):
+        for factor in SCATTERING_FACTORS:
+            length = device.tissue.scattering_length_um * factor
+            other = device.model_copy(update={"tissue": device.tissue.model_copy(update={"scattering_length_um": length})})
+            frames = Simulator(other, planes_um=tuple(bundle.depths_um)).frames(np.asarray(targets, np.float32),
+                                                                             np.random.default_rng([seed, 83]))
+            cases[f"scattering length {length:g} µm (calibrated {device.tissue.scattering_length_um:g})"] = frames
     cases |= others or {}
     report = {"in_distribution": {"frames": len(base), "median": float(np.median(base)),
-                                  "flagged_fraction": float(model.flags(base).mean())},
+                                  "flagged_fraction": float(model.flags(base, base_offsets).mean())},
               "threshold": model.threshold, "alarm_level": model.alarm_level, "cases": {}}
+    if aperture is not None and base_offsets is not None:
+        report["in_distribution"]["offset_median_um"] = float(np.median(base_offsets))
+        report |= {"offset_threshold_um": aperture.threshold_um, "offset_alarm_level_um": aperture.alarm_level_um}
     for name, frames in cases.items():
-        s = scores(frames)
-        report["cases"][name] = {"frames": len(s), "auc": roc_auc(base, s), "median": float(np.median(s)),
-                                 "flagged_fraction": float(model.flags(s).mean()),
-                                 "window_median_alarm": bool(np.median(s) > model.alarm_level)}
+        s, offsets = measure(frames)
+        case = {"frames": len(s), "auc": roc_auc(base, s), "median": float(np.median(s)),
+                "flagged_fraction": float(model.flags(s, offsets).mean()), "window_median_alarm": alarm(s, offsets)}
+        if offsets is not None and base_offsets is not None:
+            case |= {"offset_auc": roc_auc(base_offsets, offsets), "offset_median_um": float(np.median(offsets))}
+        report["cases"][name] = case
     return report

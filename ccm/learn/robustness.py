@@ -14,7 +14,8 @@ imaged again under each of these conditions and reconstructed by the unchanged b
 
 Each condition is scored with :class:`ccm.learn.metrics.MetricAccumulator`; where the bundle
 carries a forward-consistency model, each condition also reports the share of frames it flags
-(``flagged``): high for the moved conditions is the point — the user is told without ground truth.
+(``flagged``: the score or, with an aperture check, the cannula's offset on the sensor out of range):
+high for the moved conditions is the point — the user is told without ground truth.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def robustness(reconstructor: Reconstructor, data: Path, indices: np.ndarray, n:
             if condition == "rotation_1deg":
                 turned.update(torch.from_numpy(pred), torch.from_numpy(turn_images(targets[start:start + 64], 1.0)))
             if bundle.consistency is not None:
-                flagged += int(bundle.consistency.flags(bundle.consistency.score(x, pred)).sum())
+                flagged += int(bundle.consistency.flags(reconstructor.score(x, pred), reconstructor.offsets(x)).sum())
         result[condition] = scores.result(bundle.depths_um)["overall"]
         if condition == "rotation_1deg":
             result[condition]["pearson_vs_rotated_truth"] = turned.result(bundle.depths_um)["overall"]["pearson"]

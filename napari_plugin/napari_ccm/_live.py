@@ -632,14 +632,21 @@ class LiveWidget(QWidget):
                                    recalibrate=stats.recalibrate, alarms=stats.alarms)
         shown = _number(median) if median is not None else "–"
         trust = (f"consistency {shown} (calibrated: alarm above {_number(model.alarm_level)}, "
-                 f"frame threshold {_number(model.threshold)})" + (f" · alarms {stats.alarms}" if stats.alarms else ""))
+                 f"frame threshold {_number(model.threshold)})")
+        if model.aperture_check is not None:
+            offset = stats.aperture_offset_um
+            self.status_numbers.update(aperture_offset_um=offset, aperture_alarm_level_um=model.aperture_check.alarm_level_um)
+            trust += (f" · cannula offset {f'{offset:.1f}' if offset is not None else '–'} µm "
+                      f"(alarm above {model.aperture_check.alarm_level_um:.2f} µm)")
+        trust += f" · alarms {stats.alarms}" if stats.alarms else ""
         self.trust.setText(trust)
         self.trust.setStyleSheet(ALARM_STYLE if stats.recalibrate else "")
         self.alarm_label.setText(RECALIBRATE if stats.recalibrate else "")
         self.alarm_label.setVisible(bool(stats.recalibrate))
         if stats.recalibrate and stats.alarms > self._alarms_notified:  # once per alarm, not per tick
             self._alarms_notified = stats.alarms
-            show_warning(f"ccm live: {RECALIBRATE} (consistency {shown}, calibrated alarm level {_number(model.alarm_level)})")
+            offset = f", cannula offset {stats.aperture_offset_um:.1f} µm" if stats.aperture_offset_um is not None else ""
+            show_warning(f"ccm live: {RECALIBRATE} (consistency {shown}, calibrated alarm level {_number(model.alarm_level)}{offset})")
         return trust + (f" · {RECALIBRATE}" if stats.recalibrate else "")
 
     # --- classification --------------------------------------------------------------------------

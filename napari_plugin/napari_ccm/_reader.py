@@ -276,7 +276,7 @@ def _read_zarr(path: Path) -> list[tuple]:
     if array.dtype == np.uint16:  # [0, 65535] stands for [0, 1]
         kwargs["contrast_limits"] = (0, 65535)
     group = zarr.open_group(str(path), mode="r")
-    for name in ("timestamps_s", "consistency_score"):
+    for name in ("timestamps_s", "consistency_score", "aperture_offset_um"):
         if name in group:
             kwargs["metadata"][name] = np.asarray(group[name][...])
     return [layer]
