@@ -641,7 +641,10 @@ class LiveWidget(QWidget):
         trust += f" · alarms {stats.alarms}" if stats.alarms else ""
         self.trust.setText(trust)
         self.trust.setStyleSheet(ALARM_STYLE if stats.recalibrate else "")
-        self.alarm_label.setText(RECALIBRATE if stats.recalibrate else "")
+        moved = model.aperture_check is not None and stats.aperture_offset_um is not None \
+            and stats.aperture_offset_um > model.aperture_check.alarm_level_um
+        reason = f"\n(the cannula's image moved {stats.aperture_offset_um:.1f} µm on the camera since calibration)" if moved else ""
+        self.alarm_label.setText(RECALIBRATE + reason if stats.recalibrate else "")
         self.alarm_label.setVisible(bool(stats.recalibrate))
         if stats.recalibrate and stats.alarms > self._alarms_notified:  # once per alarm, not per tick
             self._alarms_notified = stats.alarms
