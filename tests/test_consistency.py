@@ -126,6 +126,8 @@ def test_aperture_offset_reads_how_far_the_cannula_moved_on_the_sensor(scored, t
         moved = check.offsets_um(preprocessor(move_on_sensor(held_out, pixel, shift_um=shift)))
         assert np.median(moved) == pytest.approx(shift, rel=0.2)
         assert roc_auc(still, moved) >= 0.99 and (moved > check.threshold_um).mean() >= 0.95
+    dark = np.random.default_rng(0).normal(0, 1, (4, *held_out.shape[1:])) + (bundle.dark if bundle.dark is not None else 0)  # lamp off
+    assert np.isnan(check.offsets_um(preprocessor(np.clip(dark, 0, None).astype(held_out.dtype)))).all()  # no offset, no alarm
     turned = check.offsets_um(preprocessor(move_on_sensor(held_out, pixel, rotation_deg=2.0)))
     assert np.median(turned) < check.threshold_um  # a turn about the axis leaves the disc where it was
     loaded = ccm.load_bundle(bundle.save(tmp_path / "with-aperture.safetensors"))
@@ -133,6 +135,15 @@ def test_aperture_offset_reads_how_far_the_cannula_moved_on_the_sensor(scored, t
     report = drift_report(bundle, held_out, shifts_um=(5.0,), rotations_deg=())
     case = report["cases"]["shift 5 µm"]
     assert case["offset_auc"] >= 0.99 and case["window_median_alarm"] and case["flagged_fraction"] >= 0.95
+
+
+def test_drift_alarm_leaves_out_frames_without_a_value():
+    from ccm.infer.consistency import DriftAlarm
+
+    alarm = DriftAlarm(level=1.0, window=10, min_frames=3)
+    assert not alarm.update([np.nan] * 5)  # dark frames: no offset, nothing to judge
+    assert alarm.median is None
+    assert alarm.update([2.0, np.nan, 2.0, 2.0]) and alarm.median == 2.0
 
 
 def test_roc_auc():
@@ -254,9 +265,9 @@ def test_the_confidence_file_never_replaces_an_input(scored, tmp_path):
     assert source.read_bytes() == before and not (tmp_path / "movie.ome.tif").exists()
 
 
-@pytest.mark.parametrize("case", ["tail", "ties", "bound_too_high", "any_rank"])
+@pytest.mark.parametrize("case", ["tail", "ties", "bound_too_high", "any_rank", "nan"])
 def test_order_statistic_is_exactly_the_partition(case):
-    rng = np.random.default_rng(["tail", "ties", "bound_too_high", "any_rank"].index(case))
+    rng = np.random.default_rng(["tail", "ties", "bound_too_high", "any_rank", "nan"].index(case))
     values = np.abs(rng.standard_normal((17, 5003))).astype(np.float32)
     k = int(0.99 * (values.shape[1] - 1))
     if case == "ties":  # a field that is mostly one value, as a dark reconstruction is
@@ -266,4 +277,6 @@ def test_order_statistic_is_exactly_the_partition(case):
         k = 1234
     if case == "any_rank":
         k = 1234
+    if case == "nan":  # NaNs sort last, as in a partition
+        values[3, 17] = np.nan
     np.testing.assert_array_equal(order_statistic(values, k), np.partition(values, k, axis=1)[:, k])

@@ -237,7 +237,7 @@ class LiveStats:
         trust = ""
         if self.consistency_window_median is not None:
             trust = (f"  consistency {self.consistency_window_median:.3g}"
-                     + (f"  offset {self.aperture_offset_um:.1f} µm" if self.aperture_offset_um is not None else "")
+                     + (f"  offset {self.aperture_offset_um:.2f} µm" if self.aperture_offset_um is not None else "")
                      + ("  ALARM: recalibrate (ccm calibrate → ccm train)" if self.recalibrate else ""))
         return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
                 f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}"

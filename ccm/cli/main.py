@@ -305,11 +305,12 @@ def _cmd_consistency(args: argparse.Namespace) -> None:
         model = fit_consistency(bundle, args.data, split)
         model.alarm_margin = args.alarm_margin
     out = dataclasses.replace(bundle, consistency=model, path=None).save(args.output)
-    print(f"wrote {out}: forward model fitted on {model.report['forward_fit']['pairs']} pairs; held-out score median "
+    fitted = model.report.get("forward_fit", {}).get("pairs", "?")
+    print(f"wrote {out}: forward model fitted on {fitted} pairs; held-out score median "
           f"{model.quantiles['0.5']:.3g}, 99.9th percentile {model.quantiles['0.999']:.3g} → frame threshold {model.threshold:.3g}, "
           f"alarm level {model.alarm_level:.3g}")
     if model.aperture_check is not None:
-        print(f"aperture check: held-out offsets median {model.aperture_check.quantiles['0.5']:.2f} µm, 99.9th percentile "
+        print(f"aperture check: calibration frames' offsets median {model.aperture_check.quantiles['0.5']:.2f} µm, 99.9th percentile "
               f"{model.aperture_check.quantiles['0.999']:.2f} µm → frame threshold {model.aperture_check.threshold_um:.2f} µm, "
               f"alarm level {model.aperture_check.alarm_level_um:.2f} µm")
     if args.report is not None:
@@ -627,8 +628,12 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         print(f"wrote {startup.run(repeats=args.repeats, quick=args.quick)}")
     if "alarm" in suites:
         from ccm.benchmarks import alarm
+        from ccm.infer.bundle import load_bundle
 
         for name in args.bundles:
+            if load_bundle(name, self_test=False).consistency is None:
+                print(f"alarm: skipped {name} (no forward-consistency model, so no alarm)")
+                continue
             seconds = args.seconds or (60 if args.quick else 600)
             output = args.output if suites == ["alarm"] and len(args.bundles) == 1 else None
             print(f"wrote {alarm.run(name, minutes=seconds / 60, output=output)}")
@@ -946,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "90th percentile (default: 2.0 — no false alarm in 9 minutes of a live simulated scene)")
     p.add_argument("--aperture-only", action="store_true",
                    help="keep the bundle's forward model and score range; only (re)calibrate the aperture check (where the "
-                        "cannula's disc of light sits on the sensor) from the stack's held-out frames")
+                        "cannula's disc of light sits on the sensor) from up to 400 frames of the stack (any frames of the "
+                        "device as calibrated: the check does not involve the network)")
     p.set_defaults(func=_cmd_consistency)
 
     p = sub.add_parser("models", help="list the shipped model bundles")

@@ -282,6 +282,8 @@ def order_statistic(values: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
     partitioned (a row where the bound turns out too high falls back to the whole row). For the score's
     99th percentile of ~13,000 pixels that is ~5× cheaper than partitioning the row."""
     n, p = values.shape
+    if np.isnan(values).any():  # NaNs sort last in a partition; the bound below would count them as small
+        return np.partition(values, k, axis=1)[:, k]
     above = p - 1 - k  # values after the k-th in sorted order
     out = np.empty(n, values.dtype)
     sample = values[:, ::stride]
@@ -362,8 +364,8 @@ class DriftAlarm:
         """How many times the alarm went from quiet to active."""
 
     def update(self, scores) -> bool:
-        """Add (N,) scores; returns whether the alarm is active."""
-        self._scores.extend(float(s) for s in np.ravel(scores))
+        """Add (N,) scores (NaN: a frame that could not be scored, left out); returns whether the alarm is active."""
+        self._scores.extend(float(s) for s in np.ravel(scores) if np.isfinite(s))
         del self._scores[:-self.window]
         active = len(self._scores) >= self.min_frames and float(np.median(self._scores)) > self.level
         if active and not self.active:

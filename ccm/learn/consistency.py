@@ -106,24 +106,27 @@ APERTURE_TABLE_UM = (0.5, 1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0)
 
 def fit_aperture_check(bundle: Bundle, raw: np.ndarray) -> ApertureCheck | None:
     """The aperture check of ``bundle``'s cannula (:mod:`ccm.infer.aperture`) from (N, H, W) raw frames of the
-    device as calibrated — held-out calibration frames: their mean band moment is the reference, their
-    offsets give the calibrated range, and the same frames moved on the sensor by :data:`APERTURE_TABLE_UM`
-    (:func:`ccm.physics.simulate.move_on_sensor`) give the table from moment to µm. None for a window (no rim)."""
+    device as calibrated: half of them (even positions) give the reference moment and the band's light, the
+    other half the calibrated range of offsets, and all of them moved on the sensor by
+    :data:`APERTURE_TABLE_UM` (:func:`ccm.physics.simulate.move_on_sensor`) the table from moment to µm.
+    None for a window (no rim)."""
     if not bundle.device.rotation_symmetric:
         return None
     preprocessor, pixel = bundle.preprocessor(), bundle.device.sensor.pixel_size_um
     quantiles = {str(q): 0.0 for q in QUANTILES}
-    check = ApertureCheck(preprocessor.aperture_circle(), (0.0, 0.0), (1.0, 2.0), (1.0, 2.0), quantiles)
-    reference = check.moments(preprocessor(raw)).mean()
+    check = ApertureCheck(preprocessor.aperture_circle(), (0.0, 0.0), (1.0, 2.0), (1.0, 2.0), quantiles, band_light=0.0)
+    x = preprocessor(raw)
+    moments, light = check.moments(x[0::2])
+    reference = moments.mean()
     table: list[tuple[float, float]] = []
     for shift in APERTURE_TABLE_UM:
-        distance = float(np.median(np.abs(check.moments(preprocessor(move_on_sensor(raw, pixel, shift_um=shift))) - reference)))
+        distance = float(np.median(np.abs(check.moments(preprocessor(move_on_sensor(raw, pixel, shift_um=shift)))[0] - reference)))
         if not table or distance > table[-1][0]:  # the moment saturates for large shifts: keep the increasing part
             table.append((distance, shift))
     check = ApertureCheck(check.circle, (float(reference.real), float(reference.imag)), tuple(d for d, _ in table),
-                          tuple(s for _, s in table), quantiles)
-    offsets = check.offsets_um(preprocessor(raw))
-    check.quantiles = {str(q): float(np.quantile(offsets, q)) for q in QUANTILES}
+                          tuple(s for _, s in table), quantiles, band_light=float(light.mean()))
+    offsets = check.offsets_um(x[1::2])
+    check.quantiles = {str(q): float(np.nanquantile(offsets, q)) for q in QUANTILES}
     return check
 
 
@@ -160,7 +163,7 @@ def drift_report(bundle: Bundle, raw: np.ndarray, others: dict[str, np.ndarray] 
 
     def alarm(scores: np.ndarray, offsets: np.ndarray | None) -> bool:
         return bool(np.median(scores) > model.alarm_level
-                    or (aperture is not None and offsets is not None and np.median(offsets) > aperture.alarm_level_um))
+                    or (aperture is not None and offsets is not None and np.nanmedian(offsets) > aperture.alarm_level_um))
 
     base, base_offsets = measure(raw)
     pixel = bundle.device.sensor.pixel_size_um
@@ -179,13 +182,15 @@ def drift_report(bundle: Bundle, raw: np.ndarray, others: dict[str, np.ndarray] 
                                   "flagged_fraction": float(model.flags(base, base_offsets).mean())},
               "threshold": model.threshold, "alarm_level": model.alarm_level, "cases": {}}
     if aperture is not None and base_offsets is not None:
-        report["in_distribution"]["offset_median_um"] = float(np.median(base_offsets))
+        report["in_distribution"]["offset_median_um"] = float(np.nanmedian(base_offsets))
         report |= {"offset_threshold_um": aperture.threshold_um, "offset_alarm_level_um": aperture.alarm_level_um}
     for name, frames in cases.items():
         s, offsets = measure(frames)
         case = {"frames": len(s), "auc": roc_auc(base, s), "median": float(np.median(s)),
                 "flagged_fraction": float(model.flags(s, offsets).mean()), "window_median_alarm": alarm(s, offsets)}
         if offsets is not None and base_offsets is not None:
-            case |= {"offset_auc": roc_auc(base_offsets, offsets), "offset_median_um": float(np.median(offsets))}
+            measured = offsets[np.isfinite(offsets)]  # frames too dark for an offset are left out
+            case |= {"offset_auc": roc_auc(base_offsets[np.isfinite(base_offsets)], measured),
+                     "offset_median_um": float(np.median(measured)) if len(measured) else None}
         report["cases"][name] = case
     return report

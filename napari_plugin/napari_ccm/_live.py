@@ -636,7 +636,7 @@ class LiveWidget(QWidget):
         if model.aperture_check is not None:
             offset = stats.aperture_offset_um
             self.status_numbers.update(aperture_offset_um=offset, aperture_alarm_level_um=model.aperture_check.alarm_level_um)
-            trust += (f" · cannula offset {f'{offset:.1f}' if offset is not None else '–'} µm "
+            trust += (f" · cannula offset {f'{offset:.2f}' if offset is not None else '–'} µm "
                       f"(alarm above {model.aperture_check.alarm_level_um:.2f} µm)")
         trust += f" · alarms {stats.alarms}" if stats.alarms else ""
         self.trust.setText(trust)
@@ -648,7 +648,7 @@ class LiveWidget(QWidget):
         self.alarm_label.setVisible(bool(stats.recalibrate))
         if stats.recalibrate and stats.alarms > self._alarms_notified:  # once per alarm, not per tick
             self._alarms_notified = stats.alarms
-            offset = f", cannula offset {stats.aperture_offset_um:.1f} µm" if stats.aperture_offset_um is not None else ""
+            offset = f", cannula offset {stats.aperture_offset_um:.2f} µm" if stats.aperture_offset_um is not None else ""
             show_warning(f"ccm live: {RECALIBRATE} (consistency {shown}, calibrated alarm level {_number(model.alarm_level)}{offset})")
         return trust + (f" · {RECALIBRATE}" if stats.recalibrate else "")
 
