@@ -170,3 +170,16 @@ def test_confidence_map_grows_where_the_frame_is_not_explained(tiny_bundle):
 
     moved = move_on_sensor(raw, bundle.device.sensor.pixel_size_um, shift_um=3 * bundle.device.sensor.pixel_size_um)
     assert mean_map(moved) > 1.5 * mean_map(raw)
+
+
+@pytest.mark.parametrize("taps", ["input", "target", "output"])
+def test_exported_grid_sampling_takes_the_same_taps_as_the_gather(tiny_bundle, taps):
+    """ONNX exports sample rings with GridSample (cheaper in ONNX Runtime); it must equal the precomputed taps."""
+    from ccm.infer.linear import gather_sample
+
+    basis = tiny_bundle[0].model().linear.basis
+    spec = basis.spec
+    shape = {"input": spec.in_shape, "target": spec.out_shape, "output": (spec.n_rings_target, spec.n_angles)}[taps]
+    x = torch.rand(3, 1, *shape, generator=torch.Generator().manual_seed(0))
+    expected = gather_sample(x, getattr(basis, f"{taps}_index"), getattr(basis, f"{taps}_weight"))
+    np.testing.assert_allclose(basis._grid_sample(x, taps).numpy(), expected.numpy(), atol=5e-5)

@@ -29,6 +29,9 @@ from ccm.infer.bundle import Bundle
 from ccm.resources import cache_dir
 
 CALIBRATION_FRAMES = 64
+GRAPH_VERSION = 2
+"""Part of the cached file's name: a change in how models are exported (2: ring sampling as GridSample)
+is not served an older export of the same bundle."""
 INT8_MAX_MEAN_ERROR = 0.01
 """An int8 model whose output differs from PyTorch's by more than this on average (values in [0, 1])
 is refused: the default 2D bundle differs by 0.001, the 3D bundle by 0.055 (its SSIM falls to 0.07)."""
@@ -140,7 +143,7 @@ def cached_onnx(bundle: Bundle, precision: str = "fp32", frames: np.ndarray | No
 
     ``frames`` : (N, H, W) raw frames, needed for int8 when nothing is cached yet (the calibration set).
     """
-    path = cache_dir("onnx") / f"{bundle.name}-{bundle.digest}-{precision}.onnx"
+    path = cache_dir("onnx") / f"{bundle.name}-{bundle.digest}-{precision}-g{GRAPH_VERSION}.onnx"
     if not path.exists():
         export_onnx(bundle, path, precision, frames[:CALIBRATION_FRAMES] if frames is not None else None)
     return path

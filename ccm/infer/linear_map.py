@@ -57,23 +57,28 @@ def polar_geometry(spec: LinearSpec) -> dict[str, np.ndarray]:
 
     ``input_index``/``input_weight`` (R_in·A, 4) and ``target_index``/``target_weight`` (R_out·A, 4):
     taps of the rings on the input and target images; ``output_index``/``output_weight`` (h·w, 4): taps
-    of each target pixel in the (R_out, A) polar image, 0 outside the field of view; ``dft`` (A, 2M)
+    of each target pixel in the (R_out, A) polar image, 0 outside the field of view; ``input_grid``
+    (1, R_in, A, 2), ``target_grid`` (1, R_out, A, 2) and ``output_grid`` (1, h, w, 2): the same sample points as
+    ``grid_sample`` grids (x, y in [−1, 1], corners not aligned; the output's on the polar image with its first
+    angle repeated as an (A+1)-th column, so no wrap is needed) and ``output_mask`` (h, w): the field of view;
+    ``dft`` (A, 2M)
     and ``idft`` (2M, A): real DFT matrices, real parts before imaginary ones; ``error_weight``
     (M, D·R_out): Parseval × ring-area weights of the fit's error.
     """
     a = spec.n_angles
     angles = 2 * np.pi * np.arange(a) / a
 
-    def ring_taps(circle, n, shape):  # n rings × A angles, centre-of-pixel coordinates → taps
+    def ring_points(circle, n):  # n rings × A angles, continuous coordinates (pixel i spans [i, i + 1])
         row, col, radius = circle
         r = (np.arange(n) + 0.5) / n * radius
-        rows, cols = row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
-        return bilinear_taps(rows.ravel() - 0.5, cols.ravel() - 0.5, shape)
+        return row + r[:, None] * np.sin(angles), col + r[:, None] * np.cos(angles)
 
     out = {}
-    for name, taps in (("input", ring_taps(spec.input_circle, spec.n_rings_input, spec.in_shape)),
-                       ("target", ring_taps(spec.target_circle, spec.n_rings_target, spec.out_shape))):
-        out[f"{name}_index"], out[f"{name}_weight"] = taps
+    for name, circle, n, shape in (("input", spec.input_circle, spec.n_rings_input, spec.in_shape),
+                                   ("target", spec.target_circle, spec.n_rings_target, spec.out_shape)):
+        rows, cols = ring_points(circle, n)
+        out[f"{name}_index"], out[f"{name}_weight"] = bilinear_taps(rows.ravel() - 0.5, cols.ravel() - 0.5, shape)
+        out[f"{name}_grid"] = _grid(rows, cols, shape)
     # target pixel centres → (ring, angle) of the polar image; angles wrap, outside the field of view is 0
     h, w = spec.out_shape
     row, col, radius = spec.target_circle
@@ -83,6 +88,8 @@ def polar_geometry(spec: LinearSpec) -> dict[str, np.ndarray]:
     v = np.clip(rr / radius * spec.n_rings_target - 0.5, 0, spec.n_rings_target - 1)
     index, weight = bilinear_taps(v.ravel(), u.ravel(), (spec.n_rings_target, a), wrap_cols=True)
     out["output_index"], out["output_weight"] = index, weight * (rr <= radius).ravel()[:, None].astype(np.float32)
+    out["output_grid"] = _grid(v + 0.5, u + 0.5, (spec.n_rings_target, a + 1))  # on the polar image, first angle repeated last
+    out["output_mask"] = (rr <= radius).astype(np.float32)
     # real DFT matrices: the angular transform is a plain matrix product, so the stage exports to ONNX
     # and costs little at these sizes (A ≤ a few hundred)
     m = np.arange(spec.max_frequency + 1)
@@ -94,6 +101,13 @@ def polar_geometry(spec: LinearSpec) -> dict[str, np.ndarray]:
     ring_weight = np.tile(np.arange(spec.n_rings_target) + 0.5, spec.out_channels)
     out["error_weight"] = np.outer(freq_weight, ring_weight)
     return out
+
+
+def _grid(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Continuous sample coordinates (pixel i spans [i, i + 1]) in an image of ``shape`` → a (1, *rows.shape, 2)
+    float32 ``grid_sample`` grid (x then y, −1 and 1 at the image's outer edges)."""
+    h, w = shape
+    return np.stack([2 * cols / w - 1, 2 * rows / h - 1], -1)[None].astype(np.float32)
 
 
 def pixel_index(spec: LinearSpec) -> np.ndarray:
