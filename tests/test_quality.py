@@ -183,3 +183,24 @@ def test_exported_grid_sampling_takes_the_same_taps_as_the_gather(tiny_bundle, t
     x = torch.rand(3, 1, *shape, generator=torch.Generator().manual_seed(0))
     expected = gather_sample(x, getattr(basis, f"{taps}_index"), getattr(basis, f"{taps}_weight"))
     np.testing.assert_allclose(basis._grid_sample(x, taps).numpy(), expected.numpy(), atol=5e-5)
+
+
+def test_consistency_aperture_only_keeps_the_forward_model_and_never_overwrites_its_input(tiny_bundle, tmp_path):
+    import shutil
+
+    from ccm.infer.bundle import load_bundle
+
+    bundle, _, folder = tiny_bundle
+    source = tmp_path / "in.safetensors"
+    out = tmp_path / "refit.safetensors"
+    assert main(["consistency", "--bundle", str(bundle.path), "--data", str(folder / "train.h5"), "-o", str(out)]) == 0
+    shutil.copy(out, source)
+    before = source.read_bytes()
+    assert main(["consistency", "--bundle", str(source), "--data", str(folder / "train.h5"), "--aperture-only",
+                 "-o", str(source)]) != 0  # the bundle it reads is never replaced
+    assert source.read_bytes() == before
+    again = tmp_path / "aperture.safetensors"
+    assert main(["consistency", "--bundle", str(source), "--data", str(folder / "train.h5"), "--aperture-only", "-o", str(again)]) == 0
+    fitted, refit = load_bundle(source).consistency, load_bundle(again).consistency
+    assert refit.quantiles == fitted.quantiles and refit.aperture_check is not None
+    np.testing.assert_array_equal(refit._buffers["weight"], fitted._buffers["weight"])

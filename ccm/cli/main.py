@@ -277,6 +277,11 @@ def _cmd_consistency(args: argparse.Namespace) -> None:
     from ccm.physics.simulate import own_device_pairs
 
     bundle = load_bundle(args.bundle)
+    from ccm.io.atomic import refuse_output_over_inputs
+
+    for output in (args.output, args.report) if args.report is not None else (args.output,):
+        # the new bundle is written beside, never over, the bundle or the stacks it comes from
+        refuse_output_over_inputs(output, [p for p in (bundle.path, args.data, args.report_data) if p is not None])
     with CalibrationStack(args.data) as stack:
         if stack.fingerprint != bundle.fingerprint:
             raise UsageError(f"{args.data} was recorded with device {stack.device.name} ({stack.fingerprint}); "
