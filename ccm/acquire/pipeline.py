@@ -12,11 +12,17 @@
 
 Statistics: frames received, reconstructed and dropped, frames/s, and frame-to-result latency
 (from the frame's read-out timestamp to its volume being ready), median and p95.
+
+Garbage collection: while a pipeline runs, the objects that existed when it started are left out of
+Python's collections (:func:`gc.freeze`, undone when the last running pipeline stops). A full
+collection stops every Python thread; in a napari viewer (a heap of ~280,000 objects) each took
+~190 ms — the GUI frozen and frames waiting — and with the heap frozen it takes ~2 ms.
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import queue
@@ -301,10 +307,17 @@ class LivePipeline:
     # --- control ---------------------------------------------------------------------------------
 
     def start(self) -> LivePipeline:
+        _freeze_heap(self)
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._reconstruct_loop, name="ccm-live-reconstruct", daemon=True)
         self._thread.start()
-        self.source.start(self._on_frame, self._on_error)
+        try:
+            self.source.start(self._on_frame, self._on_error)
+        except BaseException:  # a camera that will not start a sequence: nothing runs
+            self.ring.close()
+            self._thread.join()
+            _thaw_heap(self)
+            raise
         return self
 
     def stop(self) -> LiveStats:
@@ -313,8 +326,11 @@ class LivePipeline:
         self.ring.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        self.stop_recording("stopped" if self.error is None else f"error: {self.error}")
-        self._stopped.set()
+        try:
+            self.stop_recording("stopped" if self.error is None else f"error: {self.error}")
+        finally:
+            self._stopped.set()
+            _thaw_heap(self)
         return self.stats()
 
     def wait(self, seconds: float, every_s: float | None = None, report: Callable[[LiveStats], None] | None = None) -> bool:
@@ -433,6 +449,26 @@ class LivePipeline:
             self.error = err
             self.ring.close()
             threading.Thread(target=self.stop, name="ccm-live-stop", daemon=True).start()
+
+
+_HEAP_FROZEN_BY: set[int] = set()
+_HEAP_LOCK = threading.Lock()
+
+
+def _freeze_heap(pipeline: LivePipeline) -> None:
+    """Leave every object that exists now out of later garbage collections, while ``pipeline`` runs."""
+    with _HEAP_LOCK:
+        gc.freeze()
+        _HEAP_FROZEN_BY.add(id(pipeline))
+
+
+def _thaw_heap(pipeline: LivePipeline) -> None:
+    """``pipeline`` stopped: once no pipeline runs, collections see the whole heap again."""
+    with _HEAP_LOCK:
+        if id(pipeline) in _HEAP_FROZEN_BY:
+            _HEAP_FROZEN_BY.discard(id(pipeline))
+            if not _HEAP_FROZEN_BY:
+                gc.unfreeze()
 
 
 def recording_path(folder: Path) -> Path:

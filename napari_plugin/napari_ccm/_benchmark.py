@@ -14,7 +14,25 @@ the moment it runs:
   (the frame is the pipeline's newest when the layer changed);
 - ``gui_blocked_ms_max``: the longest the GUI thread did not run a 10 ms heartbeat ``QTimer`` (the
   largest gap between two of its ticks) while live, with the 99th percentile gap and the count of gaps
-  over 100 ms; ``gui_blocked_ms_max_start``: the same from the Start click until the pipeline runs.
+  over 100 ms; ``gui_blocked_ms_max_start``: the same from the Start click until the pipeline runs;
+- ``cpu_cores``: where the CPU went while live, per thread group in cores (1.0 = one core busy): the GUI
+  thread, Mesa's llvmpipe render threads (software OpenGL; none on a GPU), the reconstruction and the
+  camera threads, the rest, and the total (Linux ``/proc``; None elsewhere);
+- ``display_cost``: what one canvas redraw costs on this machine's OpenGL, measured after the pipeline
+  stopped (nothing else running) by ``DISPLAY_COST_REDRAWS`` redraws of the viewer as live left it, each
+  with new data in both layers as a live tick puts it: CPU of the whole process (GUI thread plus render
+  threads) and of the GUI thread per redraw, wall time per redraw, the same CPU for an empty
+  ``QOpenGLWidget`` in a window of the viewer's size (Qt's composition and the buffer swap: the floor
+  any GL canvas pays), and ``cores_at_target``: the cores the display alone needs at the target's
+  redraws/s (compare ``cpu_cores`` of the reconstruction and camera, and the machine's cores).
+
+One more case, ``split`` (for the first bundle), measures what the live pipeline reaches when it does not
+share an interpreter — and so a GIL — with the viewer: ``ccm live`` (the same simulated camera, bundle and
+backend) runs in its own process while a viewer like the cases' one (the Live widget docked, not started)
+shows new frames in two layers of the live shapes ``TARGETS['redraws_per_s_min']`` times a second. It reports
+the pipeline's dropped frames and latency (from ``ccm live --json``), the viewer's redraws/s and GUI gaps,
+and the CPU of both processes. The Live widget does not run this way; the case says what moving the pipeline
+to a process of its own would give on this machine.
 
 The report has the date, the machine, the versions (ccm's set plus napari, vispy, the Qt binding and
 the OpenGL renderer), the run count (one run of ``seconds`` per bundle), the targets and whether each
@@ -35,6 +53,8 @@ from pathlib import Path
 import numpy as np
 
 BUNDLES = ("cannula-220um-2d", "cannula-220um-3d")
+DISPLAY_COST_REDRAWS = 60
+"""Redraws timed for ``display_cost``."""
 HEARTBEAT_MS = 10
 """The GUI-thread heartbeat: a gap much longer than this between ticks is time the GUI thread was busy."""
 START_TIMEOUT_S = 600.0
@@ -78,6 +98,13 @@ def run(output: Path | None = None, bundles: tuple[str, ...] = BUNDLES, seconds:
             report["versions"].update(entry.pop("versions", {}))
             report["cases"].append(entry)
             log(_summary(entry))
+        split = {"split": True, "bundle": bundles[0], "seconds": seconds, "fps": fps, "backend": backend or "onnx"}
+        result = subprocess.run([sys.executable, "-m", "napari_ccm._benchmark", json.dumps(split)], capture_output=True,
+                                text=True, env=env, timeout=START_TIMEOUT_S + seconds + 120)
+        lines = result.stdout.strip().splitlines()
+        report["split"] = json.loads(lines[-1]) if result.returncode == 0 and lines else \
+            {"bundle": bundles[0], "error": (result.stderr.strip() or result.stdout.strip())[-1500:]}
+        log(_split_summary(report["split"]))
     finally:
         if xvfb is not None:
             xvfb.terminate()
@@ -92,9 +119,102 @@ def run(output: Path | None = None, bundles: tuple[str, ...] = BUNDLES, seconds:
 def _summary(entry: dict) -> str:
     if entry.get("error"):
         return f"napari {entry['bundle']}: error: {entry['error'].splitlines()[-1]}"
-    return (f"napari {entry['bundle']} ({entry['backend']}): dropped {entry['dropped']} of {entry['received']}, "
+    line = (f"napari {entry['bundle']} ({entry['backend']}): dropped {entry['dropped']} of {entry['received']}, "
             f"redraws {entry['redraws_per_s']:.1f}/s, latency median {entry['latency_ms_median']:.1f} ms "
             f"(p95 {entry['latency_ms_p95']:.1f}), GUI blocked at most {entry['gui_blocked_ms_max']:.0f} ms")
+    cost = entry.get("display_cost")
+    if cost:
+        line += (f"; a redraw costs {cost['cpu_ms_per_redraw']:.0f} ms of CPU (an empty GL window "
+                 f"{cost['bare_gl_cpu_ms_per_redraw']:.0f} ms): {TARGETS['redraws_per_s_min']:.0f} redraws/s need "
+                 f"{cost['cores_at_target']:.2f} cores")
+    return line
+
+
+def _split_summary(entry: dict) -> str:
+    if entry.get("error"):
+        return f"napari, pipeline in its own process ({entry['bundle']}): error: {entry['error'].splitlines()[-1]}"
+    return (f"napari, pipeline in its own process ({entry['bundle']}): dropped {entry['dropped']} of {entry['received']}, "
+            f"latency median {entry['latency_ms_median']:.1f} ms (p95 {entry['latency_ms_p95']:.1f}), "
+            f"redraws {entry['redraws_per_s']:.1f}/s, GUI blocked at most {entry['gui_blocked_ms_max']:.0f} ms")
+
+
+def run_split_case(bundle: str, seconds: float, fps: float, backend: str) -> dict:
+    """``ccm live`` in a child process and, in this one (which must have a display), a viewer redrawing two
+    layers of the live shapes at the target rate: the numbers of the ``split`` case."""
+    import resource
+
+    import napari
+    from qtpy.QtCore import Qt, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    import ccm
+    from napari_ccm._common import reconstruction_layer_kwargs, show_in_place
+
+    loaded = ccm.load_bundle(bundle, self_test=False)
+    viewer = napari.Viewer(title="ccm benchmark")
+    viewer.window._qt_window.resize(1500, 850)
+    viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")  # docked as in the cases (the canvas's size)
+    raw_um = float(loaded.device.sensor.pixel_size_um)
+    frame = loaded.sample_raw
+    raw = viewer.add_image(np.array(frame), name="raw", scale=(raw_um, raw_um), units=("µm", "µm"), colormap="gray",
+                           translate=(0.0, -(frame.shape[1] * raw_um + 20.0)))
+    data, kwargs = reconstruction_layer_kwargs(loaded, np.array(loaded.sample_output))
+    kwargs["name"] = "reconstruction"
+    recon = viewer.add_image(np.array(data), **kwargs)
+    viewer.reset_view()
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    command = [sys.executable, "-m", "ccm.cli", "live", "--source", "sim", "--bundle", bundle, "--seconds", str(seconds),
+               "--fps", str(fps), "--backend", backend, "--json"]
+    live = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    beats: list[float] = []
+    draws: list[float] = []
+    shown = {"k": 0, "ended": None}
+    canvas.events.draw.connect(lambda _event: draws.append(time.monotonic()))
+
+    def show() -> None:  # new data in both layers, as a live tick puts it
+        shown["k"] += 1
+        show_in_place(raw, np.roll(frame, shown["k"], axis=-1), thumbnail=False)
+        show_in_place(recon, np.roll(data, shown["k"], axis=-1), thumbnail=False)
+
+    def tick() -> None:
+        beats.append(time.monotonic())
+        if live.poll() is not None:
+            shown["ended"] = time.monotonic()
+            heartbeat.stop()
+            display.stop()
+            viewer.close()
+            QApplication.instance().quit()
+
+    display = QTimer()
+    display.setInterval(int(1000 / TARGETS["redraws_per_s_min"]))
+    display.timeout.connect(show)
+    heartbeat = QTimer()
+    heartbeat.setTimerType(Qt.TimerType.PreciseTimer)
+    heartbeat.setInterval(HEARTBEAT_MS)
+    heartbeat.timeout.connect(tick)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    started, cpu = time.monotonic(), usage.ru_utime + usage.ru_stime
+    display.start()
+    heartbeat.start()
+    QApplication.instance().exec_()
+    ended = shown["ended"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    viewer_cores = (usage.ru_utime + usage.ru_stime - cpu) / (time.monotonic() - started)
+    out, err = live.communicate()
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if live.returncode != 0:
+        return {"bundle": bundle, "error": f"{' '.join(command)} failed: {err.strip()[-1000:]}"}
+    stats = json.loads(out)
+    gaps_ms = np.diff(np.asarray(beats)) * 1e3
+    window = ended - started
+    return {"bundle": bundle, "backend": backend, "error": None, "command": " ".join(command[2:]), "seconds": round(window, 2),
+            "received": stats["received"], "reconstructed": stats["reconstructed"], "dropped": stats["dropped"],
+            "reconstruction_fps": round(stats["frames_per_s"], 1), "latency_ms_median": _round(stats["latency_ms_median"]),
+            "latency_ms_p95": _round(stats["latency_ms_p95"]), "display_hz_set": TARGETS["redraws_per_s_min"],
+            "redraws_per_s": round(len(draws) / window, 1), "gui_blocked_ms_max": _round(float(gaps_ms.max())),
+            "gui_gap_ms_p99": _round(float(np.percentile(gaps_ms, 99))), "gui_gaps_over_100ms": int((gaps_ms > 100).sum()),
+            "cpu_cores": {"viewer": round(viewer_cores, 3),
+                          "live_process": round((child.ru_utime + child.ru_stime) / window, 3)}}
 
 
 def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> dict:
@@ -118,7 +238,7 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
     updates: list[float] = []  # of each new frame the widget put in the layers, while live
     draws: list[float] = []  # of each canvas draw while live
     to_display: list[float] = []  # seconds from a frame's readout to the first draw showing it
-    state: dict = {"running": None, "pending": None, "renderer": None, "result": None}
+    state: dict = {"running": None, "pending": None, "renderer": None, "result": None, "cpu": None}
 
     def on_shown(frame) -> None:  # the widget put a new frame in the layers
         updates.append(time.monotonic())
@@ -141,8 +261,12 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
         heartbeat.stop()
         stats = widget.pipeline.stats() if widget.pipeline is not None else None
         ended = time.monotonic()
+        cpu = _cpu_shares(state["cpu"], thread_cpu_s(), ended - state["running"]) if state["running"] is not None else None
         widget.stop()
         state["result"] = _numbers(widget, stats, beats, updates, draws, to_display, clicked, state["running"], ended, error)
+        if state["running"] is not None:
+            state["result"]["cpu_cores"] = cpu
+            state["result"]["display_cost"] = display_cost(viewer, widget, TARGETS["redraws_per_s_min"])
         viewer.close()
         QApplication.instance().quit()
 
@@ -153,6 +277,7 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
             finish(widget.last_error)
         elif state["running"] is None and widget.running:
             state["running"] = now
+            state["cpu"] = thread_cpu_s()
             widget.frame_shown.connect(on_shown)
         elif state["running"] is None and now - clicked > START_TIMEOUT_S:
             finish(f"the Live widget did not start within {START_TIMEOUT_S:.0f} s")
@@ -212,10 +337,111 @@ def _numbers(widget, stats, beats: list[float], updates: list[float], draws: lis
     return entry
 
 
+def thread_cpu_s() -> dict[str, float] | None:
+    """CPU seconds (user + system) used so far by this process's threads, summed per group: ``gui`` (the
+    main thread), ``opengl`` (Mesa's llvmpipe render threads), ``reconstruction`` and ``camera`` (ccm's
+    live threads, by their Python names), ``other``. None where there is no ``/proc`` (not Linux)."""
+    import threading
+
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    groups = {"gui": 0.0, "opengl": 0.0, "reconstruction": 0.0, "camera": 0.0, "other": 0.0}
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        tid, comm = int(task.name), stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on: utime and stime are fields 14 and 15
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        name = python_names.get(tid, "")
+        group = ("gui" if tid == os.getpid() else "opengl" if comm.startswith("llvmpipe")
+                 else "reconstruction" if name == "ccm-live-reconstruct" else "camera" if name.endswith("-camera") else "other")
+        groups[group] += seconds
+    return groups
+
+
+def _cpu_shares(before: dict | None, after: dict | None, seconds: float) -> dict | None:
+    """Cores used per thread group between two :func:`thread_cpu_s` snapshots ``seconds`` apart (threads that
+    ended in between are not counted)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    shares = {group: round(max(0.0, after[group] - before[group]) / seconds, 3) for group in after}
+    shares["total"] = round(sum(shares.values()), 3)
+    return shares
+
+
+def display_cost(viewer, widget, redraws_per_s: float, redraws: int = DISPLAY_COST_REDRAWS) -> dict:
+    """What a redraw of ``viewer``'s canvas costs here, with the pipeline stopped: ``redraws`` redraws, each
+    after new data went into the Live layers as a tick puts it; and the same for an empty ``QOpenGLWidget``
+    in a window of the viewer's size. Times in ms per redraw; ``cores_at_target``: the process CPU per redraw
+    × ``redraws_per_s``."""
+    import resource
+
+    from qtpy.QtOpenGLWidgets import QOpenGLWidget
+    from qtpy.QtWidgets import QApplication
+
+    from napari_ccm._common import show_in_place
+
+    app = QApplication.instance()
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    layers = [layer for layer in (widget.raw_layer, widget.recon_layer) if layer is not None]
+    frames = {layer.name: np.array(layer.data) for layer in layers}
+
+    def process_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def timed(redraw, count: int) -> tuple[float, float, float, int]:
+        """(process CPU, GUI-thread CPU, wall) in ms per redraw, and the draws seen."""
+        for _ in range(5):  # settle: pending events, first uploads
+            redraw(0)
+            app.processEvents()
+        cpu, gui, wall = process_cpu(), time.thread_time(), time.perf_counter()
+        for k in range(count):
+            redraw(k)
+            app.processEvents()
+        return ((process_cpu() - cpu) / count * 1e3, (time.thread_time() - gui) / count * 1e3,
+                (time.perf_counter() - wall) / count * 1e3, count)
+
+    def napari_redraw(k: int) -> None:
+        for layer in layers:  # new data each time (as live), so every redraw uploads both textures
+            show_in_place(layer, np.roll(frames[layer.name], k + 1, axis=-1), thumbnail=False)
+        canvas.update()
+
+    drawn: list[int] = []
+    canvas.events.draw.connect(lambda _event: drawn.append(1))
+    cpu_ms, gui_ms, wall_ms, count = timed(napari_redraw, redraws)
+    seen = len(drawn)
+
+    class Empty(QOpenGLWidget):
+        def paintGL(self) -> None:
+            functions = self.context().functions()
+            functions.glClearColor(0.0, 0.0, 0.0, 1.0)
+            functions.glClear(0x4000)  # GL_COLOR_BUFFER_BIT
+
+    empty = Empty()
+    empty.resize(viewer.window._qt_window.size())
+    empty.show()
+    bare_cpu_ms, _, bare_wall_ms, _ = timed(lambda _k: empty.update(), redraws)
+    empty.close()
+    width, height = canvas.physical_size
+    return {"redraws": count, "draws_seen": seen, "canvas_px": [int(width), int(height)],
+            "cpu_ms_per_redraw": _round(cpu_ms), "gui_thread_ms_per_redraw": _round(gui_ms), "wall_ms_per_redraw": _round(wall_ms),
+            "bare_gl_cpu_ms_per_redraw": _round(bare_cpu_ms), "bare_gl_wall_ms_per_redraw": _round(bare_wall_ms),
+            "cores_at_target": _round(cpu_ms * redraws_per_s / 1e3)}
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
 if __name__ == "__main__":  # one case in a fresh interpreter (run() starts these)
     case = json.loads(sys.argv[1])
-    print(json.dumps(run_case(case["bundle"], case["seconds"], case["fps"], case["backend"])))
+    if case.get("split"):
+        print(json.dumps(run_split_case(case["bundle"], case["seconds"], case["fps"], case["backend"])))
+    else:
+        print(json.dumps(run_case(case["bundle"], case["seconds"], case["fps"], case["backend"])))
