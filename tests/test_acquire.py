@@ -132,6 +132,49 @@ def test_frames_from_another_device_are_refused(tiny_bundle, tiny_window):
         LivePipeline(SimulatedSource(tiny_window, fps=50), Reconstructor(tiny_bundle[0]))
 
 
+def test_pipeline_in_a_process_of_its_own(tiny_bundle, tmp_path):
+    """The simulated camera and the model in a child process (as napari's Live widget runs them): results
+    through shared memory equal the Reconstructor's, a recording, stats; a camera that disconnects stops
+    it with the camera's error and keeps the recording; stop ends the child; a refusal is one error."""
+    import multiprocessing
+
+    import yaml
+    from conftest import tiny_cannula_dict
+
+    from ccm import InferenceOptions
+    from ccm.acquire.pipeline_process import PipelineProcess, SimulatedCameraSpec
+
+    device_file = tmp_path / "tiny.yaml"
+    device_file.write_text(yaml.safe_dump(tiny_cannula_dict()))
+    bundle = tiny_bundle[0]
+    options = InferenceOptions(backend="torch")
+    camera = SimulatedCameraSpec(str(device_file), fps=100, exposure_ms=5, fail_after=150)
+    made = []  # made in a thread that then ends, as a viewer's start worker does: the child must live on
+    maker = threading.Thread(target=lambda: made.append(PipelineProcess(camera, bundle, str(bundle.path), options, batch_size=4)))
+    maker.start()
+    maker.join()
+    (pipeline,) = made
+    assert pipeline.source.frame_shape == (48, 48) and pipeline.reconstructor.output_shape == (1, 24, 24)
+    assert pipeline.latest() is None and pipeline.error is None
+    pipeline.start()
+    recording = pipeline.record(tmp_path / "live.h5")
+    assert pipeline.wait(60) is False  # the camera disconnected after 150 frames
+    frame, volume = pipeline.latest()
+    np.testing.assert_allclose(volume, Reconstructor(bundle)(frame.image)[0], atol=1e-5)
+    assert isinstance(pipeline.error, SourceError) and "disconnected after 150 frames" in str(pipeline.error)
+    stats = pipeline.stop()
+    assert stats.received == 150 and stats.reconstructed + stats.dropped == 150 and stats.recorded > 0
+    assert not multiprocessing.active_children()
+    with h5py.File(recording) as f:
+        assert f.attrs["frames_written"] == len(f["raw"]) == stats.recorded and "disconnected" in f.attrs["stop_reason"]
+    assert pipeline.stop() is stats  # stopping again changes nothing
+
+    other = SimulatedCameraSpec("window-see-through", fps=50, exposure_ms=5)
+    with pytest.raises(SourceError, match="expects"):  # frames of another device: refused before anything runs
+        PipelineProcess(other, bundle, str(bundle.path), options)
+    assert not multiprocessing.active_children()
+
+
 def test_live_command_line(tiny_bundle, tmp_path, capsys):
     import yaml
     from conftest import tiny_cannula_dict

@@ -150,7 +150,11 @@ def _live_widget(viewer):
 
 
 def _ccm_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("ccm-") and t.is_alive()]
+    """ccm's live threads and child processes still running."""
+    import multiprocessing
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("ccm-") and t.is_alive()] + \
+        [p.name for p in multiprocessing.active_children() if p.name.startswith("ccm-")]
 
 
 @pytest.fixture
@@ -173,13 +177,16 @@ def errors():
 
 def test_live_simulated_camera(make_napari_viewer, qtbot, tmp_path):
     import ccm
+    from ccm.acquire.pipeline_process import PipelineProcess
 
     viewer = make_napari_viewer()
     widget = _live_widget(viewer)
     widget.record_folder.setText(str(tmp_path / "recordings"))
+    widget.fps.setValue(50)  # "nothing dropped" below must hold beside the other test worker's training (CI, 2 cores)
     widget.start()
     qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
     assert widget.last_error is None
+    assert isinstance(widget.pipeline, PipelineProcess) and _ccm_threads() == ["ccm-live-process"]  # camera and model
     raw, recon = viewer.layers["raw"], viewer.layers["reconstruction"]
     assert raw.data.shape == (256, 256) and raw.data.dtype == np.uint16
     assert recon.data.shape == (128, 128)
@@ -239,6 +246,7 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
     viewer = make_napari_viewer()
     widget = _live_widget(viewer)
     assert widget.bundle.currentText() == "cannula-220um-2d"
+    widget.own_process.setChecked(False)  # in this process: the test moves the simulated cannula mid-run
     widget.start()
     qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
     model = widget.pipeline.consistency

@@ -272,11 +272,7 @@ class LivePipeline:
                  on_result: Callable[[list[Frame], np.ndarray], None] | None = None, score_every: int = 4,
                  alarm_window: int = 25, classifier=None):
         bundle = reconstructor.bundle
-        if tuple(source.frame_shape) != tuple(bundle.device.sensor.shape):
-            raise SourceError(f"{source.name} gives {source.frame_shape[0]}×{source.frame_shape[1]} frames, but bundle "
-                              f"{bundle.label} expects {tuple(bundle.device.sensor.shape)} from {bundle.device.name}'s sensor")
-        if source.device is not None:
-            bundle.check_device(source.device, source.name)
+        check_camera(source.name, source.frame_shape, source.device, bundle)
         self.source, self.reconstructor, self.max_batch, self.on_result = source, reconstructor, max_batch, on_result
         self.ring = FrameRing(ring_frames)
         self.error: BaseException | None = None
@@ -307,7 +303,7 @@ class LivePipeline:
     # --- control ---------------------------------------------------------------------------------
 
     def start(self) -> LivePipeline:
-        _freeze_heap(self)
+        freeze_heap(self)
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._reconstruct_loop, name="ccm-live-reconstruct", daemon=True)
         self._thread.start()
@@ -316,7 +312,7 @@ class LivePipeline:
         except BaseException:  # a camera that will not start a sequence: nothing runs
             self.ring.close()
             self._thread.join()
-            _thaw_heap(self)
+            thaw_heap(self)
             raise
         return self
 
@@ -330,7 +326,7 @@ class LivePipeline:
             self.stop_recording("stopped" if self.error is None else f"error: {self.error}")
         finally:
             self._stopped.set()
-            _thaw_heap(self)
+            thaw_heap(self)
         return self.stats()
 
     def wait(self, seconds: float, every_s: float | None = None, report: Callable[[LiveStats], None] | None = None) -> bool:
@@ -451,18 +447,29 @@ class LivePipeline:
             threading.Thread(target=self.stop, name="ccm-live-stop", daemon=True).start()
 
 
+def check_camera(name: str, frame_shape: tuple[int, ...], device, bundle) -> None:
+    """Refuse a camera (``name``, its (H, W) ``frame_shape`` and its simulated ``device`` or None) whose frames
+    ``bundle`` cannot reconstruct: another frame shape, or another device."""
+    if tuple(frame_shape) != tuple(bundle.device.sensor.shape):
+        raise SourceError(f"{name} gives {frame_shape[0]}×{frame_shape[1]} frames, but bundle "
+                          f"{bundle.label} expects {tuple(bundle.device.sensor.shape)} from {bundle.device.name}'s sensor")
+    if device is not None:
+        bundle.check_device(device, name)
+
+
 _HEAP_FROZEN_BY: set[int] = set()
 _HEAP_LOCK = threading.Lock()
 
 
-def _freeze_heap(pipeline: LivePipeline) -> None:
-    """Leave every object that exists now out of later garbage collections, while ``pipeline`` runs."""
+def freeze_heap(pipeline) -> None:
+    """Leave every object that exists now out of later garbage collections, while ``pipeline`` (a running
+    live pipeline, in this process or in its own) runs."""
     with _HEAP_LOCK:
         gc.freeze()
         _HEAP_FROZEN_BY.add(id(pipeline))
 
 
-def _thaw_heap(pipeline: LivePipeline) -> None:
+def thaw_heap(pipeline) -> None:
     """``pipeline`` stopped: once no pipeline runs, collections see the whole heap again."""
     with _HEAP_LOCK:
         if id(pipeline) in _HEAP_FROZEN_BY:

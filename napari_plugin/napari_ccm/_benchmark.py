@@ -17,7 +17,8 @@ the moment it runs:
   over 100 ms; ``gui_blocked_ms_max_start``: the same from the Start click until the pipeline runs;
 - ``cpu_cores``: where the CPU went while live, per thread group in cores (1.0 = one core busy): the GUI
   thread, Mesa's llvmpipe render threads (software OpenGL; none on a GPU), the reconstruction and the
-  camera threads, the rest, and the total (Linux ``/proc``; None elsewhere);
+  camera threads when they run in napari's process, the live child process (camera, model, recorder)
+  when they run in their own, the rest, and the total (Linux ``/proc``; None elsewhere);
 - ``display_cost``: what one canvas redraw costs on this machine's OpenGL, measured after the pipeline
   stopped (nothing else running) by ``DISPLAY_COST_REDRAWS`` redraws of the viewer as live left it, each
   with new data in both layers as a live tick puts it: CPU of the whole process (GUI thread plus render
@@ -26,13 +27,9 @@ the moment it runs:
   any GL canvas pays), and ``cores_at_target``: the cores the display alone needs at the target's
   redraws/s (compare ``cpu_cores`` of the reconstruction and camera, and the machine's cores).
 
-One more case, ``split`` (for the first bundle), measures what the live pipeline reaches when it does not
-share an interpreter — and so a GIL — with the viewer: ``ccm live`` (the same simulated camera, bundle and
-backend) runs in its own process while a viewer like the cases' one (the Live widget docked, not started)
-shows new frames in two layers of the live shapes ``TARGETS['redraws_per_s_min']`` times a second. It reports
-the pipeline's dropped frames and latency (from ``ccm live --json``), the viewer's redraws/s and GUI gaps,
-and the CPU of both processes. The Live widget does not run this way; the case says what moving the pipeline
-to a process of its own would give on this machine.
+The Live widget runs the simulated camera and the model in a process of their own (its default); one more
+case runs the first bundle with both in napari's process ("own process" off, ``in_process``), as a
+comparison: there the frames wait for the GIL while the viewer draws.
 
 The report has the date, the machine, the versions (ccm's set plus napari, vispy, the Qt binding and
 the OpenGL renderer), the run count (one run of ``seconds`` per bundle), the targets and whether each
@@ -86,25 +83,20 @@ def run(output: Path | None = None, bundles: tuple[str, ...] = BUNDLES, seconds:
                     "versions": versions(), "runs": 1, "seconds": seconds, "fps": fps, "display": display, "targets": TARGETS,
                     "cases": []}
     try:
-        for bundle in bundles:
-            case = {"bundle": bundle, "seconds": seconds, "fps": fps, "backend": backend}
+        cases = [{"bundle": bundle, "own_process": True} for bundle in bundles] + [{"bundle": bundles[0], "own_process": False}]
+        for case in cases:
+            case.update(seconds=seconds, fps=fps, backend=backend)
             result = subprocess.run([sys.executable, "-m", "napari_ccm._benchmark", json.dumps(case)], capture_output=True,
                                     text=True, env=env, timeout=START_TIMEOUT_S + seconds + 120)
             lines = result.stdout.strip().splitlines()
             if result.returncode == 0 and lines:
                 entry = json.loads(lines[-1])
             else:
-                entry = {"bundle": bundle, "error": (result.stderr.strip() or result.stdout.strip())[-1500:]}
+                entry = {"bundle": case["bundle"], "own_process": case["own_process"],
+                         "error": (result.stderr.strip() or result.stdout.strip())[-1500:]}
             report["versions"].update(entry.pop("versions", {}))
             report["cases"].append(entry)
             log(_summary(entry))
-        split = {"split": True, "bundle": bundles[0], "seconds": seconds, "fps": fps, "backend": backend or "onnx"}
-        result = subprocess.run([sys.executable, "-m", "napari_ccm._benchmark", json.dumps(split)], capture_output=True,
-                                text=True, env=env, timeout=START_TIMEOUT_S + seconds + 120)
-        lines = result.stdout.strip().splitlines()
-        report["split"] = json.loads(lines[-1]) if result.returncode == 0 and lines else \
-            {"bundle": bundles[0], "error": (result.stderr.strip() or result.stdout.strip())[-1500:]}
-        log(_split_summary(report["split"]))
     finally:
         if xvfb is not None:
             xvfb.terminate()
@@ -117,9 +109,10 @@ def run(output: Path | None = None, bundles: tuple[str, ...] = BUNDLES, seconds:
 
 
 def _summary(entry: dict) -> str:
+    where = "own process" if entry.get("own_process") else "in napari's process"
     if entry.get("error"):
-        return f"napari {entry['bundle']}: error: {entry['error'].splitlines()[-1]}"
-    line = (f"napari {entry['bundle']} ({entry['backend']}): dropped {entry['dropped']} of {entry['received']}, "
+        return f"napari {entry['bundle']} ({where}): error: {entry['error'].splitlines()[-1]}"
+    line = (f"napari {entry['bundle']} ({entry['backend']}, {where}): dropped {entry['dropped']} of {entry['received']}, "
             f"redraws {entry['redraws_per_s']:.1f}/s, latency median {entry['latency_ms_median']:.1f} ms "
             f"(p95 {entry['latency_ms_p95']:.1f}), GUI blocked at most {entry['gui_blocked_ms_max']:.0f} ms")
     cost = entry.get("display_cost")
@@ -130,94 +123,7 @@ def _summary(entry: dict) -> str:
     return line
 
 
-def _split_summary(entry: dict) -> str:
-    if entry.get("error"):
-        return f"napari, pipeline in its own process ({entry['bundle']}): error: {entry['error'].splitlines()[-1]}"
-    return (f"napari, pipeline in its own process ({entry['bundle']}): dropped {entry['dropped']} of {entry['received']}, "
-            f"latency median {entry['latency_ms_median']:.1f} ms (p95 {entry['latency_ms_p95']:.1f}), "
-            f"redraws {entry['redraws_per_s']:.1f}/s, GUI blocked at most {entry['gui_blocked_ms_max']:.0f} ms")
-
-
-def run_split_case(bundle: str, seconds: float, fps: float, backend: str) -> dict:
-    """``ccm live`` in a child process and, in this one (which must have a display), a viewer redrawing two
-    layers of the live shapes at the target rate: the numbers of the ``split`` case."""
-    import resource
-
-    import napari
-    from qtpy.QtCore import Qt, QTimer
-    from qtpy.QtWidgets import QApplication
-
-    import ccm
-    from napari_ccm._common import reconstruction_layer_kwargs, show_in_place
-
-    loaded = ccm.load_bundle(bundle, self_test=False)
-    viewer = napari.Viewer(title="ccm benchmark")
-    viewer.window._qt_window.resize(1500, 850)
-    viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")  # docked as in the cases (the canvas's size)
-    raw_um = float(loaded.device.sensor.pixel_size_um)
-    frame = loaded.sample_raw
-    raw = viewer.add_image(np.array(frame), name="raw", scale=(raw_um, raw_um), units=("µm", "µm"), colormap="gray",
-                           translate=(0.0, -(frame.shape[1] * raw_um + 20.0)))
-    data, kwargs = reconstruction_layer_kwargs(loaded, np.array(loaded.sample_output))
-    kwargs["name"] = "reconstruction"
-    recon = viewer.add_image(np.array(data), **kwargs)
-    viewer.reset_view()
-    canvas = viewer.window._qt_viewer.canvas._scene_canvas
-    command = [sys.executable, "-m", "ccm.cli", "live", "--source", "sim", "--bundle", bundle, "--seconds", str(seconds),
-               "--fps", str(fps), "--backend", backend, "--json"]
-    live = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    beats: list[float] = []
-    draws: list[float] = []
-    shown = {"k": 0, "ended": None}
-    canvas.events.draw.connect(lambda _event: draws.append(time.monotonic()))
-
-    def show() -> None:  # new data in both layers, as a live tick puts it
-        shown["k"] += 1
-        show_in_place(raw, np.roll(frame, shown["k"], axis=-1), thumbnail=False)
-        show_in_place(recon, np.roll(data, shown["k"], axis=-1), thumbnail=False)
-
-    def tick() -> None:
-        beats.append(time.monotonic())
-        if live.poll() is not None:
-            shown["ended"] = time.monotonic()
-            heartbeat.stop()
-            display.stop()
-            viewer.close()
-            QApplication.instance().quit()
-
-    display = QTimer()
-    display.setInterval(int(1000 / TARGETS["redraws_per_s_min"]))
-    display.timeout.connect(show)
-    heartbeat = QTimer()
-    heartbeat.setTimerType(Qt.TimerType.PreciseTimer)
-    heartbeat.setInterval(HEARTBEAT_MS)
-    heartbeat.timeout.connect(tick)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    started, cpu = time.monotonic(), usage.ru_utime + usage.ru_stime
-    display.start()
-    heartbeat.start()
-    QApplication.instance().exec_()
-    ended = shown["ended"]
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    viewer_cores = (usage.ru_utime + usage.ru_stime - cpu) / (time.monotonic() - started)
-    out, err = live.communicate()
-    child = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if live.returncode != 0:
-        return {"bundle": bundle, "error": f"{' '.join(command)} failed: {err.strip()[-1000:]}"}
-    stats = json.loads(out)
-    gaps_ms = np.diff(np.asarray(beats)) * 1e3
-    window = ended - started
-    return {"bundle": bundle, "backend": backend, "error": None, "command": " ".join(command[2:]), "seconds": round(window, 2),
-            "received": stats["received"], "reconstructed": stats["reconstructed"], "dropped": stats["dropped"],
-            "reconstruction_fps": round(stats["frames_per_s"], 1), "latency_ms_median": _round(stats["latency_ms_median"]),
-            "latency_ms_p95": _round(stats["latency_ms_p95"]), "display_hz_set": TARGETS["redraws_per_s_min"],
-            "redraws_per_s": round(len(draws) / window, 1), "gui_blocked_ms_max": _round(float(gaps_ms.max())),
-            "gui_gap_ms_p99": _round(float(np.percentile(gaps_ms, 99))), "gui_gaps_over_100ms": int((gaps_ms > 100).sum()),
-            "cpu_cores": {"viewer": round(viewer_cores, 3),
-                          "live_process": round((child.ru_utime + child.ru_stime) / window, 3)}}
-
-
-def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> dict:
+def run_case(bundle: str, seconds: float, fps: float, backend: str | None, own_process: bool = True) -> dict:
     """One bundle in a new viewer in this interpreter (which must have a display): the numbers above."""
     import napari
     import qtpy
@@ -230,6 +136,7 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
     _, widget = viewer.window.add_plugin_dock_widget("ccm", "Live reconstruction")
     widget.bundle.setCurrentText(bundle)
     widget.fps.setValue(fps)
+    widget.own_process.setChecked(own_process)
     if backend is not None:
         widget.backend.setCurrentText(backend)
     canvas = viewer.window._qt_viewer.canvas._scene_canvas  # vispy's SceneCanvas: its draw events are the redraws
@@ -261,7 +168,8 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
         heartbeat.stop()
         stats = widget.pipeline.stats() if widget.pipeline is not None else None
         ended = time.monotonic()
-        cpu = _cpu_shares(state["cpu"], thread_cpu_s(), ended - state["running"]) if state["running"] is not None else None
+        child = getattr(widget.pipeline, "pid", None)
+        cpu = _cpu_shares(state["cpu"], thread_cpu_s(child), ended - state["running"]) if state["running"] is not None else None
         widget.stop()
         state["result"] = _numbers(widget, stats, beats, updates, draws, to_display, clicked, state["running"], ended, error)
         if state["running"] is not None:
@@ -277,7 +185,7 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
             finish(widget.last_error)
         elif state["running"] is None and widget.running:
             state["running"] = now
-            state["cpu"] = thread_cpu_s()
+            state["cpu"] = thread_cpu_s(getattr(widget.pipeline, "pid", None))
             widget.frame_shown.connect(on_shown)
         elif state["running"] is None and now - clicked > START_TIMEOUT_S:
             finish(f"the Live widget did not start within {START_TIMEOUT_S:.0f} s")
@@ -302,7 +210,8 @@ def run_case(bundle: str, seconds: float, fps: float, backend: str | None) -> di
 def _numbers(widget, stats, beats: list[float], updates: list[float], draws: list[float], to_display: list[float], clicked: float,
              running: float | None, ended: float, error: str | None) -> dict:
     """The case's JSON entry from what was recorded (times: ``time.monotonic()`` seconds)."""
-    entry: dict = {"bundle": widget.bundle.currentText(), "backend": widget.backend.currentText(),
+    entry: dict = {"bundle": widget.bundle.currentText(), "own_process": widget.own_process.isChecked(),
+                   "backend": widget.backend.currentText(),
                    "precision": widget.precision.currentText(), "camera": f"simulated {widget.device.currentText()}",
                    "fps_set": widget.fps.value(), "error": error}
     if running is None or stats is None:
@@ -337,18 +246,26 @@ def _numbers(widget, stats, beats: list[float], updates: list[float], draws: lis
     return entry
 
 
-def thread_cpu_s() -> dict[str, float] | None:
+def thread_cpu_s(child: int | None = None) -> dict[str, float] | None:
     """CPU seconds (user + system) used so far by this process's threads, summed per group: ``gui`` (the
     main thread), ``opengl`` (Mesa's llvmpipe render threads), ``reconstruction`` and ``camera`` (ccm's
-    live threads, by their Python names), ``other``. None where there is no ``/proc`` (not Linux)."""
+    live threads, by their Python names), ``other``; and ``live_process``: all of process ``child`` (the
+    live pipeline's own process, when it has one). None where there is no ``/proc`` (not Linux)."""
     import threading
 
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return None
-    python_names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
-    groups = {"gui": 0.0, "opengl": 0.0, "reconstruction": 0.0, "camera": 0.0, "other": 0.0}
+    live_process = 0.0
+    if child is not None:
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            live_process = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):  # the child ended
+            pass
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    groups = {"gui": 0.0, "opengl": 0.0, "reconstruction": 0.0, "camera": 0.0, "live_process": live_process, "other": 0.0}
     for task in tasks.iterdir():
         try:
             stat = (task / "stat").read_text()
@@ -441,7 +358,4 @@ def _round(value: float | None) -> float | None:
 
 if __name__ == "__main__":  # one case in a fresh interpreter (run() starts these)
     case = json.loads(sys.argv[1])
-    if case.get("split"):
-        print(json.dumps(run_split_case(case["bundle"], case["seconds"], case["fps"], case["backend"])))
-    else:
-        print(json.dumps(run_case(case["bundle"], case["seconds"], case["fps"], case["backend"])))
+    print(json.dumps(run_case(case["bundle"], case["seconds"], case["fps"], case["backend"], case["own_process"])))
