@@ -136,13 +136,11 @@ def test_pipeline_in_a_process_of_its_own(tiny_bundle, tmp_path):
     """The simulated camera and the model in a child process (as napari's Live widget runs them): results
     through shared memory equal the Reconstructor's, a recording, stats; a camera that disconnects stops
     it with the camera's error and keeps the recording; stop ends the child; a refusal is one error."""
-    import multiprocessing
-
     import yaml
     from conftest import tiny_cannula_dict
 
     from ccm import InferenceOptions
-    from ccm.acquire.pipeline_process import PipelineProcess, SimulatedCameraSpec
+    from ccm.acquire.pipeline_process import PipelineProcess, SimulatedCameraSpec, live_processes
 
     device_file = tmp_path / "tiny.yaml"
     device_file.write_text(yaml.safe_dump(tiny_cannula_dict()))
@@ -164,7 +162,7 @@ def test_pipeline_in_a_process_of_its_own(tiny_bundle, tmp_path):
     assert isinstance(pipeline.error, SourceError) and "disconnected after 150 frames" in str(pipeline.error)
     stats = pipeline.stop()
     assert stats.received == 150 and stats.reconstructed + stats.dropped == 150 and stats.recorded > 0
-    assert not multiprocessing.active_children()
+    assert live_processes() == []
     with h5py.File(recording) as f:
         assert f.attrs["frames_written"] == len(f["raw"]) == stats.recorded and "disconnected" in f.attrs["stop_reason"]
     assert pipeline.stop() is stats  # stopping again changes nothing
@@ -172,7 +170,38 @@ def test_pipeline_in_a_process_of_its_own(tiny_bundle, tmp_path):
     other = SimulatedCameraSpec("window-see-through", fps=50, exposure_ms=5)
     with pytest.raises(SourceError, match="expects"):  # frames of another device: refused before anything runs
         PipelineProcess(other, bundle, str(bundle.path), options)
-    assert not multiprocessing.active_children()
+    assert live_processes() == []
+
+
+def test_the_live_process_does_not_rerun_the_users_script(tiny_bundle, tmp_path):
+    """A napari script without a ``__main__`` guard (as most are) starts live: the child must not run the
+    script again (multiprocessing's spawn would: a second viewer)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import tiny_cannula_dict
+
+    device_file = tmp_path / "tiny.yaml"
+    device_file.write_text(yaml.safe_dump(tiny_cannula_dict()))
+    script = tmp_path / "script.py"
+    script.write_text(f"""
+import pathlib, time
+import ccm
+from ccm.acquire.pipeline_process import PipelineProcess, SimulatedCameraSpec
+with open({str(tmp_path / "runs.txt")!r}, "a") as runs:
+    runs.write("ran\\n")
+bundle = ccm.load_bundle({str(tiny_bundle[0].path)!r})
+pipeline = PipelineProcess(SimulatedCameraSpec({str(device_file)!r}, 50, 5), bundle, {str(tiny_bundle[0].path)!r},
+                           ccm.InferenceOptions(backend="torch")).start()
+deadline = time.monotonic() + 60
+while pipeline.latest() is None and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(pipeline.stop().reconstructed)
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) > 0 and (tmp_path / "runs.txt").read_text() == "ran\n"
 
 
 def test_live_command_line(tiny_bundle, tmp_path, capsys):

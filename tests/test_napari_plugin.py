@@ -151,10 +151,10 @@ def _live_widget(viewer):
 
 def _ccm_threads() -> list[str]:
     """ccm's live threads and child processes still running."""
-    import multiprocessing
+    from ccm.acquire.pipeline_process import live_processes
 
     return [t.name for t in threading.enumerate() if t.name.startswith("ccm-") and t.is_alive()] + \
-        [p.name for p in multiprocessing.active_children() if p.name.startswith("ccm-")]
+        [f"live process {pid}" for pid in live_processes()]
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def test_live_simulated_camera(make_napari_viewer, qtbot, tmp_path):
     widget.start()
     qtbot.waitUntil(lambda: widget.running and widget._shown_index is not None, timeout=60000)
     assert widget.last_error is None
-    assert isinstance(widget.pipeline, PipelineProcess) and _ccm_threads() == ["ccm-live-process"]  # camera and model
+    assert isinstance(widget.pipeline, PipelineProcess) and _ccm_threads() == [f"live process {widget.pipeline.pid}"]
     raw, recon = viewer.layers["raw"], viewer.layers["reconstruction"]
     assert raw.data.shape == (256, 256) and raw.data.dtype == np.uint16
     assert recon.data.shape == (128, 128)

@@ -1,25 +1,36 @@
 """The live pipeline of the simulated camera in a process of its own, for viewers.
 
 In one interpreter with a GUI, the camera and reconstruction threads wait for the GIL whenever the
-GUI thread runs Python (napari draws a frame in ~20 ms of Python). On the 2-core VM, frames waited
-40–75 ms (median) for their reconstruction with the pipeline inside napari, and 8 ms with the same
-pipeline in its own process beside the same viewer (``ccm benchmark napari``, ``split``).
+GUI thread runs Python (napari draws a frame in ~17 ms of Python). On the 2-core VM, frames waited
+43–118 ms (median) for their reconstruction with the pipeline inside napari, and 8–10 ms with the same
+pipeline in its own process beside the same viewer (``ccm benchmark napari``).
 
 :class:`PipelineProcess` runs :class:`ccm.acquire.pipeline.LivePipeline` — camera, reconstruction,
 consistency score, classifier and recorder — in a child process (started with ``spawn``: safe beside a
 GUI's threads; it ends with its parent) and offers what displays use: :meth:`latest` (the newest frame
 and volume, copied out of shared memory), :attr:`backlog`, :meth:`stats`, :meth:`predictions`,
 :meth:`record` / :meth:`stop_recording`, :attr:`error`, :meth:`wait`, :meth:`start` and :meth:`stop`.
-Commands go over a pipe between the two processes of one program (never data from a file).
+
+The child is ``python -m ccm.acquire.pipeline_process`` (not :mod:`multiprocessing`'s spawn, which
+re-runs the parent's ``__main__`` — a user's napari script without a ``__main__`` guard would open a
+second viewer). It connects back to a :class:`multiprocessing.connection.Listener` with a random key
+given in its environment; commands and their answers go over that connection between the two
+processes of one program (never data from a file). The child ends when the connection closes (the
+parent stopped it, or is gone). The newest result's slot is written by one thread and read after
+checking its sequence number before and after the copy (x86's ordering; on weaker memory models a
+torn frame is possible in principle, and is replaced by the next one).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +43,18 @@ READY_TIMEOUT_S = 600.0
 """How long the child may take to open the camera and the bundle (a first ONNX export, a device's ray trace)."""
 REPLY_TIMEOUT_S = 30.0
 """How long a command waits for the child's answer before the child is taken for dead."""
+STOP_TIMEOUT_S = 300.0
+"""How long "stop" waits: the child reconstructs what is waiting (a full ring through a slow model) and closes
+the recording first; after this it is ended (killed if it must be)."""
+RECENT_PREDICTIONS = 256
+"""How many of the newest predictions :meth:`PipelineProcess.predictions` fetches."""
+AUTHKEY_VARIABLE = "CCM_LIVE_AUTHKEY"
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def live_processes() -> list[int]:
+    """Process ids of the live child processes this process started that are still running."""
+    return [child.pid for child in list(_CHILDREN) if child.poll() is None]
 _HEADER = 8
 """float64 slots before the images: sequence, frame index, read-out time, exposure, backlog, stopped."""
 _SEQUENCE, _INDEX, _TIMESTAMP, _EXPOSURE, _BACKLOG, _STOPPED = range(6)
@@ -104,24 +127,46 @@ class PipelineProcess:
         self._memory = shared_memory.SharedMemory(create=True, size=_HEADER * 8 + raw_bytes + int(np.prod(output_shape)) * 4)
         self._header, self._raw, self._volume = _views(self._memory, frame_shape, output_shape)
         self._header[:] = 0
-        context = mp.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
+        self._conn = None
+        self._process: subprocess.Popen | None = None
         spec = {"camera": camera, "bundle": bundle_ref, "options": options, "classifier": classifier_path,
                 "batch_size": batch_size, "memory": self._memory.name, "frame_shape": frame_shape, "output_shape": output_shape}
-        self._process = context.Process(target=_child, args=(spec, child_conn), name="ccm-live-process", daemon=True)
-        self._process.start()
-        child_conn.close()
         try:
+            self._conn = self._launch()
+            self._conn.send(spec)
             kind, value = self._receive(READY_TIMEOUT_S)
+            if kind == "error":
+                raise _error(value)
         except BaseException:
             self._end()
             raise
-        if kind == "error":
-            self._end()
-            raise _error(value)
         self.source = SourceInfo(value["source"], frame_shape)
         self.pid = self._process.pid
         """The child's process id (its CPU, in benchmarks)."""
+
+    def _launch(self):
+        """Start the child and return its authenticated connection."""
+        authkey = os.urandom(32)
+        with Listener(authkey=authkey) as listener:
+            env = dict(os.environ, **{AUTHKEY_VARIABLE: authkey.hex()})
+            self._process = subprocess.Popen([sys.executable, "-m", "ccm.acquire.pipeline_process", str(listener.address)],
+                                             env=env)
+            _CHILDREN.add(self._process)
+            accepted: list = []
+            waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), name="ccm-live-accept", daemon=True)
+            waiter.start()
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while waiter.is_alive() and self._process.poll() is None and time.monotonic() < deadline:
+                waiter.join(0.05)
+            if not accepted:
+                if waiter.is_alive():  # wake accept() so that its thread ends
+                    try:
+                        Client(listener.address, authkey=authkey).close()
+                    except OSError:
+                        pass
+                    waiter.join(5)
+                raise SourceError(f"the live process did not connect (exit code {self._process.poll()})")
+        return accepted[0]
 
     # --- control ---------------------------------------------------------------------------------
 
@@ -135,15 +180,28 @@ class PipelineProcess:
         return self
 
     def stop(self) -> LiveStats:
-        """Stop the camera, reconstruct what is waiting, close the recording; the child ends. Returns the final stats."""
-        if self._final is None:
-            try:
-                self._final = self._call("stop")
-            except CcmError:  # the child is gone: what it last said
-                self._final = self._last_stats or _empty_stats()
+        """Stop the camera, reconstruct what is waiting, close the recording; the child ends. Returns the final
+        stats. A failure to close the recording (a full disk) is raised after everything has ended."""
+        if self._final is not None:
+            return self._final
+        failure: CcmError | None = None
+        try:
+            kind, value = self._exchange("stop", None, timeout_s=STOP_TIMEOUT_S)
+            if kind == "error":  # closing the recording failed (a full disk): said once the child has ended
+                failure = _error(value)
+            else:
+                self._final = value
+        except CcmError:  # the child is gone: what it said last
+            pass
+        finally:
+            self._final = self._final or self._last_stats or _empty_stats()
             self.recorder = None
-            self._end()
-            thaw_heap(self)
+            try:
+                self._end()
+            finally:
+                thaw_heap(self)
+        if failure is not None:
+            raise failure
         return self._final
 
     def wait(self, seconds: float) -> bool:
@@ -157,7 +215,7 @@ class PipelineProcess:
 
     def record(self, path: Path, overwrite: bool = False) -> Path:
         """Start recording raw frames and reconstructions to ``path`` (HDF5, in the child)."""
-        self._call("record", (str(path), overwrite))
+        self._call("record", (str(Path(path).resolve()), overwrite))  # the child's working directory may differ
         self.recorder = Path(path)
         return self.recorder
 
@@ -189,6 +247,7 @@ class PipelineProcess:
         return self._latest
 
     def predictions(self) -> list[tuple[int, str, float]]:
+        """(frame index, class, confidence) of the ``RECENT_PREDICTIONS`` newest classified frames, oldest first."""
         return self._call("predictions") if self._final is None else []
 
     def stats(self) -> LiveStats:
@@ -211,38 +270,66 @@ class PipelineProcess:
 
     # --- plumbing --------------------------------------------------------------------------------
 
-    def _stopped(self) -> bool:
-        return self._final is not None or bool(self._header[_STOPPED]) or not self._process.is_alive()
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
-    def _call(self, command: str, argument=None):
-        with self._lock:
-            if not self._process.is_alive():
-                raise SourceError("the live process ended unexpectedly")
-            self._conn.send((command, argument))
-            kind, value = self._receive(REPLY_TIMEOUT_S)
+    def _stopped(self) -> bool:
+        return self._final is not None or bool(self._header[_STOPPED]) or not self._alive()
+
+    def _call(self, command: str, argument=None, timeout_s: float = REPLY_TIMEOUT_S):
+        """The child's answer to ``command``; its refusal raised as :class:`SourceError`."""
+        kind, value = self._exchange(command, argument, timeout_s)
         if kind == "error":
             raise _error(value)
         return value
 
+    def _exchange(self, command: str, argument, timeout_s: float) -> tuple[str, object]:
+        """Send ``command`` and return the child's ("ok" | "error", value); SourceError when the child is gone."""
+        with self._lock:
+            if not self._alive():
+                raise SourceError(f"the live process ended unexpectedly (exit code {self._process.poll()})")
+            try:
+                self._conn.send((command, argument))
+            except OSError as err:
+                raise SourceError(f"the live process ended unexpectedly ({err})") from err
+            return self._receive(timeout_s)
+
     def _receive(self, timeout_s: float):
+        """The child's next message; SourceError if it ends or does not answer within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while not self._conn.poll(0.05):
-            if not self._process.is_alive() or time.monotonic() > deadline:
-                raise SourceError(f"the live process {'ended' if not self._process.is_alive() else 'stopped answering'} "
-                                  f"(exit code {self._process.exitcode})")
-        return self._conn.recv()
+        try:
+            while not self._conn.poll(0.05):
+                if not self._alive() or time.monotonic() > deadline:
+                    break
+            else:
+                return self._conn.recv()
+        except (EOFError, OSError):  # the connection closed: the child is gone
+            pass
+        ended = not self._alive()
+        raise SourceError(f"the live process {'ended' if ended else 'stopped answering'}"
+                          + (f" (exit code {self._process.poll()})" if ended else ""))
 
     def _end(self) -> None:
-        self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._conn.close()
+        """End the child (closing the connection ends it; killed if it has not after 10 s) and free the memory."""
+        if self._conn is not None:
+            self._conn.close()
+        if self._process is not None:
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            _CHILDREN.discard(self._process)
         # keep copies of what the views show: the shared memory goes away
         self._raw, self._volume, self._header = self._raw.copy(), self._volume.copy(), self._header.copy()
         self._header[_STOPPED] = 1
-        self._memory.close()
-        self._memory.unlink()
+        try:
+            self._memory.close()
+        finally:
+            try:
+                self._memory.unlink()
+            except FileNotFoundError:  # already gone
+                pass
 
 
 def _views(memory: shared_memory.SharedMemory, frame_shape, output_shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -251,6 +338,18 @@ def _views(memory: shared_memory.SharedMemory, frame_shape, output_shape) -> tup
     raw = np.ndarray(frame_shape, np.uint16, memory.buf, offset=_HEADER * 8)
     volume = np.ndarray(output_shape, np.float32, memory.buf, offset=_HEADER * 8 + raw.nbytes)
     return header, raw, volume
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """The parent's shared memory ``name``, attached without handing it to this process's resource tracker
+    (which would unlink it when the child ends: the parent owns it)."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    from multiprocessing import resource_tracker
+
+    memory = shared_memory.SharedMemory(name=name)
+    resource_tracker.unregister(memory._name, "shared_memory")  # type: ignore[attr-defined]
+    return memory
 
 
 def _error(message: str) -> CcmError:
@@ -266,10 +365,19 @@ def _describe(err: BaseException) -> str:
     return str(err) if isinstance(err, CcmError) else f"{type(err).__name__}: {err}"
 
 
+def main(address: str) -> None:
+    """The child process: connect to the parent at ``address``, open the camera and the bundle of the spec it
+    sends, say "ready", then serve commands until "stop" or until the connection closes. (Not ``die_with_parent``:
+    Linux sends that signal when the *thread* that started the child ends — in a viewer, a worker thread.)"""
+    conn = Client(address, authkey=bytes.fromhex(os.environ.pop(AUTHKEY_VARIABLE)))
+    try:
+        spec = conn.recv()
+    except (EOFError, OSError):
+        return
+    _child(spec, conn)
+
+
 def _child(spec: dict, conn) -> None:
-    """The child process: open the camera and the bundle, say "ready", then serve commands until "stop" or
-    until the parent is gone (its end of the pipe closes). (Not ``die_with_parent``: Linux sends that signal
-    when the *thread* that started the child ends — in a viewer, a worker thread that ends soon after.)"""
     memory = None
     try:
         import ccm
@@ -285,7 +393,7 @@ def _child(spec: dict, conn) -> None:
                                      seed=camera.seed, fail_after=camera.fail_after)
         reconstructor = ccm.Reconstructor(bundle, spec["options"], batch_size=spec["batch_size"])
         reconstructor(bundle.sample_raw)  # warm up
-        memory = shared_memory.SharedMemory(name=spec["memory"])
+        memory = _attach(spec["memory"])
         header, raw, volume = _views(memory, spec["frame_shape"], spec["output_shape"])
         pipeline = ccm.LivePipeline(source, reconstructor, classifier=classifier)
     except BaseException as err:  # noqa: BLE001  (what the camera or the bundle refused goes to the parent)
@@ -308,17 +416,29 @@ def _child(spec: dict, conn) -> None:
 
 
 def _serve(pipeline, conn, header: np.ndarray) -> None:
-    """Answer the parent's commands until "stop" (or the parent is gone)."""
+    """Answer the parent's commands until "stop" or until the connection closes (the parent is gone: stop,
+    closing the recording)."""
     while True:
-        if not conn.poll(0.05):
-            if pipeline.error is not None and not pipeline.wait(0.001):  # stopped on an error, recording closed
-                header[_STOPPED] = 1
-            header[_BACKLOG] = pipeline.backlog
-            continue
+        if pipeline.error is not None and not pipeline.wait(0.001):  # stopped on an error, recording closed
+            header[_STOPPED] = 1
+        header[_BACKLOG] = pipeline.backlog
         try:
+            if not conn.poll(0.05):
+                continue
             command, argument = conn.recv()
-        except (EOFError, OSError):  # the parent closed the pipe
+        except (EOFError, OSError):
             pipeline.stop()
+            return
+        if command == "stop":
+            try:
+                reply = ("ok", pipeline.stop())
+            except BaseException as err:  # noqa: BLE001  (closing the recording failed: said, and the child still ends)
+                reply = ("error", _describe(err))
+            header[_STOPPED] = 1
+            try:
+                conn.send(reply)
+            except OSError:
+                pass
             return
         try:
             if command == "start":
@@ -327,7 +447,7 @@ def _serve(pipeline, conn, header: np.ndarray) -> None:
             elif command == "stats":
                 value = pipeline.stats()
             elif command == "predictions":
-                value = pipeline.predictions()
+                value = pipeline.predictions()[-RECENT_PREDICTIONS:]
             elif command == "error":
                 value = _describe(pipeline.error) if pipeline.error is not None else None
             elif command == "record":
@@ -337,14 +457,17 @@ def _serve(pipeline, conn, header: np.ndarray) -> None:
             elif command == "stop_recording":
                 pipeline.stop_recording(argument)
                 value = None
-            elif command == "stop":
-                stats = pipeline.stop()
-                header[_STOPPED] = 1
-                conn.send(("ok", stats))
-                return
             else:
                 raise ValueError(f"unknown command {command!r}")
+            reply = ("ok", value)
         except BaseException as err:  # noqa: BLE001  (refusals go to the parent, the child keeps serving)
-            conn.send(("error", _describe(err)))
-            continue
-        conn.send(("ok", value))
+            reply = ("error", _describe(err))
+        try:
+            conn.send(reply)
+        except OSError:  # the parent is gone
+            pipeline.stop()
+            return
+
+
+if __name__ == "__main__":  # the child: python -m ccm.acquire.pipeline_process ADDRESS
+    main(sys.argv[1])

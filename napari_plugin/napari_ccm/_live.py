@@ -30,7 +30,7 @@ Cameras: the simulated device, a Micro-Manager configuration (pymmcore-plus), th
 this window, or a running Micro-Manager through pycromanager (its ZMQ server's port). The simulated
 device runs, with the model, in a process of its own by default ("own process",
 :class:`ccm.acquire.pipeline_process.PipelineProcess`): in napari's interpreter its frames would wait
-for the GIL while the viewer draws (on a 2-core machine: 40–75 ms median frame-to-result against ~8 ms). Every camera is
+for the GIL while the viewer draws (on a 2-core machine: 43–118 ms median frame-to-result against 8–10 ms). Every camera is
 opened in the start worker; pycromanager's connection is refused at once when nothing listens on the
 port and after a short handshake time-out otherwise, as one line naming the port and what to start.
 """
