@@ -21,6 +21,34 @@ from napari_ccm._common import scale_bar
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 
+def test_the_qt_binding_keeps_its_references_to_none_and_true(qapp):
+    """PySide6 6.12.0 dropped a reference to None on every Python slot a Qt signal called and one to True
+    on every emit(): a napari session with the Live widget aborted after ~3 minutes ("Fatal Python error:
+    none_dealloc"). The binding installed with the napari extra must not."""
+    import sys
+
+    from qtpy.QtCore import QObject, QTimer, Signal
+
+    class Emitter(QObject):
+        ping = Signal(object)
+
+    calls = []
+    emitter = Emitter()
+    emitter.ping.connect(calls.append)
+    timer = QTimer()
+    timer.setInterval(0)
+    timer.timeout.connect(lambda: calls.append(None))
+    none_before, true_before = sys.getrefcount(None), sys.getrefcount(True)
+    for _ in range(500):
+        emitter.ping.emit(emitter)
+    timer.start()
+    while len(calls) < 1000:
+        qapp.processEvents()
+    timer.stop()
+    calls.clear()
+    assert sys.getrefcount(True) - true_before > -50 and sys.getrefcount(None) - none_before > -50
+
+
 def test_ccm_does_not_import_qt_or_napari():
     import subprocess
     import sys
