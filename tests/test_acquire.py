@@ -186,17 +186,14 @@ def test_the_live_process_does_not_rerun_the_users_script(tiny_bundle, tmp_path)
     device_file.write_text(yaml.safe_dump(tiny_cannula_dict()))
     script = tmp_path / "script.py"
     script.write_text(f"""
-import pathlib, time
 import ccm
 from ccm.acquire.pipeline_process import PipelineProcess, SimulatedCameraSpec
 with open({str(tmp_path / "runs.txt")!r}, "a") as runs:
     runs.write("ran\\n")
 bundle = ccm.load_bundle({str(tiny_bundle[0].path)!r})
-pipeline = PipelineProcess(SimulatedCameraSpec({str(device_file)!r}, 50, 5), bundle, {str(tiny_bundle[0].path)!r},
-                           ccm.InferenceOptions(backend="torch")).start()
-deadline = time.monotonic() + 60
-while pipeline.latest() is None and time.monotonic() < deadline:
-    time.sleep(0.01)
+camera = SimulatedCameraSpec({str(device_file)!r}, 50, 5, fail_after=20)  # runs until its 20th frame
+pipeline = PipelineProcess(camera, bundle, {str(tiny_bundle[0].path)!r}, ccm.InferenceOptions(backend="torch")).start()
+assert pipeline.wait(60) is False
 print(pipeline.stop().reconstructed)
 """)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)

@@ -250,6 +250,23 @@ def test_live_simulated_camera(make_napari_viewer, qtbot, tmp_path):
     assert not widget.running and _ccm_threads() == []
 
 
+def test_live_stopped_while_opening_leaves_nothing_running(make_napari_viewer, qtbot):
+    """Stop while the camera and the bundle are still opening: what the start worker opened (here the live
+    child process) is closed once it has, and nothing runs."""
+    viewer = make_napari_viewer()
+    widget = _live_widget(viewer)
+    widget.start()
+    worker = widget._worker
+    assert widget.starting and worker is not None
+    opened = []  # what the worker opened, held here (unreferenced, its child would also end when collected)
+    worker.returned.connect(opened.append)
+    with qtbot.waitSignal(worker.finished, timeout=60000):
+        widget.stop()
+    (pipeline, _), = opened
+    assert pipeline.wait(0) is False and _ccm_threads() == []  # stopped, and its process ended
+    assert not widget.running and not widget.starting and "raw" not in viewer.layers
+
+
 @pytest.fixture
 def warnings_shown():
     """Warning notifications napari shows while the test runs."""

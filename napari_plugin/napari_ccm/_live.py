@@ -832,12 +832,10 @@ def _describe(err: BaseException) -> str:
 
 
 def _discard(result) -> None:
-    """What a start cancelled while opening had opened: close it."""
-    from ccm.acquire.pipeline_process import PipelineProcess
-
+    """What a start cancelled while opening had opened: close it (a pipeline that never started stops at once;
+    one in its own process ends that process)."""
     pipeline, loaded = result
-    if isinstance(pipeline, PipelineProcess):  # its child process waits for "start": end it
-        pipeline.stop()
+    pipeline.stop()
     if loaded is not None:
         from ccm.acquire.mmcore import release_core
 
