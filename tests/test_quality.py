@@ -148,12 +148,13 @@ def test_consistency_command_calibrates_on_the_bundles_own_held_out_pairs(tiny_b
 
 
 def test_confidence_map_grows_where_the_frame_is_not_explained(tiny_bundle):
+    from ccm.infer.backends import InferenceOptions
     from ccm.infer.consistency import linear_stage, unexplained_brightness
     from ccm.infer.reconstruct import Reconstructor
     from ccm.physics.simulate import move_on_sensor
 
     bundle, raw, _ = tiny_bundle
-    reconstructor = Reconstructor(bundle)
+    reconstructor = Reconstructor(bundle, InferenceOptions(register=False))  # the moved frame as it is: not moved back
     inverse = linear_stage(bundle)  # the stored first stage, evaluated with NumPy: the same map as the torch module's
     assert inverse is not None
     x = reconstructor.preprocessor(raw[:3])

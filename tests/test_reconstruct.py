@@ -258,7 +258,7 @@ def test_onnx_threads_run_as_concurrent_calls_with_the_same_result_and_resume(ti
     options = InferenceOptions(backend="onnx", threads=2)
     out = tmp_path / "streams.ome.tif"
     original = Reconstructor.run_preprocessed
-    fourth_chunk = bundle.preprocessor()(frames[15:20])
+    fourth_chunk = bundle.preprocessor(register=True)(frames[15:20])
 
     def failing(self, x):
         assert self.options.threads == 1

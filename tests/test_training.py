@@ -150,7 +150,10 @@ def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
         assert set(entry["metrics"]["overall"]) >= {"ssim", "psnr", "mae", "pearson", "false_energy", "false_structure"}
         robust = entry["robustness"]
         assert robust["pairs"] == 60 and robust["other_cannula_seed"] == 2
-        assert robust["shift_1px"]["pearson"] < robust["as_calibrated"]["pearson"]
+        if entry["name"] == "tiny-linear":  # no aperture check, no motion compensation: a moved cannula costs
+            assert robust["shift_1px"]["pearson"] < robust["as_calibrated"]["pearson"]
+        else:  # moved back before reconstruction
+            assert robust["shift_5um"]["pearson"] >= 0.9 * robust["as_calibrated"]["pearson"]
         assert -1 <= robust["rotation_1deg"]["pearson_vs_rotated_truth"] <= 1  # the same reconstructions, truth turned by 1°
         assert len(entry["resolution"]["resolution_um"]) == 1
         assert entry["sectioning"]["emitter_depths_um"][0] == 10.0

@@ -266,7 +266,7 @@ def test_an_interrupted_write_leaves_no_final_output_and_resumes(tiny, tmp_path,
     bundle, raw, _ = tiny
     source = _write_recording(tmp_path / "in.ome.zarr", raw)
     out = tmp_path / "resumed.ome.zarr"
-    original, fourth_chunk = Reconstructor.run_preprocessed, bundle.preprocessor()(raw[15:20])
+    original, fourth_chunk = Reconstructor.run_preprocessed, bundle.preprocessor(register=True)(raw[15:20])
 
     def failing(self, x):  # by content: a thread left running elsewhere cannot shift it
         if np.array_equal(x, fourth_chunk):

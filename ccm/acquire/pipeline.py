@@ -36,6 +36,7 @@ import numpy as np
 
 from ccm.acquire.source import Frame, FrameSource, SourceError, metadata_json
 from ccm.errors import OutputError
+from ccm.infer.consistency import SATURATION_FLAG
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.atomic import ensure_room, fsync_path, partial_path, refuse_existing
 
@@ -237,6 +238,15 @@ class LiveStats:
     confidence: float | None = None
     """Its probability."""
     classified: int = 0
+    saturated_fraction: float | None = None
+    """The newest frame's share of clipped pixels inside the aperture (flagged above
+    :data:`ccm.infer.consistency.SATURATION_FLAG`)."""
+    registered_um: float | None = None
+    """How far motion compensation moved the newest frame back (µm; None: off, or no aperture check)."""
+
+    @property
+    def saturated(self) -> bool:
+        return self.saturated_fraction is not None and self.saturated_fraction > SATURATION_FLAG
 
     def line(self) -> str:
         latency = f"latency {self.latency_ms_median:.1f} ms (p95 {self.latency_ms_p95:.1f})" if self.latency_ms_median is not None else ""
@@ -247,6 +257,8 @@ class LiveStats:
                      + ("  ALARM: recalibrate (ccm calibrate → ccm train)" if self.recalibrate else ""))
         return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
                 f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}"
+                + (f"  moved back {self.registered_um:.2f} µm" if self.registered_um else "")
+                + (f"  SATURATED {100 * (self.saturated_fraction or 0):.1f} % of pixels (shorter exposure)" if self.saturated else "")
                 + (f"  class {self.predicted_class} ({self.confidence:.2f})" if self.predicted_class is not None else ""))
 
 
@@ -292,6 +304,7 @@ class LivePipeline:
         self.alarm = self.consistency.alarm(alarm_window) if self.consistency is not None else None
         """The recalibration alarm (:class:`ccm.infer.consistency.RecalibrationAlarm`): scores and aperture offsets."""
         self._last_score: float | None = None
+        self._measured: tuple[float, float | None] | None = None  # the newest frame's saturated share and registration (µm)
         self.classifier = None
         if classifier is not None:
             from ccm.infer.classifier import FrameClassifier
@@ -398,6 +411,8 @@ class LivePipeline:
                          recalibrate=bool(self.alarm is not None and self.alarm.active),
                          alarms=self.alarm.fired if self.alarm is not None else 0,
                          predicted_class=last[1] if last else None, confidence=round(last[2], 4) if last else None,
+                         saturated_fraction=self._measured[0] if self._measured else None,
+                         registered_um=self._measured[1] if self._measured else None,
                          classified=self._classified)
 
     # --- threads ---------------------------------------------------------------------------------
@@ -420,7 +435,11 @@ class LivePipeline:
                         return
                     continue
                 images = np.stack([f.image for f in frames])
-                x = self.reconstructor.preprocessor(images, f"{self.source.name} frames {frames[0].index}–{frames[-1].index}")
+                x, measured = self.reconstructor.preprocessor.prepare(
+                    images, f"{self.source.name} frames {frames[0].index}–{frames[-1].index}")
+                moved = np.hypot(measured["registration_row_um"], measured["registration_col_um"]) \
+                    if "registration_row_um" in measured else None
+                self._measured = (float(measured["saturated_fraction"][-1]), float(moved[-1]) if moved is not None else None)
                 volumes = self.reconstructor.run_preprocessed(x)
                 done = time.monotonic()
                 self._latencies.extend(done - f.timestamp_s for f in frames)
@@ -430,7 +449,8 @@ class LivePipeline:
                     self.first_result_at = time.monotonic()
                 scored = [k for k, f in enumerate(frames) if f.index % self.score_every == 0]
                 if self.alarm is not None and scored:  # after the result is out
-                    self._last_score = float(self.alarm.update(x[scored], volumes[scored])[-1])
+                    self._last_score = float(self.alarm.update(x[scored], volumes[scored],
+                                                               moved[scored] if moved is not None else None)[-1])
                 if self.classifier is not None:
                     labels, confidences = self.classifier(images, volumes)
                     names = self.classifier.class_names

@@ -178,7 +178,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from ccm.learn.evaluate import evaluate, load_for_evaluation
 
     bundles = load_for_evaluation([args.bundle, *args.compare])
-    evaluate(bundles, args.data, args.output, probes=not args.no_probes, max_pairs=args.max_pairs,
+    evaluate(bundles, list(args.data), args.output, probes=not args.no_probes, max_pairs=args.max_pairs,
              robust=not args.no_robustness)
 
 
@@ -363,6 +363,9 @@ def _backend_args(p: argparse.ArgumentParser, backend: str = "torch") -> None:
     p.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
                    help="torch.compile mode (torch backend; reduce-overhead uses CUDA graphs on GPUs)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory for the convolutions (torch backend)")
+    p.add_argument("--no-register", dest="register", action="store_false",
+                   help="no motion compensation: take frames as they are even when the cannula's image moved on the sensor "
+                        "(default: frames are moved back by the offset the bundle's aperture check reads; recorded per frame)")
 
 
 def _options(args: argparse.Namespace, latency: bool = False):
@@ -371,7 +374,7 @@ def _options(args: argparse.Namespace, latency: bool = False):
 
     threads = args.threads if args.threads is not None else default_threads(latency)
     return InferenceOptions(backend=args.backend, device=args.compute, precision=args.precision, threads=threads,
-                            compile=args.compile, channels_last=args.channels_last, spin=False).validate()
+                            compile=args.compile, channels_last=args.channels_last, spin=False, register=args.register).validate()
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -682,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device YAML file, or the name of a shipped device (default: cannula-220um; see `ccm devices`)")
     p.add_argument("--scenes", nargs="+", default=None, metavar="CLASS",
                    help="scene classes, mixed uniformly: neurons, beads, nuclei, tissue, points, patterns, vessels, "
-                        "digits, mnist, mnist-deformed, mnist-test, letters, letters-test, greek (default: neurons)")
+                        "digits, mnist, mnist-deformed, mnist-test, letters, letters-test, greek, fluorescence "
+                        "(default: neurons)")
     p.add_argument("--scene-files", nargs="+", type=Path, default=[], metavar="FILE",
                    help="images or TIFF stacks (Z planes must match --planes) as scenes; alone unless --scenes names classes too")
     p.add_argument("--n", type=int, default=None, help="number of pairs (default: 1000)")
@@ -752,16 +756,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="score bundles on a held-out stack: metrics, resolution, sectioning → JSON + PNG",
+    p = sub.add_parser("evaluate", help="score bundles on held-out stacks against the linear baseline and an all-black "
+                                        "image: metrics, verdict, resolution, sectioning → JSON + Markdown + PNG",
                        description="Score a bundle — and, side by side, any bundles given with --compare (the linear "
-                                   "baseline, the reference architecture) — on a held-out calibration stack: SSIM, PSNR, "
-                                   "MAE and Pearson per depth plane (data range 1), a two-point resolution probe and an "
-                                   "axial-sectioning probe, and example reconstructions.")
+                                   "baseline, the reference architecture) — on held-out calibration stacks: SSIM, PSNR, "
+                                   "MAE, Pearson and hallucination (false energy, false structure) per depth plane (data "
+                                   "range 1), a two-point resolution probe and an axial-sectioning probe, and example "
+                                   "reconstructions. Every report also scores an all-black image and the linear baseline "
+                                   "(a linear bundle given with --compare, else the bundle's own linear first stage) on "
+                                   "the same pairs, and ends with the verdict 'network beats the physics on N of M "
+                                   "classes': one class per stack given with --data.")
     p.add_argument("--bundle", type=Path, required=True, help="bundle (.safetensors) or the name of a shipped one")
-    p.add_argument("--compare", type=Path, nargs="*", default=[], metavar="BUNDLE", help="more bundles to score side by side")
-    p.add_argument("--data", type=Path, required=True, help="held-out calibration stack (.h5) from the same device")
+    p.add_argument("--compare", type=Path, nargs="*", default=[], metavar="BUNDLE",
+                   help="more bundles to score side by side; the first linear one is the verdict's baseline")
+    p.add_argument("--data", type=Path, nargs="+", required=True, metavar="STACK",
+                   help="held-out calibration stack(s) (.h5) from the same device; several (one per scene class) give "
+                        "one report each and a summary with the verdict over all of them")
     p.add_argument("-o", "--output", type=Path, default=Path("evaluation.json"),
-                   help="report JSON; the PNG goes next to it (default: evaluation.json)")
+                   help="report JSON; the Markdown table and PNG go next to it; with several stacks, the summary, and "
+                        "each stack's report as OUTPUT-<stack>.json (default: evaluation.json)")
     p.add_argument("--max-pairs", type=int, help="score at most this many pairs")
     p.add_argument("--no-probes", action="store_true", help="skip the resolution and sectioning probes")
     p.add_argument("--no-robustness", action="store_true",

@@ -72,7 +72,19 @@ class UNetLayout(BaseModel):
     input_stage: Literal["unshuffle", "stride", "resize", "linear"] = "linear"
     """How frames reach the U-Net: the fitted linear inverse (``linear``), or a space-to-depth
     (``unshuffle``), strided convolution (``stride``) or area resize (``resize``) of the input."""
-    output: Literal["sigmoid", "none"] = "sigmoid"
+    output: Literal["sigmoid", "none", "clamp"] = "sigmoid"
+    """``clamp``: clipped to [0, 1] (the physics-bound network's output, :attr:`global_residual`)."""
+    global_residual: bool = False
+    """Output = the linear stage's estimate + the U-Net's correction, its last layer zero-initialised: untrained,
+    the network *is* the linear baseline, and training can only move it where the data say so (needs
+    ``input_stage: linear`` and ``output: clamp``)."""
+    dc_steps: int = Field(default=0, ge=0, le=8)
+    """Data-consistency steps after the first U-Net (:class:`ccm.infer.nets.DataConsistentNet`): each pushes the
+    estimate through the fitted forward model, carries the frame's unexplained residual back with the linear
+    inverse (a preconditioned gradient step on the data term) and adds a learned correction (a U-Net of
+    ``refine_widths``). Needs ``global_residual``."""
+    refine_widths: tuple[int, ...] = Field(default=(16, 32, 64), min_length=2, max_length=7)
+    """Channels of each data-consistency step's U-Net, finest first."""
     downscale: int = Field(default=1, ge=1, le=4)
     """The U-Net runs at 1/downscale of the target grid (after a ``linear`` or ``resize`` input
     stage): space-to-depth before the stem, depth-to-space after the head. 2 cuts the work ~4× —
@@ -91,6 +103,9 @@ class UNetConfig(UNetLayout):
     input_stage: Literal["unshuffle", "stride", "resize", "linear"] = "unshuffle"
     linear: LinearSpec | None = None
     """The linear stage's shape, for ``input_stage: linear`` (filled in when it is fitted)."""
+    normal: LinearSpec | None = None
+    """For ``dc_steps`` > 0: the shape of the fitted normal operator L∘A (volume → volume: the forward model A
+    followed by the linear inverse L, one polar map on the volume's grid)."""
 
     @model_validator(mode="after")
     def _fits(self) -> UNetConfig:
@@ -107,7 +122,19 @@ class UNetConfig(UNetLayout):
         if ho % levels or wo % levels:
             raise ValueError(f"out_shape {self.out_shape} must be divisible by {levels} for {len(self.widths)} levels"
                              f"{f' at downscale {self.downscale}' if self.downscale > 1 else ''}")
-        if any(w < 1 for w in self.widths):
+        if self.global_residual and (self.input_stage != "linear" or self.output != "clamp"):
+            raise ValueError("global_residual needs input_stage 'linear' and output 'clamp'")
+        if self.dc_steps and not self.global_residual:
+            raise ValueError("dc_steps needs global_residual (the steps refine the linear estimate)")
+        refine_levels = 2 ** (len(self.refine_widths) - 1) * self.downscale
+        if self.dc_steps and (ho % refine_levels or wo % refine_levels):
+            raise ValueError(f"out_shape {self.out_shape} must be divisible by {refine_levels} for refine_widths {self.refine_widths}")
+        normal = self.normal
+        if normal is not None and (normal.in_shape != self.out_shape or normal.out_shape != self.out_shape
+                                   or normal.in_channels != self.out_channels or normal.out_channels != self.out_channels):
+            raise ValueError(f"the normal operator maps {normal.in_channels}×{normal.in_shape} → {normal.out_channels}×"
+                             f"{normal.out_shape}, the network needs {self.out_channels}×{self.out_shape} on both sides")
+        if any(w < 1 for w in (*self.widths, *self.refine_widths)):
             raise ValueError(f"widths must be positive, got {self.widths}")
         return self
 

@@ -61,6 +61,9 @@ class InferenceOptions:
     spin: bool = True
     """onnx: worker threads spin-wait between calls — the lowest batch-1 latency, but they take CPU
     from readers and writers on small machines; ``ccm reconstruct`` turns it off."""
+    register: bool = True
+    """Motion compensation (:mod:`ccm.infer.registration`): frames whose cannula image moved on the sensor are
+    moved back before reconstruction, when the bundle has an aperture check (``--no-register`` turns it off)."""
 
     @property
     def device_type(self) -> str:

@@ -45,19 +45,19 @@ class FrameChunks:
     A sequence (``len`` and indexing), so it also serves as a map-style dataset for torch's DataLoader."""
 
     def __init__(self, recording: Recording, frame_indices: np.ndarray, positions: np.ndarray, bundle: Bundle, chunk: int,
-                 convert_from: str | None = None):
+                 convert_from: str | None = None, register: bool = True):
         self.recording, self.frame_indices, self.positions, self.chunk = recording, frame_indices, positions, chunk
-        self.preprocessor = bundle.preprocessor(convert_from)
+        self.preprocessor = bundle.preprocessor(convert_from, register=register)
 
     def __len__(self) -> int:
         return -(-len(self.positions) // self.chunk)
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         sl = slice(k * self.chunk, (k + 1) * self.chunk)
         indices = self.frame_indices[sl]
         frames = np.concatenate([self.recording.read(int(a), int(b)) for a, b in _index_runs(indices)])
         source = f"{self.recording.description}, frames {indices[0]}–{indices[-1]}"
-        return self.positions[sl], self.preprocessor(frames, source)
+        return (self.positions[sl], *self.preprocessor.prepare(frames, source))
 
 
 def _index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
@@ -143,7 +143,9 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     summary = {"input": recording.description, "output": str(spec.path), "format": spec.format, "axes": spec.axes + "ZYX",
                "shape": [*spec.shape, *spec.volume_shape], "frames": spec.n, "resumed_with_done": int(done.sum()),
                "backend": options.backend, "precision": options.precision, "device": options.device,
-               "threads": options.threads, "model_streams": 1 if distributed else streams}
+               "threads": options.threads, "model_streams": 1 if distributed else streams,
+               "motion_compensation": bool(options.register and bundle.consistency is not None
+                                           and bundle.consistency.aperture_check is not None)}
     if maps is not None:
         summary["confidence_map"] = str(maps.path)
     if "salvaged" in recording.metadata:
@@ -151,7 +153,7 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     recording.close()
     model_s = 0.0
     if len(todo):
-        chunks = FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size, convert_from)
+        chunks = FrameChunks(recording, frame_indices[todo], todo, bundle, batch_size, convert_from, model_options.register)
         if distributed:
             from ccm.infer.distributed import predict_distributed
 
@@ -214,8 +216,8 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec 
     writers = [VolumeWriter(spec)] + ([VolumeWriter(maps)] if maps is not None else [])
 
     def write(item: tuple) -> None:
-        positions, x, volumes = item
-        per_frame = reconstructor.per_frame(x, volumes)
+        positions, x, volumes, measured = item
+        per_frame = reconstructor.per_frame(x, volumes, measured)
         if maps is not None:  # first: the reconstruction's progress record is the later of the two
             writers[1].write(positions, reconstructor.confidence(x, volumes))
         writers[0].write(positions, volumes, per_frame)
@@ -235,18 +237,18 @@ def _predict_in_process(chunks: FrameChunks, spec: OutputSpec, maps: OutputSpec 
     reading: list = []
     running: collections.deque = collections.deque()
 
-    def model(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        positions, x = reading[k].result()
+    def model(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, float]:
+        positions, x, measured = reading[k].result()
         reading[k] = None  # free the chunk once it is consumed
         start = time.perf_counter()
         volumes = reconstructor.run_preprocessed(x)
-        return positions, x, volumes, time.perf_counter() - start
+        return positions, x, volumes, measured, time.perf_counter() - start
 
     def collect() -> None:  # in chunk order: the writer sees chunks as they were read
         nonlocal model_s
-        positions, x, volumes, seconds = running.popleft().result()
+        positions, x, volumes, measured, seconds = running.popleft().result()
         model_s += seconds / streams
-        background.put((positions, x, volumes))
+        background.put((positions, x, volumes, measured))
         if bar is not None:
             bar.update(len(positions))
 

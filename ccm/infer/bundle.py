@@ -34,6 +34,7 @@ from ccm.errors import BundleError
 from ccm.infer.architecture import LinearSpec, UNetConfig
 from ccm.infer.consistency import UNEXPLAINED, ConsistencyModel, linear_stage, linear_stage_spec
 from ccm.infer.preprocess import PreprocessConfig, Preprocessor
+from ccm.infer.registration import Registration
 from ccm.resources import resolve_shipped
 
 if TYPE_CHECKING:
@@ -52,9 +53,9 @@ Architecture = UNetConfig | LinearSpec
 def build_model(architecture: Architecture) -> torch.nn.Module:
     """An untrained module for an architecture: (N, 1, H, W) float32 → (N, D, h, w) float32 (imports torch)."""
     if isinstance(architecture, UNetConfig):
-        from ccm.infer.nets import UNet
+        from ccm.infer.nets import DataConsistentNet, UNet
 
-        return UNet(architecture)
+        return DataConsistentNet(architecture) if architecture.global_residual else UNet(architecture)
     from ccm.infer.linear import LinearInverse
 
     return LinearInverse(architecture)
@@ -73,7 +74,8 @@ def architecture_from_dict(data: dict) -> Architecture:
 
 
 def _half_precision(name: str, architecture: Architecture) -> bool:
-    """Linear-stage buffers are stored at float16 (they are fitted at that precision)."""
+    """Linear-stage buffers are stored at float16 (they are fitted at that precision; a data-consistent network's
+    normal operator is not, :mod:`ccm.learn.normal`)."""
     linear = name.startswith("linear.") if isinstance(architecture, UNetConfig) else True
     return linear and name.split(".")[-1] in ("weight", "mean_in", "mean_out")
 
@@ -120,10 +122,14 @@ class Bundle:
     def fingerprint(self) -> str:
         return fingerprint(self.device)
 
-    def preprocessor(self, convert_from: str | None = None) -> Preprocessor:
+    def preprocessor(self, convert_from: str | None = None, register: bool = False) -> Preprocessor:
         """The bundle's preprocessing; ``convert_from`` accepts frames of another pixel type (see
-        :func:`ccm.infer.preprocess.convert_frames`)."""
-        return Preprocessor(self.preprocess, self.device, dark=self.dark, flat=self.flat, convert_from=convert_from)
+        :func:`ccm.infer.preprocess.convert_frames`); ``register``: with motion compensation, when the bundle has
+        an aperture check (:mod:`ccm.infer.registration`)."""
+        check = self.consistency.aperture_check if self.consistency is not None else None
+        registration = Registration(check, self.device.sensor.pixel_size_um) if register and check is not None else None
+        return Preprocessor(self.preprocess, self.device, dark=self.dark, flat=self.flat, convert_from=convert_from,
+                            registration=registration)
 
     def model(self) -> torch.nn.Module:
         """The module with its weights, in eval mode, float32 on the CPU (imports torch). The weights are

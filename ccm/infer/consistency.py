@@ -22,7 +22,7 @@ the same for a dim scene as for a bright one. A frame whose reconstruction the f
 as the calibration's own held-out frames scores inside the calibrated range; invented structure, a
 scene class the network never saw or a cannula that moved since calibration score above
 :attr:`ConsistencyModel.threshold`. Measured on the shipped 2D cannula bundle (400 held-out neuron
-frames vs 300–400 frames per case, one run, ``models/reports/cannula-220um-2d-consistency.json``):
+frames vs 300–400 frames per case, one run, ``models/reports/cannula-220um-2d-neurons-consistency.json``):
 ROC AUC 0.998 for the image moved 2 µm on the sensor, 0.992 at 5 µm, 0.986 for bead scenes and 0.965
 for dim digit scenes — where the earlier statistic, below, scored dim scenes *lower* than neurons
 (AUC 0.29: less light, less noise to exceed).
@@ -70,6 +70,10 @@ CHI2, UNEXPLAINED = "noise_chi2", "unexplained_fraction"
 FLOOR = 0.05
 """Reconstructions dimmer than this (their 99th percentile, in target units 0–1) are scored against it: a
 near-empty frame's unexplained noise is not divided by nearly nothing."""
+SATURATION_FLAG = 0.01
+"""A frame with more than this share of its aperture's pixels at the camera's full scale is flagged: clipped pixels
+no longer say how bright they were, and the forward model's residual there reflects the clipping, not the
+reconstruction (the issue's real-image set: 56 % of frames at full brightness had > 1 % clipped)."""
 THRESHOLD_MARGIN = 1.25
 """A frame is flagged above this × the 99.9th percentile of the calibration's held-out scores."""
 ALARM_MARGIN = 2.0
@@ -217,10 +221,14 @@ class ConsistencyModel:
         frames = np.asarray(x, np.float32).reshape(n, -1)[:, self._inside]
         return tail(np.square(frames - predicted) / self.noise.variance(predicted)).astype(np.float32)
 
-    def flags(self, scores: np.ndarray, offsets_um: np.ndarray | None = None) -> np.ndarray:
+    def flags(self, scores: np.ndarray, offsets_um: np.ndarray | None = None,
+              saturated: np.ndarray | None = None) -> np.ndarray:
         """(N,) bool: frames outside the calibrated range — their score, or their aperture offset (µm, from
-        :attr:`aperture_check`) when given."""
+        :attr:`aperture_check`) when given — or clipped (``saturated``: their share of saturated pixels, above
+        :data:`SATURATION_FLAG`)."""
         flagged = np.asarray(scores) > self.threshold
+        if saturated is not None:
+            flagged |= np.asarray(saturated) > SATURATION_FLAG
         if offsets_um is not None and self.aperture_check is not None:
             flagged |= np.asarray(offsets_um) > self.aperture_check.threshold_um
         return flagged
@@ -392,13 +400,17 @@ class RecalibrationAlarm:
         self.fired = 0
         """How many times the alarm went from quiet to active."""
 
-    def update(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+    def update(self, x: np.ndarray, volumes: np.ndarray, moved_um: np.ndarray | None = None) -> np.ndarray:
         """Score (N, 1, H', W') preprocessed frames and their (N, D, h, w) reconstructions, update the alarm;
-        returns the (N,) scores."""
+        returns the (N,) scores. ``moved_um`` (N,): how far motion compensation moved each frame back (0: not
+        moved) — such a frame's offset is that distance: the cannula did move, whatever registration repaired."""
         scores = self.model.score(x, volumes)
         active = self.scores.update(scores)
         if self.offsets is not None and self.model.aperture_check is not None:
-            active = self.offsets.update(self.model.aperture_check.offsets_um(x)) or active
+            offsets = self.model.aperture_check.offsets_um(x)
+            if moved_um is not None:
+                offsets = np.where(np.asarray(moved_um) > 0, moved_um, offsets)
+            active = self.offsets.update(offsets) or active
         self.fired += active and not self.active
         self.active = active
         return scores

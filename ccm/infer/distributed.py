@@ -43,10 +43,10 @@ class PredictModule(pl.LightningModule):
         return batch  # the backend moves frames itself (pinned memory on GPUs, numpy for ONNX Runtime)
 
     def predict_step(self, batch, batch_idx):
-        positions, x = batch
+        positions, x, measured = batch
         x = np.asarray(x)
         volumes = self.reconstructor.run_preprocessed(x)
-        return np.asarray(positions), volumes, self.reconstructor.per_frame(x, volumes)
+        return np.asarray(positions), volumes, self.reconstructor.per_frame(x, volumes, measured)
 
 
 class WriterCallback(BasePredictionWriter):

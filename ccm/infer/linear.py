@@ -59,6 +59,22 @@ def sparse_sample(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return (matrix @ x.reshape(n * c, -1).T).T.reshape(n, c, -1)
 
 
+class _SparseSample(torch.autograd.Function):
+    """:func:`sparse_sample` with its gradient: the transposed matrix's product (a Gather's backward, an
+    index-add over the taps, is ~4× slower on the CPU under training)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, matrix: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.shape, ctx.transpose = x.shape, transpose
+        return sparse_sample(x, matrix)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        n, c, h, w = ctx.shape
+        g = (ctx.transpose @ grad.reshape(n * c, -1).T.contiguous()).T.reshape(n, c, h, w)
+        return g, None, None
+
+
 class PolarBasis(nn.Module):
     """Images ↔ angular-frequency coefficients of rings.
 
@@ -80,19 +96,22 @@ class PolarBasis(nn.Module):
         self.spec = spec
         for name, array in polar_geometry(spec).items():  # the geometry, defined once (ccm.infer.linear_map)
             self.register_buffer(name, torch.from_numpy(array), persistent=False)
-        self._matrices: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._matrices: dict[tuple, torch.Tensor] = {}
 
     def _sample(self, x: torch.Tensor, taps: str) -> torch.Tensor:
         """(N, C, H, W) → (N, C, S) through the ``taps`` ("input", "target" or "output") buffers."""
         if torch.onnx.is_in_onnx_export():
             return self._grid_sample(x, taps)
         index, weight = getattr(self, f"{taps}_index"), getattr(self, f"{taps}_weight")
-        if x.requires_grad or x.device.type not in ("cpu", "cuda") or x.dtype != torch.float32 \
-                or torch.compiler.is_compiling():
+        if x.device.type not in ("cpu", "cuda") or x.dtype != torch.float32 or torch.compiler.is_compiling():
             return gather_sample(x, index, weight)
         key = (taps, x.device)
         if key not in self._matrices:
             self._matrices[key] = tap_matrix(index.to(x.device), weight.to(x.device), x.shape[2] * x.shape[3])
+        if x.requires_grad:
+            if (taps, x.device, "T") not in self._matrices:
+                self._matrices[(taps, x.device, "T")] = self._matrices[key].to_sparse_coo().t().coalesce().to_sparse_csr()
+            return _SparseSample.apply(x, self._matrices[key], self._matrices[(taps, x.device, "T")])
         return sparse_sample(x, self._matrices[key])
 
     def _grid_sample(self, x: torch.Tensor, taps: str) -> torch.Tensor:
@@ -269,13 +288,15 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
 
 
 def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       val: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[LinearInverse, dict]:
+                       val: Iterable[tuple[torch.Tensor, torch.Tensor]], half: bool = True) -> tuple[LinearInverse, dict]:
     """Fit a :class:`LinearInverse` by ridge regression.
 
     ``train`` and ``val`` yield (x, y) batches: x (n, 1, H, W) float32 preprocessed frames, y
     (n, D, h, w) float32 targets. The frames' covariance is eigendecomposed per frequency block;
     each block's regularisation (``fit.alphas`` × its mean eigenvalue) is chosen on ``val``.
-    Returns the module and a report (chosen alphas, validation error per alpha).
+    Returns the module and a report (chosen alphas, validation error per alpha). ``half``: round the weights
+    to float16 precision (how bundles store linear stages); off for a map whose offsets must stay exact
+    (:mod:`ccm.learn.normal`).
     """
     model = LinearInverse(spec)
     basis = model.basis
@@ -318,9 +339,10 @@ def fit_linear_inverse(spec: LinearSpec, fit: LinearFit, train: Iterable[tuple[t
         chosen = torch.stack([filters(alphas[k] * fit.alpha_factor)[i] for i, k in enumerate(best.tolist())])
         weight = eigvec @ (chosen[..., None] * projected)
         as_stored = (lambda t: torch.view_as_real(t.to(torch.complex64))) if spec.basis == "polar" else (lambda t: t.float())
-        model.mean_in.copy_(_fp16(as_stored(mean_a)))
-        model.mean_out.copy_(_fp16(as_stored(mean_b)))
-        model.weight.copy_(_fp16(as_stored(weight)))
+        rounded = _fp16 if half else (lambda t: t)
+        model.mean_in.copy_(rounded(as_stored(mean_a)))
+        model.mean_out.copy_(rounded(as_stored(mean_b)))
+        model.weight.copy_(rounded(as_stored(weight)))
         model.refresh()
     total = errors.sum(dim=1)
     report = {"pairs": n, "validation_pairs": n_val, "method": fit.method, "basis": spec.basis,

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ccm.devices import CannulaDevice, WindowDevice
 from ccm.errors import FrameError
+from ccm.infer.registration import CONVERGED_PX, ITERATIONS, Registration, shift_frames
 
 
 class PreprocessConfig(BaseModel):
@@ -107,12 +108,16 @@ class Preprocessor:
     flat : (H, W) float32 relative pixel response (mean 1); required if ``config.flat_field``.
     convert_from : accept frames of this pixel type and convert them (:func:`convert_frames`);
         by default only the camera's uint16 ADU are accepted.
+    registration : motion compensation (:mod:`ccm.infer.registration`): frames whose cannula image moved
+        are moved back between steps 2 and 3 (:meth:`prepare`); None: frames are taken as they are.
     """
 
     def __init__(self, config: PreprocessConfig, device: CannulaDevice | WindowDevice,
-                 dark: np.ndarray | None = None, flat: np.ndarray | None = None, convert_from: str | None = None):
+                 dark: np.ndarray | None = None, flat: np.ndarray | None = None, convert_from: str | None = None,
+                 registration: Registration | None = None):
         self.config = config
         self.device = device
+        self.registration = registration
         if convert_from is not None and convert_from not in CONVERSIONS:
             raise FrameError(f"cannot convert from {convert_from!r}; choose one of {', '.join(CONVERSIONS)}")
         self.convert_from = convert_from
@@ -131,6 +136,8 @@ class Preprocessor:
             gain /= flat
         if config.aperture:
             gain *= aperture_mask(device)
+        self._inside = np.flatnonzero(aperture_mask(device).ravel() > 0) if config.aperture else None
+        """Flat indices of the sensor's pixels inside the aperture (the saturation count's), None: all."""
         # steps 3, 4 and 7 are one multiplication by a per-pixel map
         self._gain = gain / np.float32(config.scale_adu)
         if config.crop is not None:
@@ -184,11 +191,56 @@ class Preprocessor:
         return frames
 
     def __call__(self, frames: np.ndarray, source: str = "frames") -> np.ndarray:
-        """(N, H, W) or (H, W) raw frames → (N, 1, h, w) float32 network input."""
+        """(N, H, W) or (H, W) raw frames → (N, 1, h, w) float32 network input (registered, when the
+        preprocessor has a :attr:`registration`; :meth:`prepare` also returns the shifts applied)."""
+        return self.prepare(frames, source)[0]
+
+    def prepare(self, frames: np.ndarray, source: str = "frames") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(N, H, W) or (H, W) raw frames → ((N, 1, h, w) float32 network input, what was measured of each frame:
+        name → (N,) float32, see :data:`ccm.io.volume_writer.PER_FRAME`) — ``saturated_fraction`` always,
+        ``registration_row_um``/``registration_col_um`` (how far the frame was moved back, µm at the camera's
+        pixel pitch) with a :attr:`registration`."""
         frames = self.check(frames, source)
+        measured = {"saturated_fraction": self.saturated_fraction(frames)}
         x = frames.astype(np.float32)
         if self.dark is not None:
             x -= self.dark
+        if self.registration is None:
+            return self._finish(x), measured
+        out = self._finish(x.copy())
+        shifts = self._register(x, out)
+        pixel = self.device.sensor.pixel_size_um
+        return out, measured | {"registration_row_um": (shifts[:, 0] * pixel).astype(np.float32),
+                                "registration_col_um": (shifts[:, 1] * pixel).astype(np.float32)}
+
+    def saturated_fraction(self, frames: np.ndarray) -> np.ndarray:
+        """(N, H, W) checked raw frames → (N,) float32 share of the pixels inside the aperture at the camera's full
+        scale (clipped: the frame no longer says how bright they were)."""
+        flat = frames.reshape(len(frames), -1)
+        if self._inside is not None:
+            flat = flat[:, self._inside]
+        return (flat >= self.device.sensor.max_adu).mean(axis=1, dtype=np.float64).astype(np.float32)
+
+    def _register(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Move the frames of ``x`` (N, H, W) float32 dark-subtracted whose cannula image moved back, re-preparing
+        them in ``out`` (N, 1, h, w) in place; returns (N, 2) float64 (rows, columns) camera pixels applied."""
+        assert self.registration is not None
+        total = np.zeros((len(x), 2))
+        active = np.ones(len(x), bool)
+        for iteration in range(ITERATIONS):
+            step = self.registration.displacement_px(out, gate=iteration == 0)
+            if iteration:  # only frames found off at the first reading move, until their readings settle
+                step[~active | (np.hypot(*step.T) < CONVERGED_PX)] = 0
+            active &= np.any(step != 0, axis=1)
+            moving = np.flatnonzero(active)
+            if not len(moving):
+                break
+            total[moving] += step[moving]
+            out[moving] = self._finish(shift_frames(x[moving], total[moving]))
+        return total
+
+    def _finish(self, x: np.ndarray) -> np.ndarray:
+        """Steps 3–7 on (N, H, W) float32 dark-subtracted frames (modified in place) → (N, 1, h, w) float32."""
         x *= self._gain
         if self.config.crop is not None:
             top, left, height, width = self.config.crop

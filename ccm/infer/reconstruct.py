@@ -33,7 +33,8 @@ class Reconstructor:
                  onnx_path: str | os.PathLike | None = None, calibration: np.ndarray | None = None):
         self.bundle = bundle
         self.options = options or InferenceOptions()
-        self.preprocessor = bundle.preprocessor()
+        self.preprocessor = bundle.preprocessor(register=self.options.register)
+        """Checks, registers (motion compensation, ``options.register``) and prepares frames: :meth:`Preprocessor.prepare`."""
         self.backend = make_backend(bundle, self.options, onnx_path, calibration)
         if bundle.path is not None and not bundle.self_tested:  # loaded without its self-test: run it on this backend
             # on the CPU at fp32 (a GPU's TF32 convolutions, bf16 or int8 differ by more than the tolerance; those
@@ -67,10 +68,13 @@ class Reconstructor:
         consistency = self.bundle.consistency
         return None if consistency is None or consistency.aperture_check is None else consistency.aperture_check.offsets_um(x)
 
-    def per_frame(self, x: np.ndarray, volumes: np.ndarray) -> dict[str, np.ndarray | None]:
+    def per_frame(self, x: np.ndarray, volumes: np.ndarray,
+                  measured: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray | None]:
         """What ``ccm reconstruct`` stores per frame (:data:`ccm.io.volume_writer.PER_FRAME`): the consistency
-        score and the aperture offset of (N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes."""
-        return {"consistency_score": self.score(x, volumes), "aperture_offset_um": self.offsets(x)}
+        score and the aperture offset of (N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes, and
+        ``measured``, what preprocessing measured of the raw frames (:meth:`Preprocessor.prepare`: the saturated
+        share, the registration applied). The offset is read after registration: what is left of the move."""
+        return {"consistency_score": self.score(x, volumes), "aperture_offset_um": self.offsets(x), **(measured or {})}
 
     def confidence(self, x: np.ndarray, volumes: np.ndarray) -> np.ndarray | None:
         """(N, 1, H', W') preprocessed frames and their (N, D, h, w) volumes → (N, D, h, w) float32 confidence

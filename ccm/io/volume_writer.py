@@ -345,6 +345,11 @@ PER_FRAME = {
                          "of the squared residual against the camera noise); compare with the bundle's threshold",
     "aperture_offset_um": "offset of the cannula's disc of light from its calibrated position on the sensor, µm at the exit "
                           "face (ccm.infer.aperture); compare with the bundle's aperture threshold",
+    "saturated_fraction": "share of the camera pixels inside the aperture at full scale (clipped); frames above "
+                          "ccm.infer.consistency.SATURATION_FLAG are flagged",
+    "registration_row_um": "motion compensation: how far the frame was moved back along rows before reconstruction, µm at the "
+                           "camera's pixel pitch (ccm.infer.registration); 0: as calibrated",
+    "registration_col_um": "motion compensation: how far the frame was moved back along columns, µm (see registration_row_um)",
 }
 """The values ``ccm reconstruct`` stores per frame, and what each means (stored beside it)."""
 

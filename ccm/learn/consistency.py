@@ -22,7 +22,8 @@ from ccm.infer.aperture import ApertureCheck
 from ccm.infer.architecture import LinearFit, LinearSpec
 from ccm.infer.bundle import Bundle
 from ccm.infer.consistency import CHI2, QUANTILES, UNEXPLAINED, ConsistencyModel, NoiseModel, linear_stage, linear_stage_spec
-from ccm.infer.linear import fit_linear_inverse
+from ccm.infer.linear import LinearInverse, fit_linear_inverse
+from ccm.infer.preprocess import Preprocessor
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack
 from ccm.learn.data import iterate_pairs
@@ -31,12 +32,16 @@ from ccm.physics.simulate import Simulator, move_on_sensor, own_device_pairs
 
 def forward_spec(bundle: Bundle, fit: LinearFit) -> LinearSpec:
     """The shape of the forward operator for ``bundle``'s preprocessing and target grid."""
-    preprocessor, device = bundle.preprocessor(), bundle.device
+    return forward_spec_for(bundle.preprocessor(), len(bundle.depths_um), fit)
+
+
+def forward_spec_for(preprocessor: Preprocessor, depth: int, fit: LinearFit) -> LinearSpec:
+    """The shape of the forward operator, (depth, h, w) volumes of the preprocessor's device → its preprocessed frames."""
+    device = preprocessor.device
     h, w = device.target.shape
     target_circle = (h / 2, w / 2, device.field_radius_px if device.rotation_symmetric else float(max(h, w)))
     in_shape = preprocessor.output_shape
     aperture_circle = preprocessor.aperture_circle()
-    depth = len(bundle.depths_um)
     if not device.rotation_symmetric:
         aperture_circle = (in_shape[0] / 2, in_shape[1] / 2, float(max(in_shape)))
         return LinearSpec(basis="pixels", in_shape=(h, w), out_shape=in_shape, in_channels=depth, out_channels=1,
@@ -47,6 +52,20 @@ def forward_spec(bundle: Bundle, fit: LinearFit) -> LinearSpec:
     return LinearSpec(basis="polar", in_shape=(h, w), out_shape=in_shape, in_channels=depth, out_channels=1,
                       input_circle=target_circle, target_circle=aperture_circle, n_rings_input=n_in, n_rings_target=n_out,
                       n_angles=n_angles, max_frequency=n_angles // 2, clip=False)
+
+
+def fit_forward(preprocessor: Preprocessor, depth: int, data: Path, split: dict[str, np.ndarray],
+                fit: LinearFit | None = None) -> tuple[LinearInverse, LinearSpec, dict]:
+    """Fit the forward operator (volume → preprocessed frame) on the stack ``data``: ``split['train']`` pairs fit it,
+    ``split['val']`` choose its regularisation; of a stack simulated through several cannulas, only the stack's own
+    device's pairs are used (the other cannulas' would blur the operator). Returns (module, spec, fit report)."""
+    fit = fit or LinearFit(max_frames=20000)
+    with CalibrationStack(data) as stack:
+        split = {part: own_device_pairs(stack.provenance, len(stack), indices) for part, indices in split.items()}
+    spec = forward_spec_for(preprocessor, depth, fit)
+    forward, report = fit_linear_inverse(spec, fit, _swapped(iterate_pairs(Path(data), split["train"], preprocessor)),
+                                         _swapped(iterate_pairs(Path(data), split["val"], preprocessor)))
+    return forward, spec, report
 
 
 def _swapped(pairs):
@@ -62,13 +81,10 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
     (held-out pairs whose reconstructions give the calibrated range; ``val`` if ``test`` is empty); of a
     stack simulated through several cannulas, only the pairs of the stack's own device are used.
     """
-    fit = fit or LinearFit(max_frames=20000)
-    with CalibrationStack(data) as stack:  # the operator of this device: pairs through other cannulas are left out
-        split = {part: own_device_pairs(stack.provenance, len(stack), indices) for part, indices in split.items()}
     preprocessor, device = bundle.preprocessor(), bundle.device
-    spec = forward_spec(bundle, fit)
-    forward, report = fit_linear_inverse(spec, fit, _swapped(iterate_pairs(Path(data), split["train"], preprocessor)),
-                                         _swapped(iterate_pairs(Path(data), split["val"], preprocessor)))
+    forward, spec, report = fit_forward(preprocessor, len(bundle.depths_um), Path(data), split, fit)
+    with CalibrationStack(data) as stack:  # the held-out frames of this device (pairs through other cannulas are left out)
+        split = {part: own_device_pairs(stack.provenance, len(stack), indices) for part, indices in split.items()}
     aperture = preprocessor.aperture_circle()
     hh, ww = preprocessor.output_shape
     yy, xx = np.mgrid[0:hh, 0:ww] + 0.5

@@ -9,10 +9,13 @@ take (N, D, h, w) float tensors and score every (image, plane) separately.
 
 SSIM alone flatters sparse scenes (an all-black image scores ~0.8 on neurons), so two
 hallucination measures sit beside it (:func:`false_energy`, :func:`false_structure`): how much of a
-reconstruction lies where the truth is dark, and how much of what it draws has no counterpart.
+reconstruction's intensity lies where the truth is dark, and how much of the detail it draws (lines,
+spots, edges) the truth does not have — also over bright areas of the truth.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +73,14 @@ SUPPORT_LEVEL = 0.1
 """Truth pixels above this fraction of their plane's brightest pixel are structure."""
 SUPPORT_MARGIN_PX = 2
 """Structure's neighbourhood: the truth's structure grown by this many target pixels (blur is not invention)."""
-DRAWN_LEVEL = 0.25
-"""Predicted pixels above this fraction of the truth plane's brightest pixel count as drawn structure."""
+DETAIL_SIGMA_PX = 1.0
+"""Structure is local detail at this scale: an image minus its own Gaussian blur of this σ (target pixels)."""
+BLUR_TOLERANCE_PX = (1.0, 2.0)
+"""The truth's detail is also read from the truth blurred by these σ (target pixels): a reconstruction blurrier
+than the truth puts its detail where a blurred truth has it (inside a cell's edge), and blur is not invention."""
+DETAIL_TOLERANCE_PX = 1
+"""The truth's detail is grown by this many pixels (its largest value in a (2·this + 1)² window): structure
+drawn one pixel off is not invention. More would let a cell's edge excuse what is drawn inside a small cell."""
 
 
 def _support(target: torch.Tensor) -> torch.Tensor:
@@ -93,14 +102,55 @@ def false_energy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, outside / total.clamp(min=1e-12), torch.zeros_like(total))
 
 
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(M, 1, h, w) float32 → Gaussian blur of σ ``sigma`` px (separable, truncated at 3σ, edges replicated)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
+    g = torch.exp(-k ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.view(1, 1, -1, 1))
+
+
+def _detail(x: torch.Tensor) -> torch.Tensor:
+    """(M, 1, h, w) → the positive local detail: what is brighter than its surroundings at ``DETAIL_SIGMA_PX``."""
+    return (x - _blur(x, DETAIL_SIGMA_PX)).clamp(min=0)
+
+
 def false_structure(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(N, D, h, w) → (N, D): the fraction of drawn pixels (prediction above ``DRAWN_LEVEL`` of the truth's
-    peak) with no truth structure within ``SUPPORT_MARGIN_PX`` — invented structure; 0 if nothing is drawn."""
-    p = pred.float()
-    drawn = p > DRAWN_LEVEL * target.float().flatten(2).amax(-1)[..., None, None]
-    count = drawn.sum(dim=(-2, -1)).float()
-    invented = (drawn & ~_support(target)).sum(dim=(-2, -1)).float()
-    return torch.where(count > 0, invented / count.clamp(min=1), torch.zeros_like(count))
+    """(N, D, h, w) → (N, D): the share of the reconstruction's structure that the truth does not have —
+    invented structure; 0 if the reconstruction draws no structure, 0 for the truth itself.
+
+    *Structure* is positive local detail: an image minus its own Gaussian blur (σ = ``DETAIL_SIGMA_PX``)
+    where that is positive (a line, a spot, the inner side of an edge); a uniform area, however bright, has
+    none. The reconstruction is first scaled to the truth's summed intensity, so the score depends on neither
+    image's brightness scale. The truth *allows*, at each pixel, the largest of its own detail and the detail
+    of the truth blurred by each σ of ``BLUR_TOLERANCE_PX`` (blur is not invention), grown by
+    ``DETAIL_TOLERANCE_PX`` (nor is a one-pixel misplacement). False structure is the share of the
+    reconstruction's detail energy above what the truth allows: Σ (detail − allowed)₊² / Σ detail².
+
+    Lines drawn over a uniform bright cell count as false though the cell is bright — unlike the earlier
+    definition (drawn pixels more than 2 px from the truth's signal), which in a dense field, where a large
+    share of the pixels lies near some cell, let almost anything pass. On an empty truth plane any drawn
+    detail is false (1).
+    """
+    with torch.autocast(pred.device.type, enabled=False):
+        n, d, h, w = pred.shape
+        p = pred.float().reshape(n * d, 1, h, w)
+        t = target.float().reshape(n * d, 1, h, w)
+        p_sum, t_sum = p.clamp(min=0).sum(dim=(-2, -1), keepdim=True), t.sum(dim=(-2, -1), keepdim=True)
+        gain = torch.where((p_sum > 0) & (t_sum > 0), t_sum / p_sum.clamp(min=1e-30), torch.ones_like(p_sum))
+        drawn = gain * _detail(p)
+        allowed = _detail(t)
+        for sigma in BLUR_TOLERANCE_PX:
+            allowed = torch.maximum(allowed, _detail(_blur(t, sigma)))
+        if DETAIL_TOLERANCE_PX:
+            k = 2 * DETAIL_TOLERANCE_PX + 1
+            allowed = F.max_pool2d(allowed, k, stride=1, padding=DETAIL_TOLERANCE_PX)
+        total = (drawn ** 2).sum(dim=(-2, -1))
+        excess = ((drawn - allowed).clamp(min=0) ** 2).sum(dim=(-2, -1))
+        share = torch.where(total > 0, excess / total.clamp(min=1e-30), torch.zeros_like(total))
+        return share.clamp(max=1).reshape(n, d)
 
 
 OCCUPIED = 0.005

@@ -29,10 +29,10 @@ class ModelRecipe(UNetLayout):
     kind: Literal["unet", "linear"] = "unet"
 
     def unet_config(self, in_shape: tuple[int, int], out_shape: tuple[int, int], out_channels: int = 1,
-                    linear: LinearSpec | None = None) -> UNetConfig:
+                    linear: LinearSpec | None = None, normal: LinearSpec | None = None) -> UNetConfig:
         """This layout on a device's shapes: preprocessed input (H, W), target grid (h, w), D planes."""
         return UNetConfig(**self.model_dump(exclude={"kind"}), in_shape=in_shape, out_shape=out_shape,
-                          out_channels=out_channels, linear=linear)
+                          out_channels=out_channels, linear=linear, normal=normal)
 
 
 class LossConfig(_Strict):
@@ -70,6 +70,9 @@ class OptimConfig(_Strict):
     """Validate every this many steps instead of once per epoch."""
     warmup_fraction: float = Field(default=0.05, gt=0, lt=1)
     """Share of the planned steps over which the learning rate rises to ``lr`` (the one-cycle warm-up)."""
+    baseline_guard: float = Field(default=0.25, ge=0, le=1)
+    """Share of the planned steps (or of ``max_minutes``) after which a global-residual network whose validation
+    Pearson does not beat its own linear stage's stops, saying so (0: never)."""
     init_output_bias: bool = False
     """Start the U-Net's output layer at the training targets' mean (through the sigmoid's inverse where the
     output is a sigmoid) instead of 0.5: a sparse target's sigmoid head otherwise spends its first steps
@@ -104,6 +107,15 @@ class Recipe(_Strict):
     optim: OptimConfig = OptimConfig()
     augment: Augment = Augment()
     trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _cached_estimates_fit(self) -> Recipe:
+        a = self.augment
+        if self.model.kind == "unet" and self.model.global_residual and (a.shift_px or a.rotation_deg or a.noise):
+            raise RecipeError("a global-residual network trains on cached linear estimates, which a moved pattern or extra "
+                              "noise would change: set augment.shift_px, augment.rotation_deg and augment.noise to 0 "
+                              "(moved cannulas are registered before reconstruction instead)")
+        return self
 
 
 def _apply_override(data: dict, assignment: str) -> None:

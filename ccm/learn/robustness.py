@@ -2,7 +2,8 @@
 imaged again under each of these conditions and reconstructed by the unchanged bundle:
 
 - ``as_calibrated``: the stack's own raw frames (the reference for the rows below);
-- ``shift_1px``: raw frames moved by one camera pixel (the cannula slipped on the camera);
+- ``shift_1px``, ``shift_5um``: raw frames moved by one camera pixel and by 5 µm (the cannula slipped on the
+  camera); a Reconstructor with motion compensation (the default, :mod:`ccm.infer.registration`) moves them back;
 - ``rotation_1deg``: raw frames turned by 1° about the cannula axis. A cylindrical cannula is (nearly)
   symmetric under this rotation: the frame is then the image of the *rotated* scene, and the bundle
   reconstructs that — a correct image turned by 1°, which the consistency check cannot (and need not)
@@ -30,7 +31,7 @@ from ccm.io.stack import CalibrationStack
 from ccm.learn.metrics import MetricAccumulator
 from ccm.physics.simulate import Simulator, move_on_sensor, turn_images
 
-CONDITIONS = ("as_calibrated", "shift_1px", "rotation_1deg", "other_cannula", "exposure_20pct")
+CONDITIONS = ("as_calibrated", "shift_1px", "shift_5um", "rotation_1deg", "other_cannula", "exposure_20pct")
 
 
 def robustness(reconstructor: Reconstructor, data: Path, indices: np.ndarray, n: int = 200, seed: int = 0) -> dict:
@@ -48,6 +49,7 @@ def robustness(reconstructor: Reconstructor, data: Path, indices: np.ndarray, n:
     frames = {
         "as_calibrated": raw,
         "shift_1px": move_on_sensor(raw, pixel_um, shift_um=pixel_um),
+        "shift_5um": move_on_sensor(raw, pixel_um, shift_um=5.0),
         "rotation_1deg": move_on_sensor(raw, pixel_um, rotation_deg=1.0),
         "other_cannula": Simulator(other, planes_um=bundle.depths_um).frames(targets.copy(), rng),
         "exposure_20pct": Simulator(device, planes_um=bundle.depths_um, photons=0.2).frames(targets.copy(), rng),
@@ -56,13 +58,14 @@ def robustness(reconstructor: Reconstructor, data: Path, indices: np.ndarray, n:
     for condition in CONDITIONS:
         scores, turned, flagged = MetricAccumulator(), MetricAccumulator(), 0
         for start in range(0, len(chosen), 64):
-            x = reconstructor.preprocessor(frames[condition][start:start + 64], source=f"{data} ({condition})")
+            x, measured = reconstructor.preprocessor.prepare(frames[condition][start:start + 64], source=f"{data} ({condition})")
             pred = reconstructor.run_preprocessed(x)
             scores.update(torch.from_numpy(pred), torch.from_numpy(targets[start:start + 64]))
             if condition == "rotation_1deg":
                 turned.update(torch.from_numpy(pred), torch.from_numpy(turn_images(targets[start:start + 64], 1.0)))
             if bundle.consistency is not None:
-                flagged += int(bundle.consistency.flags(reconstructor.score(x, pred), reconstructor.offsets(x)).sum())
+                flagged += int(bundle.consistency.flags(reconstructor.score(x, pred), reconstructor.offsets(x),
+                                                        measured["saturated_fraction"]).sum())
         result[condition] = scores.result(bundle.depths_um)["overall"]
         if condition == "rotation_1deg":
             result[condition]["pearson_vs_rotated_truth"] = turned.result(bundle.depths_um)["overall"]["pearson"]

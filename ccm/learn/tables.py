@@ -4,7 +4,7 @@ from __future__ import annotations
 
 COLUMNS = (("ssim", "SSIM", ".3f"), ("psnr", "PSNR dB", ".2f"), ("mae", "MAE", ".4f"), ("pearson", "Pearson", ".3f"),
            ("false_energy", "false energy", ".3f"), ("false_structure", "false structure", ".3f"))
-ROBUST = (("shift_1px", "1 px shift"), ("rotation_1deg", "1° rotation"), ("other_cannula", "other cannula"),
+ROBUST = (("shift_1px", "1 px shift"), ("shift_5um", "5 µm shift"), ("rotation_1deg", "1° rotation"), ("other_cannula", "other cannula"),
           ("exposure_20pct", "20 % exposure"))
 
 
@@ -12,15 +12,38 @@ def _row(name: str, overall: dict) -> str:
     return f"| {name} | " + " | ".join(format(overall[key], fmt) for key, _, fmt in COLUMNS) + " |"
 
 
+def _rule(verdict: dict) -> str:
+    return (f"a class counts when the bundle's Pearson ≥ the linear baseline's + {verdict['pearson_margin']:g} "
+            f"and its SSIM ≥ the all-black image's + {verdict['ssim_margin']:g}")
+
+
+def _value(v, fmt: str = ".3f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
 def markdown_report(report: dict) -> str:
-    """Image metrics of every bundle and of an all-black image, then robustness (Pearson, and the share
-    of frames the consistency check flags), then two-point resolution per plane."""
+    """Image metrics of every bundle, of the linear baseline and of an all-black image, the verdict, then
+    robustness (Pearson, and the share of frames the consistency check flags), then two-point resolution per plane."""
     data = report["data"]
-    lines = [f"Held-out data: `{data['file']}` ({data['pairs']} pairs, {data['device']}).", "",
+    baseline = report.get("baseline") or {}
+    lines = [f"Held-out data: `{data['file']}` ({data['pairs']} pairs, {data['device']}"
+             + (f", class {data['class']}" if data.get("class") else "") + ").", "",
              "| bundle | " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += [_row(entry["name"], entry["metrics"]["overall"]) for entry in report["bundles"]]
+    for entry in report["bundles"]:
+        name = entry["name"] + (" (linear baseline)" if baseline.get("source") == "compare" and baseline.get("bundle") == entry["name"] else "")
+        lines.append(_row(name, entry["metrics"]["overall"]))
+    if baseline.get("source") == "linear_stage":
+        lines.append(_row(baseline["label"], baseline["overall"]))
     if "all_black" in report:
         lines.append(_row("all-black image", report["all_black"]))
+    if baseline.get("source") == "compare" and baseline.get("subset"):
+        lines += ["", f"The linear baseline {baseline['bundle']} re-scored on {baseline['subset']} for the verdict: "
+                      f"Pearson {baseline['overall']['pearson']:.3f}, SSIM {baseline['overall']['ssim']:.3f}."]
+    if baseline and baseline.get("source") is None:
+        lines += ["", f"{baseline['note']}."]
+    if "verdict" in report:
+        v = report["verdict"]
+        lines += ["", f"**Verdict: {v['line']}** ({_rule(v)}; baseline: {baseline.get('label') or 'none'})."]
     robust = [entry for entry in report["bundles"] if "robustness" in entry]
     if robust:
         lines += ["", "Pearson (share flagged by the consistency check) when the world differs from the calibration "
@@ -37,4 +60,19 @@ def markdown_report(report: dict) -> str:
         for entry in probed:
             values = ", ".join("—" if v is None else f"{v:g}" for v in entry["resolution"]["resolution_um"])
             lines.append(f"- {entry['name']}: {values}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_summary(summary: dict) -> str:
+    """The verdict of ``ccm evaluate`` over several held-out stacks (one per class): per class the bundle's
+    Pearson beside the linear baseline's and its SSIM beside the all-black image's."""
+    v = summary["verdict"]
+    lines = [f"**Verdict for {v['bundle']}: {v['line']}** ({_rule(v)}).", "",
+             "| class | held-out stack | Pearson | baseline Pearson | SSIM | all-black SSIM | beaten | baseline |",
+             "|---" * 8 + "|"]
+    for row, data in zip(v["per_class"], summary["datasets"]):
+        beaten = "—" if row["beaten"] is None else ("yes" if row["beaten"] else "no")
+        lines.append(f"| {row['class']} | `{data['file']}` | {_value(row['pearson'])} | {_value(row['baseline_pearson'])} | "
+                     f"{_value(row['ssim'])} | {_value(row['all_black_ssim'])} | {beaten} | {data['baseline'] or 'none'} |")
+    lines += ["", "Each stack's full report: " + ", ".join(f"`{d['report']}`" for d in summary["datasets"]) + "."]
     return "\n".join(lines) + "\n"

@@ -33,15 +33,19 @@ from ccm.infer.linear import fit_linear_inverse, resolve_spec
 from ccm.infer.preprocess import Preprocessor
 from ccm.infer.reconstruct import Reconstructor
 from ccm.io.stack import CalibrationStack, StackError
-from ccm.learn.consistency import fit_consistency
+from ccm.learn.consistency import fit_consistency, fit_forward
 from ccm.learn.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
-from ccm.learn.metrics import MetricAccumulator, mean_over_occupied, psnr, ssim
+from ccm.learn.estimates import EstimateDataModule, linear_estimates, scale_estimates, targets_of
+from ccm.learn.metrics import MetricAccumulator, mean_over_occupied, pearson, psnr, ssim
+from ccm.learn.normal import fit_normal_operator
 from ccm.learn.recipe import LossConfig, OptimConfig, Recipe
 from ccm.learn.validation_example import VALIDATION_EXAMPLE, ValidationExample
 from ccm.provenance import versions
 
 SCALE_FRAMES = 256
 """Training frames used to fit the input scale."""
+NORMAL_VOLUMES = 1500
+"""Training targets that fit a data-consistent network's normal operator (:mod:`ccm.learn.normal`)."""
 
 
 class ReconstructionModule(pl.LightningModule):
@@ -49,13 +53,21 @@ class ReconstructionModule(pl.LightningModule):
     (with ``example``) the first validation pair's truth and reconstruction written after each validation."""
 
     def __init__(self, net: torch.nn.Module, loss: LossConfig, optim: OptimConfig, augment: Augment, total_steps: int,
-                 example: ValidationExample | None = None):
+                 example: ValidationExample | None = None, estimate_bias: torch.Tensor | None = None):
         super().__init__()
         self.net = net
         self.loss_config, self.optim, self.augment = loss, optim, augment
         self.total_steps = total_steps
         self.example = example
         self._example_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (truth, prediction) of this validation
+        self.from_estimates = estimate_bias is not None
+        """Batches hold cached linear estimates x₀ (:mod:`ccm.learn.estimates`), not frames: the net refines them."""
+        self.register_buffer("estimate_bias", estimate_bias if estimate_bias is not None else torch.zeros(0), persistent=False)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.from_estimates:
+            return self.net.refine(x.float())
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -77,16 +89,25 @@ class ReconstructionModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        x, y = self.augment(*batch)
-        loss = self._loss(self.net(x.contiguous(memory_format=torch.channels_last)), y)
+        if self.from_estimates:
+            x, y = (t.float() for t in batch)
+            lo, hi = self.augment.intensity
+            if (lo, hi) != (1.0, 1.0):
+                s = lo + (hi - lo) * torch.rand(len(x), 1, 1, 1, device=x.device)
+                x, y = scale_estimates(x, y, self.estimate_bias, s)
+        else:
+            x, y = self.augment(*batch)
+        loss = self._loss(self._run(x), y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def _score(self, batch, stage: str) -> torch.Tensor:
         """Log the batch's loss, SSIM and PSNR; returns the prediction (N, D, h, w) float32."""
         x, y = batch
-        pred = self.net(x.contiguous(memory_format=torch.channels_last)).float()
+        y = y.float()
+        pred = self._run(x).float()
         self.log(f"{stage}_loss", self._loss(pred, y), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}_pearson", pearson(pred, y).mean(), prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_ssim", mean_over_occupied(ssim(pred, y), y), prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}_psnr", mean_over_occupied(psnr(pred, y), y), sync_dist=True)
         return pred
@@ -221,17 +242,32 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
             f"in {time.perf_counter() - t:.1f} s")
 
     example = None
+    data_sha256 = file_sha256(data)
     if recipe.model.kind == "linear":
         architecture, state, fit_info = linear.spec, linear.state_dict(), {"linear_fit": linear_report}
     else:
+        normal, normal_report = None, None
+        if recipe.model.dc_steps:
+            t = time.perf_counter()
+            forward, _, _ = fit_forward(preprocessor, len(depths), data, split)
+            normal, normal_report = fit_normal_operator(linear, forward, targets_of(data, split["train"][:NORMAL_VOLUMES]).float(),
+                                                        seed=recipe.seed)
+            log(f"normal operator L∘A fitted: relative error {normal_report['relative_rms_error']:.3f} "
+                f"({time.perf_counter() - t:.1f} s with the forward model)")
         architecture = recipe.model.unet_config(preprocessor.output_shape, device.target.shape, len(depths),
-                                                linear=spec if linear_needed else None)
+                                                linear=spec if linear_needed else None,
+                                                normal=normal.spec if normal is not None else None)
         net = build_model(architecture)
         if linear_needed:
             net.linear.load_state_dict(linear.state_dict())
+        if normal is not None:
+            net.normal.load_state_dict(normal.state_dict())
         example = ValidationExample(work / VALIDATION_EXAMPLE, int(split["val"][0]), float(device.target.pixel_size_um), depths)
-        state, fit_info = _fit_network(recipe, net, data, preprocessor, split, work, restart, progress, log, example)
+        state, fit_info = _fit_network(recipe, net, data, preprocessor, split, work, restart, progress, log, example,
+                                       data_sha256)
         fit_info["linear_fit"] = linear_report
+        if normal_report is not None:
+            fit_info["normal_fit"] = normal_report
 
     sample = int(split["test"][0]) if len(split["test"]) else int(split["val"][0])
     with CalibrationStack(data) as stack:
@@ -257,7 +293,7 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     bundle.consistency = fit_consistency(bundle, data, split)
     log(f"forward-consistency model: held-out score median {bundle.consistency.quantiles['0.5']:.3g}, frame threshold "
         f"{bundle.consistency.threshold:.3g} ({time.perf_counter() - t:.1f} s)")
-    bundle.training = {"recipe": recipe.model_dump(mode="json"), "data": {"file": data.name, "sha256": file_sha256(data),
+    bundle.training = {"recipe": recipe.model_dump(mode="json"), "data": {"file": data.name, "sha256": data_sha256,
                        "pairs": n, "provenance": provenance}, "seconds": round(time.perf_counter() - started, 1),
                        "versions": versions(), **fit_info}
     bundle.save(output)
@@ -289,7 +325,8 @@ def _same_recipe(stored_json: str, recipe_json: str) -> bool:
 
 
 def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor: Preprocessor, split: dict,
-                 work: Path, restart: bool, progress: bool, log, example: ValidationExample) -> tuple[dict, dict]:
+                 work: Path, restart: bool, progress: bool, log, example: ValidationExample,
+                 data_sha256: str) -> tuple[dict, dict]:
     """Lightning fit with checkpoints in ``work`` and ``example`` written at each validation; returns the best
     weights and what happened."""
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -314,12 +351,32 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
 
     if o.init_output_bias and not last.exists():
         _init_output_bias(net, data, split["train"])
-    module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps,
-                                  example)
-    datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
+    budget = StepBudget()
+    extra_callbacks: list[pl.Callback] = [budget]
+    info: dict = {}
+    if recipe.model.global_residual:  # the frozen linear stage's estimates, once: see ccm.learn.estimates
+        estimates = {part: linear_estimates(data, split[part], preprocessor, net.linear, data_sha256, log)
+                     for part in ("train", "val")}
+        datamodule: pl.LightningDataModule = EstimateDataModule(
+            (estimates["train"][0], targets_of(data, split["train"])), (estimates["val"][0], targets_of(data, split["val"])),
+            o.batch_size)
+        with torch.no_grad():
+            bias = net.linear.apply_map(torch.zeros(1, 1, *preprocessor.output_shape))[0]
+            val_x0, val_y = estimates["val"][0].float(), targets_of(data, split["val"]).float()
+            baseline = float(pearson(val_x0.clamp(0, 1), val_y).mean())
+        info |= {"baseline_val_pearson": baseline, "linear_stage_ms_per_pair": round(estimates["train"][1], 3)}
+        log(f"validation Pearson of the linear stage alone (the network's start): {baseline:.4f}")
+        module = ReconstructionModule(net, recipe.loss, o, recipe.augment, total_steps, example, estimate_bias=bias)
+        if o.baseline_guard:
+            extra_callbacks.append(BaselineGuard(baseline, o.baseline_guard, total_steps, o.max_minutes))
+    else:
+        module = ReconstructionModule(net.to(memory_format=torch.channels_last), recipe.loss, o, recipe.augment, total_steps,
+                                      example)
+        datamodule = CalibrationDataModule(data, preprocessor, split, batch_size=o.batch_size, num_workers=t.num_workers)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_last=True)
     stop = _StopOnSigint()
-    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False), stop]
+    callbacks = [checkpoint, EarlyStopping(monitor="val_loss", mode="min", patience=o.patience, check_on_train_epoch_end=False),
+                 stop, *extra_callbacks]
     if progress:
         from pytorch_lightning.callbacks import TQDMProgressBar
 
@@ -351,10 +408,79 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     if checkpoint.best_model_score is None or final < float(checkpoint.best_model_score):
         weights = {k: v.detach().clone().contiguous() for k, v in module.net.state_dict().items()}
         log(f"final weights (val_loss {final:.4f}) beat the best checkpoint; keeping them")
-    info = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
+    guard = next((c for c in extra_callbacks if isinstance(c, BaselineGuard)), None)
+    if guard is not None and guard.message:
+        log(guard.message)
+        info["baseline_guard"] = guard.message
+    info |= {"step_budget_ms": budget.result(), "precision": t.precision}
+    info |= {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "planned_steps": total_steps,
             "fit_seconds": round(time.perf_counter() - t0, 1), "best_val_loss": float(checkpoint.best_model_score or float("nan")),
             "work_folder": str(work), "stopped_early": bool(trainer.should_stop and trainer.global_step < total_steps)}
     return weights, info
+
+
+class StepBudget(pl.Callback):
+    """Where a training step's time goes: data (loading a batch), forward (with the loss), backward and optimiser,
+    milliseconds, medians over steps 5–:attr:`STEPS` of the sitting (the first steps warm caches up)."""
+
+    STEPS = 60
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimiser": []}
+        self._marks: dict[str, float] = {}
+        self._steps = 0
+
+    def _mark(self, name: str) -> None:
+        self._marks[name] = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._mark("start")
+
+    def on_before_backward(self, trainer, module, loss) -> None:
+        self._mark("forward")
+
+    def on_after_backward(self, trainer, module) -> None:
+        self._mark("backward")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now, m = time.perf_counter(), self._marks
+        self._steps += 1
+        if 5 <= self._steps <= self.STEPS and {"start", "forward", "backward"} <= m.keys():
+            if "end" in m:
+                self.times["data"].append(m["start"] - m["end"])
+            self.times["forward"].append(m["forward"] - m["start"])
+            self.times["backward"].append(m["backward"] - m["forward"])
+            self.times["optimiser"].append(now - m["backward"])
+        m["end"] = now
+
+    def result(self) -> dict[str, float]:
+        return {k: round(1000 * float(np.median(v)), 1) for k, v in self.times.items() if v}
+
+
+class BaselineGuard(pl.Callback):
+    """Stop a global-residual network's training when, after ``share`` of the planned steps (or of ``max_minutes``),
+    its validation Pearson is still not above its linear stage's (``baseline``): a broken set-up must not burn the
+    hour. :attr:`message` says what happened."""
+
+    MARGIN = 0.002
+
+    def __init__(self, baseline: float, share: float, total_steps: int, max_minutes: float | None):
+        self.baseline, self.share, self.total_steps, self.max_minutes = baseline, share, total_steps, max_minutes
+        self.started = time.perf_counter()
+        self.message = ""
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.sanity_checking or "val_pearson" not in trainer.callback_metrics:
+            return
+        minutes = (time.perf_counter() - self.started) / 60
+        due = trainer.global_step >= self.share * self.total_steps or (
+            self.max_minutes is not None and minutes >= self.share * self.max_minutes)
+        value = float(trainer.callback_metrics["val_pearson"])
+        if due and value <= self.baseline + self.MARGIN:
+            trainer.should_stop = True
+            self.message = (f"stopped at step {trainer.global_step}: validation Pearson {value:.4f} does not beat the linear "
+                            f"stage's {self.baseline:.4f} after {self.share:.0%} of the budget — check the data and recipe "
+                            "before training longer (optim.baseline_guard=0 turns this check off)")
 
 
 def _check_checkpoint(path: Path) -> None:

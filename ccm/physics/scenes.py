@@ -21,6 +21,8 @@ Scene classes:
   training-pool digit under a random affine map and elastic distortion (training-set augmentation);
 - ``letters`` / ``letters-test`` — real handwritten Latin letters a–z (Omniglot, ``datasets/omniglot-letters.npz``):
   390 by 15 writers for training, 130 by 5 other writers held out; ``greek`` — 480 Greek letters α–ω, another script;
+- ``fluorescence`` — real fluorescence micrographs of stained nuclei (``datasets/real-fluorescence.npz``: 88 crops of
+  two published images): a held-out class of real images that no recipe trains on;
 - ``files``   — any user image or TIFF stack (:class:`ImageScenes`).
 
 Labelled classes (digits, mnist, letters, greek) also have ``labelled(device, n_planes, rng) -> (volume, label)``
@@ -266,8 +268,8 @@ HELD_OUT_DRAWERS = 16
 
 @lru_cache(maxsize=4)
 def _shipped_handwriting(name: str) -> dict[str, np.ndarray]:
-    """The arrays of a shipped handwriting set in ``datasets/`` (``images``, ``labels`` and, for Omniglot,
-    ``script`` and ``drawer``)."""
+    """The arrays of a shipped image set in ``datasets/`` (handwriting: ``images``, ``labels`` and, for Omniglot,
+    ``script`` and ``drawer``; real fluorescence: ``images``, ``source``, ``provenance_json``)."""
     with np.load(shipped_path("datasets", name)) as data:
         return {key: data[key] for key in data.files}
 
@@ -334,6 +336,41 @@ greek = Handwriting("omniglot-letters.npz", 255.0, 0.9, cv2.INTER_LINEAR, GREEK_
 """A real handwritten Greek letter α–ω (Omniglot, all 20 drawers): another script."""
 
 
+class RealImages:
+    """Crops of real micrographs from a shipped set (uint8, each already normalised to 0..255): one crop per scene,
+    chosen by ``rng`` and shown in one of its 8 orientations (rotations by 90° and mirror images, also chosen by
+    ``rng``), the central square cut to the target grid's aspect ratio and resampled to the grid, on one plane (chosen
+    by ``rng``), scaled so that its brightest pixel in the field of view is 1. The scene brightness option scales
+    further."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def __call__(self, device: CannulaDevice | WindowDevice, n_planes: int, rng: np.random.Generator) -> np.ndarray:
+        h, w = device.target.shape
+        images = _shipped_handwriting(self.file)["images"]
+        crop = np.rot90(images[rng.integers(len(images))], int(rng.integers(4)))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        side = crop.shape[0]
+        ch, cw = (side, round(side * w / h)) if w <= h else (round(side * h / w), side)
+        y0, x0 = (side - ch) // 2, (side - cw) // 2
+        crop = np.ascontiguousarray(crop[y0:y0 + ch, x0:x0 + cw], dtype=np.float32)
+        shrink = h <= ch and w <= cw
+        plane = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        plane *= field_of_view_mask(device)
+        peak = float(plane.max())
+        volume = np.zeros((n_planes, h, w), np.float32)
+        if peak > 0:
+            volume[rng.integers(n_planes)] = np.clip(plane / peak, 0, 1)
+        return volume
+
+
+fluorescence = RealImages("real-fluorescence.npz")
+"""A real fluorescence micrograph of stained nuclei (2018 Data Science Bowl; Coelho et al. 2009), a 128×128 crop:
+a held-out class of real images, never trained on."""
+
+
 def _distort(glyph: np.ndarray, rng: np.random.Generator, alpha: float = 0.12, sigma: float = 0.15) -> np.ndarray:
     """(n, n) float32 glyph → the same glyph under a random affine map about its centre and an elastic
     displacement field (Gaussian-smoothed white noise, width ``sigma`` and amplitude ``alpha`` in units of
@@ -373,7 +410,7 @@ GENERATORS: dict[str, Callable[[CannulaDevice | WindowDevice, int, np.random.Gen
     "beads": beads, "neurons": neurons, "nuclei": nuclei, "tissue": tissue, "points": points, "patterns": patterns,
     "vessels": vessels, "digits": digits, "mnist": mnist, "mnist-deformed": mnist_deformed,
     "mnist-test": mnist_test,
-    "letters": letters, "letters-test": letters_test, "greek": greek,
+    "letters": letters, "letters-test": letters_test, "greek": greek, "fluorescence": fluorescence,
 }
 
 

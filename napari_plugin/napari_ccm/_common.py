@@ -50,12 +50,25 @@ def bundle_choice(combo) -> str:
     return combo.currentText().strip()
 
 
-def options_from(backend: str, precision: str, latency: bool):
-    """Inference options as the CLI picks them: one thread for live (batch-1 latency), every core for batches."""
+def options_from(backend: str, precision: str, latency: bool, register: bool = True):
+    """Inference options as the CLI picks them: one thread for live (batch-1 latency), every core for batches;
+    ``register``: motion compensation (the CLI's default; ``--no-register``)."""
     import ccm
     from ccm.infer.backends import default_threads
 
-    return ccm.InferenceOptions(backend=backend, precision=precision, threads=default_threads(latency)).validate()
+    return ccm.InferenceOptions(backend=backend, precision=precision, threads=default_threads(latency),
+                                register=register).validate()
+
+
+def motion_compensation_box():
+    """The widgets' "motion compensation" switch (on, as in the CLI)."""
+    from qtpy.QtWidgets import QCheckBox
+
+    box = QCheckBox("motion compensation")
+    box.setChecked(True)
+    box.setToolTip("frames whose cannula image moved on the camera are moved back before reconstruction, by the offset "
+                   "the bundle's aperture check reads (the CLI's --no-register turns it off)")
+    return box
 
 
 def depth_axis(depths_um) -> tuple[float, float]:

@@ -67,6 +67,7 @@ from napari_ccm._common import (
     CONFIDENCE_MEANING,
     add_bundle_picker,
     bundle_choice,
+    motion_compensation_box,
     options_from,
     reconstruction_layer_kwargs,
     replace_layer,
@@ -155,6 +156,7 @@ class LiveWidget(QWidget):
         self.device.addItems(shipped_devices())
         self.fps = QDoubleSpinBox(minimum=1, maximum=2000, value=100, suffix=" frames/s", decimals=1)
         self.exposure = QDoubleSpinBox(minimum=0.1, maximum=10000, value=10, suffix=" ms", decimals=1)
+        self.register = motion_compensation_box()
         self.own_process = QCheckBox("camera and model in a process of their own")
         self.own_process.setChecked(True)
         self.own_process.setToolTip("the simulated camera, the reconstruction, the consistency score and the recording run "
@@ -229,6 +231,7 @@ class LiveWidget(QWidget):
         form.addRow("Frame rate", self.fps)
         form.addRow("Exposure", self.exposure)
         form.addRow("", self.own_process)
+        form.addRow("", self.register)
         form.addRow("MM config", config_row)
         form.addRow("pycromanager port", self.port)
         form.addRow("Bundle", bundle_row)
@@ -344,7 +347,7 @@ class LiveWidget(QWidget):
                     "exposure_ms": self.exposure.value(), "config": self.config.text(), "bundle": bundle_choice(self.bundle),
                     "backend": self.backend.currentText(), "precision": self.precision.currentText(),
                     "port": self.port.value(), "classifier": self.classifier.text().strip() or None,
-                    "own_process": self.own_process.isChecked()}
+                    "own_process": self.own_process.isChecked(), "register": self.register.isChecked()}
         if settings["camera"] == MM_CORE:
             self._core, self._own_core = existing_core(), False
             if self._core is None:
@@ -370,7 +373,7 @@ class LiveWidget(QWidget):
         # which took 0.67 s of the GUI thread in _setup_layers (2-core VM); load them here instead
         pint.get_application_registry().parse_expression("µm")
 
-        options = options_from(settings["backend"], settings["precision"], latency=True)
+        options = options_from(settings["backend"], settings["precision"], latency=True, register=settings["register"])
         source = None
         if settings["camera"] == PYCROMANAGER:  # first, before torch and the bundle: a missing Micro-Manager is said at
             from ccm.acquire.pycromanager_source import PycromanagerSource  # once (nothing listening) or after the time-out
@@ -653,9 +656,15 @@ class LiveWidget(QWidget):
             self.status_numbers.update(aperture_offset_um=offset, aperture_alarm_level_um=model.aperture_check.alarm_level_um)
             trust += (f" · cannula offset {f'{offset:.2f}' if offset is not None else '–'} µm "
                       f"(alarm above {model.aperture_check.alarm_level_um:.2f} µm)")
+        if stats.registered_um:
+            trust += f" · moved back {stats.registered_um:.2f} µm (motion compensation)"
+        if stats.saturated_fraction is not None:
+            self.status_numbers.update(saturated_fraction=stats.saturated_fraction, registered_um=stats.registered_um)
+            if stats.saturated:
+                trust += f" · SATURATED: {100 * stats.saturated_fraction:.1f} % of pixels clipped (shorter exposure)"
         trust += f" · alarms {stats.alarms}" if stats.alarms else ""
         self.trust.setText(trust)
-        self.trust.setStyleSheet(ALARM_STYLE if stats.recalibrate else "")
+        self.trust.setStyleSheet(ALARM_STYLE if stats.recalibrate or stats.saturated else "")
         moved = model.aperture_check is not None and stats.aperture_offset_um is not None \
             and stats.aperture_offset_um > model.aperture_check.alarm_level_um
         reason = f"\n(the cannula's image moved {stats.aperture_offset_um:.1f} µm on the camera since calibration)" if moved else ""

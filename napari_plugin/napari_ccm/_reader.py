@@ -168,6 +168,7 @@ def _device_from_attrs(attrs):
 
 def _read_hdf5(path: Path) -> list[tuple]:
     import h5py
+    import hdf5plugin  # noqa: F401  (ccm's stacks are Blosc-compressed: the filter must be registered before any read)
 
     kind = _hdf5_kind(path)
     if kind is None:

@@ -42,6 +42,7 @@ from napari_ccm._common import (
     CONFIDENCE_MEANING,
     add_bundle_picker,
     bundle_choice,
+    motion_compensation_box,
     options_from,
     reconstruction_layer_kwargs,
     shipped_bundles,
@@ -85,6 +86,7 @@ class ReconstructWidget(QWidget):
         self.precision = QComboBox()
         self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
         self.confidence = QCheckBox("Confidence map")
+        self.register = motion_compensation_box()
         self.confidence.setToolTip("also compute each frame's confidence map (a layer over the reconstruction; for files, "
                                    "OUTPUT.confidence.ome.tif beside it): the brightness the raw frame does not support "
                                    "at each pixel, near 0 = supported. Needs a bundle with a consistency model.")
@@ -105,6 +107,7 @@ class ReconstructWidget(QWidget):
         form.addRow("Backend", self.backend)
         form.addRow("Precision", self.precision)
         form.addRow("", self.confidence)
+        form.addRow("", self.register)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -149,7 +152,7 @@ class ReconstructWidget(QWidget):
         self.last_error, self.last_summary, self.result_layers = None, None, []
         bundle_name = bundle_choice(self.bundle)
         backend, precision = self.backend.currentText(), self.precision.currentText()
-        confidence = self.confidence.isChecked()
+        confidence, register = self.confidence.isChecked(), self.register.isChecked()
         if self.source.currentText() == FROM_FILE or not self.source.currentText():
             source = self.path.text().strip()
             if not source:
@@ -157,13 +160,15 @@ class ReconstructWidget(QWidget):
                 return
             output = self.output.text().strip() or str(_default_output(source))
             self.output.setText(output)
-            worker = create_worker(_run_cli, source, output, bundle_name, backend, precision, confidence, _ignore_errors=True)
+            worker = create_worker(_run_cli, source, output, bundle_name, backend, precision, confidence, register,
+                                   _ignore_errors=True)
             worker.returned.connect(lambda summary: self._file_done(summary, output))
             self.status.setText(f"ccm reconstruct {source} → {output}")
         else:
             layer = self.viewer.layers[self.source.currentText()]
             frames = np.asarray(layer.data)
-            worker = create_worker(_run_layer, frames, bundle_name, backend, precision, confidence, _ignore_errors=True)
+            worker = create_worker(_run_layer, frames, bundle_name, backend, precision, confidence, register,
+                                   _ignore_errors=True)
             worker.returned.connect(lambda result: self._layer_done(result, layer.name))
             self.status.setText(f"reconstructing layer {layer.name!r} {frames.shape}")
         worker.yielded.connect(self._progress)
@@ -236,7 +241,8 @@ class ReconstructWidget(QWidget):
         show_error(f"ccm reconstruct: {message}")
 
 
-def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: str, confidence: bool = False):
+def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: str, confidence: bool = False,
+               register: bool = True):
     """Worker: yields (done, total); returns (bundle, volumes (N, D, h, w), confidence maps (N, D, h, w) or None,
     whether the input was one frame)."""
     import ccm
@@ -244,7 +250,8 @@ def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: st
     bundle = ccm.load_bundle(bundle_name)
     if confidence and bundle.consistency is None:
         raise ccm.BundleError(f"{bundle.label} has no forward-consistency model, so no confidence map (ccm consistency adds one)")
-    reconstruct = ccm.Reconstructor(bundle, options_from(backend, precision, latency=False), batch_size=LAYER_CHUNK)
+    reconstruct = ccm.Reconstructor(bundle, options_from(backend, precision, latency=False, register=register),
+                                    batch_size=LAYER_CHUNK)
     single = frames.ndim == 2
     frames = frames[None] if single else frames.reshape(-1, *frames.shape[-2:])
     volumes = np.empty((len(frames), *reconstruct.output_shape), np.float32)
@@ -263,13 +270,15 @@ def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: st
     return bundle, volumes, maps, single
 
 
-def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str, confidence: bool = False):
+def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str, confidence: bool = False,
+             register: bool = True):
     """Worker: ``ccm reconstruct`` in a child process; yields (done, total) from its progress bar, returns its summary.
     Closing the generator (Cancel) interrupts the child as Ctrl-C does: its partial output stays resumable."""
     import json
 
     command = [sys.executable, "-m", "ccm.cli", "reconstruct", source, "-o", output, "--bundle", bundle,
-               "--backend", backend, "--precision", precision] + (["--confidence-map"] if confidence else [])
+               "--backend", backend, "--precision", precision] + (["--confidence-map"] if confidence else []) \
+        + ([] if register else ["--no-register"])
     # progress: tqdm's bar on stderr
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                **({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {}))
