@@ -107,6 +107,11 @@ def test_a_data_consistent_bundle_trains_saves_and_runs_the_same_on_onnx(stages,
     torch_out = ccm.Reconstructor(bundle)(raw)
     onnx_out = ccm.Reconstructor(bundle, ccm.InferenceOptions(backend="onnx"))(raw)
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4)
+    # int8: the U-Nets are quantised, the normal operator's matrix products stay fp32 (a QLinearMatMul refused them)
+    with CalibrationStack(data) as stack:
+        calibration = stack.raw[:16]
+    int8 = ccm.Reconstructor(bundle, ccm.InferenceOptions(backend="onnx", precision="int8"), calibration=calibration)(raw)
+    assert np.abs(int8 - torch_out).mean() < 0.05
 
 
 def test_a_global_residual_recipe_refuses_augmentations_of_the_raw_frame():

@@ -54,13 +54,17 @@ def _quiet_logs():
 
 
 def _network_nodes(model) -> list[str]:
-    """Names of the nodes downstream of the first convolution: the part of the graph to quantise."""
+    """Names of the nodes downstream of the first convolution: the part of the graph to quantise — but not the
+    matrix products there: those are the fixed linear maps a data-consistent network applies between its U-Nets
+    (its normal operator, :class:`ccm.infer.nets.DataConsistentNet`), which stay fp32 like every linear stage
+    (ONNX Runtime's QLinearMatMul also refuses their per-channel weights)."""
     downstream: set[str] = set()
     names = []
     for node in model.graph.node:  # ONNX graphs are stored in topological order
         if node.op_type == "Conv" or any(i in downstream for i in node.input):
             downstream.update(node.output)
-            names.append(node.name)
+            if node.op_type not in ("MatMul", "Gemm"):
+                names.append(node.name)
     return names
 
 
