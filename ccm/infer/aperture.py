@@ -102,7 +102,10 @@ class ApertureCheck:
         """(N, 1, H', W') preprocessed frames → (N,) float32 offsets of the disc from its calibrated position,
         µm on the object side (beyond the table's last entry, its last distance); NaN for a frame too dark to
         tell (:data:`DARK_FRACTION`)."""
-        moments, light = self.moments(x)
+        return self.offsets_from(*self.moments(x))
+
+    def offsets_from(self, moments: np.ndarray, light: np.ndarray) -> np.ndarray:
+        """:meth:`offsets_um` from a reading of :meth:`moments` already taken (motion compensation needs both)."""
         offsets = np.interp(np.abs(moments - complex(*self.reference)), (0.0, *self.table_moment), (0.0, *self.table_um))
         return np.where(light >= DARK_FRACTION * self.band_light, offsets, np.nan).astype(np.float32)
 

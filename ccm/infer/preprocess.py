@@ -206,8 +206,9 @@ class Preprocessor:
         if self.dark is not None:
             x -= self.dark
         if self.registration is None:
+            x *= self._gain
             return self._finish(x), measured
-        out = self._finish(x.copy())
+        out = self._finish(x * self._gain)  # x stays dark-subtracted: the frames that moved are resampled from it
         shifts = self._register(x, out)
         pixel = self.device.sensor.pixel_size_um
         return out, measured | {"registration_row_um": (shifts[:, 0] * pixel).astype(np.float32),
@@ -216,6 +217,8 @@ class Preprocessor:
     def saturated_fraction(self, frames: np.ndarray) -> np.ndarray:
         """(N, H, W) checked raw frames → (N,) float32 share of the pixels inside the aperture at the camera's full
         scale (clipped: the frame no longer says how bright they were)."""
+        if not len(frames) or frames.max() < self.device.sensor.max_adu:  # the usual case, in one pass without copies
+            return np.zeros(len(frames), np.float32)
         flat = frames.reshape(len(frames), -1)
         if self._inside is not None:
             flat = flat[:, self._inside]
@@ -236,12 +239,13 @@ class Preprocessor:
             if not len(moving):
                 break
             total[moving] += step[moving]
-            out[moving] = self._finish(shift_frames(x[moving], total[moving]))
+            moved = shift_frames(x[moving], total[moving])
+            moved *= self._gain
+            out[moving] = self._finish(moved)
         return total
 
     def _finish(self, x: np.ndarray) -> np.ndarray:
-        """Steps 3–7 on (N, H, W) float32 dark-subtracted frames (modified in place) → (N, 1, h, w) float32."""
-        x *= self._gain
+        """Steps 5–6 on (N, H, W) float32 frames already through steps 2–4 and 7 (the gain map) → (N, 1, h, w) float32."""
         if self.config.crop is not None:
             top, left, height, width = self.config.crop
             x = x[:, top:top + height, left:left + width]

@@ -39,14 +39,13 @@ class Registration:
     """
 
     check: ApertureCheck
-
     sensor_pixel_um: float
 
     def displacement_px(self, x: np.ndarray, gate: bool) -> np.ndarray:
         """(N, 1, H', W') preprocessed frames → (N, 2) float64 (rows, columns) camera pixels the disc moved by; 0 for
         frames too dark to read and, with ``gate``, for frames within the calibration's spread."""
-        moments, _ = self.check.moments(x)
-        offsets_um = self.check.offsets_um(x).astype(np.float64)
+        moments, light = self.check.moments(x)
+        offsets_um = self.check.offsets_from(moments, light).astype(np.float64)
         direction = moments - complex(*self.check.reference)
         unit = np.where(np.abs(direction) > 0, direction / np.maximum(np.abs(direction), 1e-30), 0)
         distance = np.nan_to_num(offsets_um, nan=0.0) / self.sensor_pixel_um
@@ -58,9 +57,12 @@ class Registration:
 def shift_frames(frames: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
     """(N, H, W) float32 frames, each moved by ``−shifts_px`` (N, 2) (rows, columns) camera pixels: bicubic, the
     border replicated (the rim's dark surround stays dark). Frames with a zero shift are returned unchanged."""
-    out = np.array(frames, np.float32, copy=True)
+    out = np.empty(frames.shape, np.float32)
     for i, (dy, dx) in enumerate(np.asarray(shifts_px, np.float64)):
         if dy or dx:
             matrix = np.array([[1.0, 0.0, -dx], [0.0, 1.0, -dy]], np.float64)
-            out[i] = cv2.warpAffine(out[i], matrix, out.shape[:0:-1], flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+            cv2.warpAffine(frames[i], matrix, frames.shape[:0:-1], dst=out[i], flags=cv2.INTER_CUBIC,
+                           borderMode=cv2.BORDER_REPLICATE)
+        else:
+            out[i] = frames[i]
     return out

@@ -74,15 +74,18 @@ def _swapped(pairs):
 
 
 def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarray], fit: LinearFit | None = None,
-                    max_calibration_frames: int = 2000) -> ConsistencyModel:
+                    max_calibration_frames: int = 2000,
+                    forward: tuple[LinearInverse, LinearSpec, dict] | None = None) -> ConsistencyModel:
     """Fit the forward-consistency model of ``bundle`` on the calibration stack ``data``.
 
     ``split``: index arrays ``train`` (fits the operator), ``val`` (its regularisation) and ``test``
     (held-out pairs whose reconstructions give the calibrated range; ``val`` if ``test`` is empty); of a
-    stack simulated through several cannulas, only the pairs of the stack's own device are used.
+    stack simulated through several cannulas, only the pairs of the stack's own device are used. ``forward``: what
+    :func:`fit_forward` returned for the same stack, split and fit, when the caller fitted it already (a
+    data-consistent network's training).
     """
     preprocessor, device = bundle.preprocessor(), bundle.device
-    forward, spec, report = fit_forward(preprocessor, len(bundle.depths_um), Path(data), split, fit)
+    operator, spec, report = forward or fit_forward(preprocessor, len(bundle.depths_um), Path(data), split, fit)
     with CalibrationStack(data) as stack:  # the held-out frames of this device (pairs through other cannulas are left out)
         split = {part: own_device_pairs(stack.provenance, len(stack), indices) for part, indices in split.items()}
     aperture = preprocessor.aperture_circle()
@@ -91,7 +94,7 @@ def fit_consistency(bundle: Bundle, data: str | Path, split: dict[str, np.ndarra
     mask = (np.hypot(yy - aperture[0], xx - aperture[1]) <= aperture[2]).astype(np.float32) if device.rotation_symmetric \
         else np.ones((hh, ww), np.float32)
     noise = NoiseModel.from_preprocessing(device.sensor, preprocessor.config.scale_adu, device.sensor.shape, (hh, ww))
-    buffers = {k: v.detach().cpu().numpy() for k, v in forward.state_dict().items()}
+    buffers = {k: v.detach().cpu().numpy() for k, v in operator.state_dict().items()}
     statistic = UNEXPLAINED if linear_stage_spec(bundle.architecture) is not None else CHI2
     model = ConsistencyModel.from_buffers(spec, buffers, noise, mask, {"0.999": float("inf")}, statistic=statistic)
     model.bind_inverse(partial(linear_stage, bundle))

@@ -148,7 +148,7 @@ def score_baseline(bundles: list[Bundle], entries: list[dict], scored: list[np.n
                 "note": f"no linear baseline: {network.name} has no linear first stage and no linear bundle was given "
                         "with --compare"}
     # the frames prepared exactly as for the network (a fresh reconstructor's preprocessing, registration included)
-    preprocessor = Reconstructor(network).preprocessor
+    preprocessor = network.preprocessor(register=True)
     metrics = score_volumes(lambda x: np.clip(stage(x), 0, 1), preprocessor, data, indices, network.depths_um)
     return {"label": f"linear stage of {network.name}", "source": "linear_stage", "bundle": network.name,
             "images": metrics["images"], "overall": metrics["overall"], "per_plane": metrics["per_plane"]}

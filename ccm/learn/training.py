@@ -242,6 +242,7 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
             f"in {time.perf_counter() - t:.1f} s")
 
     example = None
+    forward = None
     data_sha256 = file_sha256(data)
     if recipe.model.kind == "linear":
         architecture, state, fit_info = linear.spec, linear.state_dict(), {"linear_fit": linear_report}
@@ -249,8 +250,8 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
         normal, normal_report = None, None
         if recipe.model.dc_steps:
             t = time.perf_counter()
-            forward, _, _ = fit_forward(preprocessor, len(depths), data, split)
-            normal, normal_report = fit_normal_operator(linear, forward, targets_of(data, split["train"][:NORMAL_VOLUMES]).float(),
+            forward = fit_forward(preprocessor, len(depths), data, split)  # the consistency model's operator too (below)
+            normal, normal_report = fit_normal_operator(linear, forward[0], targets_of(data, split["train"][:NORMAL_VOLUMES]).float(),
                                                         seed=recipe.seed)
             log(f"normal operator L∘A fitted: relative error {normal_report['relative_rms_error']:.3f} "
                 f"({time.perf_counter() - t:.1f} s with the forward model)")
@@ -290,7 +291,7 @@ def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, re
     bundle.metrics = {f"{test_part}_split": scores.result(depths)}
     # the forward-consistency model: every frame this bundle reconstructs gets a trust score
     t = time.perf_counter()
-    bundle.consistency = fit_consistency(bundle, data, split)
+    bundle.consistency = fit_consistency(bundle, data, split, forward=forward)
     log(f"forward-consistency model: held-out score median {bundle.consistency.quantiles['0.5']:.3g}, frame threshold "
         f"{bundle.consistency.threshold:.3g} ({time.perf_counter() - t:.1f} s)")
     bundle.training = {"recipe": recipe.model_dump(mode="json"), "data": {"file": data.name, "sha256": data_sha256,
@@ -357,12 +358,12 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     if recipe.model.global_residual:  # the frozen linear stage's estimates, once: see ccm.learn.estimates
         estimates = {part: linear_estimates(data, split[part], preprocessor, net.linear, data_sha256, log)
                      for part in ("train", "val")}
+        val_targets = targets_of(data, split["val"])
         datamodule: pl.LightningDataModule = EstimateDataModule(
-            (estimates["train"][0], targets_of(data, split["train"])), (estimates["val"][0], targets_of(data, split["val"])),
-            o.batch_size)
+            (estimates["train"][0], targets_of(data, split["train"])), (estimates["val"][0], val_targets), o.batch_size)
         with torch.no_grad():
             bias = net.linear.apply_map(torch.zeros(1, 1, *preprocessor.output_shape))[0]
-            val_x0, val_y = estimates["val"][0].float(), targets_of(data, split["val"]).float()
+            val_x0, val_y = estimates["val"][0].float(), val_targets.float()
             baseline = float(pearson(val_x0.clamp(0, 1), val_y).mean())
         info |= {"baseline_val_pearson": baseline, "linear_stage_ms_per_pair": round(estimates["train"][1], 3)}
         log(f"validation Pearson of the linear stage alone (the network's start): {baseline:.4f}")
