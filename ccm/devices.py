@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccm.bounded_yaml import load_yaml_file
 from ccm.errors import DeviceError
 from ccm.resources import resolve_device_path
 
@@ -281,7 +282,7 @@ def load_device(spec: str | Path) -> CannulaDevice | WindowDevice:
     """Load a device from a YAML path or a shipped device name (``"cannula-220um"``)."""
     path = resolve_device_path(spec)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_file(path)
     except yaml.YAMLError as err:
         raise DeviceError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -193,3 +193,15 @@ def test_a_3d_data_consistent_bundle_trains_with_a_normal_operator_per_plane_pai
 
     volumes = ccm.Reconstructor(bundle)(bundle.sample_raw[None])
     assert volumes.shape == (1, depth, 24, 24) and 0 <= volumes.min() and volumes.max() <= 1
+
+    # the evaluation of a volume bundle: per-plane metrics beside the linear stage's, and where each emitter lands
+    report = tmp_path / "3d.json"
+    assert main(["evaluate", "--bundle", str(out), "--data", str(data), "-o", str(report), "--no-robustness"]) == 0
+    import json
+
+    entry = json.loads(report.read_text())["bundles"][0]
+    assigned = entry["sectioning"]["assigned_fraction"]
+    assert len(assigned) == depth and all(0 <= a <= 1 for a in assigned)
+    table = report.with_suffix(".md").read_text()
+    assert "| depth µm | volumes | Pearson | baseline Pearson |" in table
+    assert len([line for line in table.splitlines() if line.startswith(f"| {bundle.depths_um[-1]:g} |")]) == 1

@@ -542,6 +542,7 @@ def test_reconstruct_widget_on_a_layer(make_napari_viewer, qtbot, tmp_path):
     viewer.add_image(frames, name="frames")
     _, widget = viewer.window.add_plugin_dock_widget("ccm", "Reconstruct recordings")
     widget.source.setCurrentText("frames")
+    widget.backend.setCurrentText("torch")  # compared with PyTorch's reconstruction to 1e-6 below
     widget.confidence.setChecked(True)
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=60000)
@@ -555,6 +556,29 @@ def test_reconstruct_widget_on_a_layer(make_napari_viewer, qtbot, tmp_path):
     np.testing.assert_allclose(np.asarray(maps.data), reconstructor.confidence(x, volumes)[:, 0], rtol=1e-4, atol=1e-5)
     assert tuple(maps.scale) == tuple(layer.scale) and maps.blending == "additive" and "confidence" in maps.name
     _screenshot(None, widget, "widget-reconstruct", tmp_path)
+
+
+def test_reconstruct_widget_status_names_the_error_then_recovers_and_ends_full(make_napari_viewer, qtbot):
+    """A wrong-shape layer: the reason in the status (not a frame count); the next good run: no red, the bar full."""
+    import ccm
+
+    bundle = ccm.load_bundle("cannula-220um-2d")
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((6, 40, 40), np.uint16), name="wrong")
+    viewer.add_image(bundle.sample_raw[None].copy(), name="frames")
+    _, widget = viewer.window.add_plugin_dock_widget("ccm", "Reconstruct recordings")
+    assert widget.backend.currentText() == "onnx"  # one default backend, as Live and the CLI
+    widget.backend.setCurrentText("torch")
+    widget.source.setCurrentText("wrong")
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    assert widget.last_error is not None and "40" in widget.status.text() and not widget.status.text().startswith("0/")
+    assert "ff6060" in widget.status.styleSheet()
+    widget.source.setCurrentText("frames")
+    widget.run()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    assert widget.last_error is None and widget.status.styleSheet() == ""
+    assert widget.bar.value() == widget.bar.maximum() > 0
 
 
 @pytest.mark.slow
@@ -572,6 +596,7 @@ def test_reconstruct_widget_on_a_file_and_cancel(make_napari_viewer, qtbot, tmp_
     widget.source.setCurrentText("File or folder…")
     widget.path.setText(str(tmp_path / "movie.tif"))
     widget.output.setText(str(tmp_path / "movie-recon.ome.tif"))
+    widget.backend.setCurrentText("torch")  # compared with PyTorch's reconstruction below
     widget.confidence.setChecked(True)
     widget.run()
     qtbot.waitUntil(lambda: not widget.running, timeout=120000)

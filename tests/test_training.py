@@ -122,7 +122,7 @@ def test_train_evaluate_resume_end_to_end(tiny_stacks, tmp_path, capsys):
     device, train, test = tiny_stacks
     recipe = _recipe(tmp_path, TINY_NET)
     out = tmp_path / "net.safetensors"
-    args = ["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--no-progress"]
+    args = ["train", "--data", str(train), "--recipe", str(recipe), "-o", str(out), "--overwrite", "--no-progress"]
     assert main(args) == 0
     bundle = load_bundle(out)
     assert bundle.kind == "unet" and bundle.architecture.input_stage == "linear"

@@ -79,9 +79,11 @@ def _fill_defaults(args: argparse.Namespace, defaults: dict) -> None:
 
 def _cmd_psf(args: argparse.Namespace) -> None:
     from ccm.devices import load_device
+    from ccm.io.atomic import claim_output
     from ccm.learn.figures import psf_figure
 
     device = load_device(args.device)
+    claim_output(args.output, [args.device if Path(args.device).exists() else None], args.overwrite, what="device file")
     print(f"wrote {psf_figure(device, args.output, args.positions_um, args.depths_um)}")
 
 
@@ -129,7 +131,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_export_tiff(args: argparse.Namespace) -> None:
     from ccm.io.tiff_export import export_tiff
 
-    for path in export_tiff(args.stack, args.output, args.targets):
+    for path in export_tiff(args.stack, args.output, args.targets, overwrite=args.overwrite):
         print(f"wrote {path}")
 
 
@@ -154,7 +156,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         ("example pairs", lambda: [examples_figure(out / f"{name}.h5", out / f"{name}-examples.png")
                                    for name in ("cannula-2d", "cannula-3d", "window-2d")]),
         ("linear baseline fitted on the cannula 2D set", lambda: train(
-            load_recipe("linear-baseline"), out / "cannula-2d.h5", out / "cannula-2d-baseline.safetensors", log=lambda *_: None)),
+            load_recipe("linear-baseline"), out / "cannula-2d.h5", out / "cannula-2d-baseline.safetensors", overwrite=True,
+            log=lambda *_: None)),
         ("held-out cannula 2D neurons", lambda: simulate_stack(cannula, out / "cannula-2d-test.h5", 300, "2d", ["neurons"], seed=104)),
         ("shipped 2D bundle vs the baseline on the held-out pairs", lambda: evaluate(
             load_for_evaluation([shipped_path("models", "cannula-220um-2d.safetensors"), out / "cannula-2d-baseline.safetensors"]),
@@ -171,7 +174,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from ccm.learn.training import train
 
     recipe = load_recipe(args.recipe, args.set)
-    train(recipe, args.data, args.output, work=args.workdir, restart=args.restart, progress=not args.no_progress)
+    train(recipe, args.data, args.output, work=args.workdir, restart=args.restart, overwrite=args.overwrite,
+          progress=not args.no_progress)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -596,8 +600,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from ccm.infer.bundle import load_bundle
     from ccm.infer.export import export_onnx
+    from ccm.io.atomic import claim_output
 
     bundle = load_bundle(args.bundle)
+    claim_output(args.output, [bundle.path, args.calibration], args.overwrite)
     if args.calibration is not None:
         from ccm.io.recorded import open_recording
 
@@ -714,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions-um", nargs="+", type=float, help="transverse emitter positions, µm from the axis")
     p.add_argument("--depths-um", nargs="+", type=float, help="emitter depths, µm below the face (cannula only)")
     p.add_argument("-o", "--output", type=Path, default=Path("psf.png"), help="output PNG (default: psf.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (only once the new one is complete)")
     p.set_defaults(func=_cmd_psf)
 
     p = sub.add_parser("budget", help="what the physics allows: photons and SNR of one emitter per depth plane",
@@ -734,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stack", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="OME-TIFF for the raw frames (T, Y, X) uint16")
     p.add_argument("--targets", type=Path, help="also write the targets (T, Z, Y, X) float32 here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (only once the new one is complete)")
     p.set_defaults(func=_cmd_export_tiff)
 
     p = sub.add_parser("demo", help="the main job on the simulated devices: calibration sets and figures")
@@ -753,6 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle to write (.safetensors)")
     p.add_argument("--workdir", type=Path, help="checkpoints and logs (default: OUTPUT without .safetensors + .training/)")
     p.add_argument("--restart", action="store_true", help="discard an earlier run in the work folder instead of resuming it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -796,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["ome-tiff", "hdf5", "ome-zarr"], default="ome-tiff", help="format when OUTPUT is a folder")
     p.add_argument("--select", nargs="*", default=[], metavar="AXIS=SEL",
                    help="frames to reconstruct per axis: T=0:100 keeps a range, C=1 picks one (the axis is dropped)")
-    p.add_argument("--series", type=int, default=0, help="TIFF series (default: 0)")
+    p.add_argument("--series", type=int, help="TIFF series to read, for a file holding several (default: the only one; "
+                                              "several are listed and refused)")
     p.add_argument("--dtype", choices=["float32", "uint16"], default="float32",
                    help="output pixels: float32 in [0, 1] or uint16 scaled by 65535 (default: float32)")
     p.add_argument("--batch-size", type=int, default=32, help="frames per forward pass (default: 32)")
@@ -896,6 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="fp32 or static int8 (default: fp32)")
     p.add_argument("--calibration", help="raw frames for int8 calibration (any INPUT of reconstruct; default: simulated)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (only once the new one is complete)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_export)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +34,7 @@ from ccm.infer.architecture import LinearSpec, UNetConfig
 from ccm.infer.consistency import UNEXPLAINED, ConsistencyModel, linear_stage, linear_stage_spec
 from ccm.infer.preprocess import PreprocessConfig, Preprocessor
 from ccm.infer.registration import Registration
+from ccm.io.atomic import atomic_output
 from ccm.resources import resolve_shipped
 
 if TYPE_CHECKING:
@@ -182,10 +182,8 @@ class Bundle:
             "split": json.dumps(split_meta), "training": json.dumps(self.training), "metrics": json.dumps(self.metrics),
             **extra_meta,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
         self.path = path
         return path
 

@@ -324,7 +324,7 @@ class FrameClassifier:
 
 
 def classify_recording(source: str | os.PathLike, bundle, classifier: Classifier, output: Path, selection=None,
-                       series: int = 0, convert_from: str | None = None, salvage: bool = False, batch: int = 64) -> Path:
+                       series: int | None = None, convert_from: str | None = None, salvage: bool = False, batch: int = 64) -> Path:
     """Classify every selected frame of a recording (any input ``ccm reconstruct`` reads) and write a CSV:
     ``frame`` (flat index in the recording), ``position`` (in the output, output order), ``class``, ``confidence``.
     Frames are classified raw, or reconstructed by ``bundle`` for a classifier of reconstructions."""

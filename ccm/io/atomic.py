@@ -81,10 +81,18 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies inside the folder ``folder`` (both resolved; an OME-Zarr store and one of its arrays)."""
+    try:
+        return folder.is_dir() and path.resolve().is_relative_to(folder.resolve()) and path.resolve() != folder.resolve()
+    except OSError:
+        return False
+
+
 def refuse_output_over_inputs(output: str | os.PathLike, inputs, what: str = "input") -> None:
     """Raise :class:`OutputError` if ``output`` (or its partial file) is one of ``inputs`` — the same
-    file or folder (an OME-Zarr store), a hard link or a symlink to it. ``--overwrite`` never overrides
-    this: ccm does not destroy the data it reads."""
+    file or folder (an OME-Zarr store), a hard link or a symlink to it — or a store that contains one of
+    them, or lies inside one. ``--overwrite`` never overrides this: ccm does not destroy the data it reads."""
     from ccm.errors import OutputError
 
     output = Path(output)
@@ -95,6 +103,19 @@ def refuse_output_over_inputs(output: str | os.PathLike, inputs, what: str = "in
                 how = "is" if output.absolute() == source.absolute() else "is a link to (or the same file as)"
                 raise OutputError(f"{output} {how} the {what} {source}; ccm never writes over the data it reads, "
                                   "--overwrite or not — choose another output name")
+        if _inside(source, output) or _inside(output, source):
+            raise OutputError(f"{output} and the {what} {source} are the same store (one holds the other); ccm never "
+                              "writes over the data it reads, --overwrite or not — choose an output outside it")
+
+
+def claim_output(output: str | os.PathLike, inputs=(), overwrite: bool = False, what: str = "input") -> Path:
+    """The write rule of every ccm command, checked before any work: ``output`` is none of ``inputs`` (nor a
+    link to one, nor a store holding one: refused even with ``overwrite``) and replaces an existing file only
+    with ``overwrite`` (and then only once the new one is complete: write it through :func:`atomic_output`).
+    Returns ``output`` as a Path."""
+    refuse_output_over_inputs(output, [p for p in inputs if p is not None], what)
+    refuse_existing(output, overwrite)
+    return Path(output)
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:

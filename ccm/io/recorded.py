@@ -249,7 +249,7 @@ class NDTiffRecording(Recording):
     ndtiff_axes: list[tuple[str, list]] = field(default_factory=list)
 
     def _identity_files(self) -> list[str]:
-        return sorted(glob.glob(os.path.join(self.paths[0], "*")))
+        return sorted(str(p) for p in Path(self.paths[0]).iterdir())  # the folder's name is a name, not a pattern
 
     def _open(self) -> Any:
         if self._handle is None:
@@ -411,18 +411,20 @@ def _tiff_extent(tif, s, path: Path, frame_shape: tuple[int, int], dtype: np.dty
     claimed = _frames_in(s.shape)
     if tif.is_imagej:
         claimed = max(claimed, int((tif.imagej_metadata or {}).get("images", 0) or 0))
+    index = next(i for i, t in enumerate(tif.series) if t is s)
     if tif.is_shaped:
-        shaped = (tif.shaped_metadata or ({},))[0].get("shape")
+        described = tif.shaped_metadata or ()
+        shaped = described[index].get("shape") if index < len(described) else None
         if shaped and tuple(shaped[-2:]) == tuple(frame_shape):
             claimed = max(claimed, _frames_in(shaped))
-    first = tif.pages.first
+    first = s.pages[0] if index else tif.pages.first
     frame_bytes = frame_shape[0] * frame_shape[1] * dtype.itemsize
     if first.compression == 1 and first.is_contiguous and (s.dataoffset is not None or tif.is_imagej or tif.is_shaped):
         contiguous = int(first.dataoffsets[0])  # frames follow each other from here (as the writer declared)
         if claimed > 1:  # the second page, where there is one, must agree (a damaged first offset would shift every frame)
             with tifffile_problems():
                 try:
-                    second = tif.pages[1]
+                    second = s.pages[1] if index else tif.pages[1]
                 except Exception:  # noqa: BLE001  (a damaged or missing second page: the size checks below decide)
                     second = None
             offsets = getattr(second, "dataoffsets", None)
@@ -467,13 +469,18 @@ def _tiff_extent(tif, s, path: Path, frame_shape: tuple[int, int], dtype: np.dty
     return claimed, min(readable, claimed), None
 
 
-def _tiff(path: Path, series: int, salvage: bool = False) -> Recording:
+def _tiff(path: Path, series: int | None, salvage: bool = False) -> Recording:
     import tifffile
 
     try:
         with tifffile_problems() as problems, tifffile.TiffFile(path) as tif:
             if not tif.series:
                 raise RecordingError(f"{path}: not a readable TIFF file (no images in it)")
+            if series is None and len(tif.series) > 1:
+                listed = "; ".join(f"{i}: {t.axes} {tuple(t.shape)}" + (f" {t.name!r}" if t.name else "")
+                                   for i, t in enumerate(tif.series[:8])) + ("; …" if len(tif.series) > 8 else "")
+                raise RecordingError(f"{path}: {len(tif.series)} image series ({listed}); pick one with --series N")
+            series = series or 0
             if series >= len(tif.series):
                 raise RecordingError(f"{path}: series {series} asked, the file has {len(tif.series)}")
             s = tif.series[series]
@@ -539,6 +546,13 @@ def _folder(paths: list[str], source: str) -> Recording:
     return TiffFolderRecording(paths, "T", (len(paths),), first.shape, first.dtype, meta)
 
 
+def _axis_value_key(value) -> tuple:
+    """Sort key of an NDTiff axis value: numbers by value (time 2 before 10), names after them as text."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
 def _ndtiff(path: Path) -> Recording:
     from ndtiff import Dataset
 
@@ -547,7 +561,7 @@ def _ndtiff(path: Path) -> Recording:
     except Exception as err:  # ndtiff raises plain Exceptions for broken indexes
         raise RecordingError(f"{path}: not a readable NDTiff dataset ({err})") from err
     try:
-        axes = [(name, sorted(values, key=str)) for name, values in dataset.axes.items()]
+        axes = [(name, sorted(values, key=_axis_value_key)) for name, values in dataset.axes.items()]
         image = dataset.read_image(**{name: values[0] for name, values in axes})
         summary = _jsonable(dataset.summary_metadata or {})
     finally:
@@ -558,7 +572,32 @@ def _ndtiff(path: Path) -> Recording:
                      ndtiff_axes=axes)
 
 
-def _hdf5(path: Path, dataset: str | None) -> Recording:
+def _hdf5_written(f, ds, name: str) -> tuple[int, str]:
+    """(leading frames of ``ds`` that were written, why the rest were not): a ccm file's own count (``frames_written``
+    of a stack or a live recording that did not complete), else, for a chunked dataset, the frames up to the first
+    chunk that was never stored (HDF5 returns the fill value for it: zeros that look like a dark frame)."""
+    n = ds.shape[0]
+    if name == "raw" and "frames_written" in f.attrs and not bool(f.attrs.get("complete", True)):
+        return min(n, int(f.attrs["frames_written"])), "the file says it is incomplete"
+    if ds.chunks is None or ds.ndim < 3:
+        return n, ""
+    import math
+
+    per_frame_row = math.prod(math.ceil(a / c) for a, c in zip(ds.shape[1:], ds.chunks[1:]))
+    stored = ds.id.get_num_chunks()
+    if stored >= per_frame_row * math.ceil(n / ds.chunks[0]):
+        return n, ""
+    rows = {}
+    for i in range(stored):
+        first = ds.id.get_chunk_info(i).chunk_offset[0]
+        rows[first] = rows.get(first, 0) + 1
+    written = 0
+    while written < n and rows.get(written, 0) == per_frame_row:
+        written += ds.chunks[0]
+    return min(written, n), "the chunks of the later frames were never stored"
+
+
+def _hdf5(path: Path, dataset: str | None, salvage: bool = False) -> Recording:
     import h5py
     import hdf5plugin  # noqa: F401
 
@@ -582,6 +621,14 @@ def _hdf5(path: Path, dataset: str | None) -> Recording:
             meta = {"format": "hdf5", "file": str(path), "dataset": dataset, "shape": list(ds.shape), "dtype": str(ds.dtype),
                     "attrs": _jsonable({k: f.attrs[k] for k in f.attrs})}
             shape, dtype = tuple(ds.shape), ds.dtype
+            written, why = _hdf5_written(f, ds, dataset)
+            if written < shape[0]:
+                found = f"frames 0–{written - 1} of {shape[0]} were written" if written else f"none of its {shape[0]} frames was written"
+                if not salvage or not written or ds.ndim != 3:
+                    raise RecordingError(f"{path}:{dataset}: {found} ({why})"
+                                         + (" — pass --salvage to reconstruct exactly those" if written and ds.ndim == 3 else ""))
+                meta["salvaged"] = {"readable": int(written), "claimed": int(shape[0]), "problem": why}
+                shape = (written, *shape[1:])
     except RecordingError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:  # h5py reports damaged files as any of these
@@ -600,10 +647,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def open_recording(spec: str | os.PathLike, series: int = 0, salvage: bool = False) -> Recording:
+def open_recording(spec: str | os.PathLike, series: int | None = None, salvage: bool = False) -> Recording:
     """A recording from a path: a TIFF file, a folder of TIFFs or an NDTiff dataset, a glob
-    (``frames/*.tif``), an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``), or an OME-Zarr store
-    (``run.ome.zarr``, or one image group inside one).
+    (``frames/*.tif``; only when no file or folder has that very name), an HDF5 file (``stack.h5`` or ``stack.h5:/dataset``), or an OME-Zarr store
+    (``run.ome.zarr``, or one image group inside one). A TIFF with several image series is refused, listing
+    them, unless ``series`` picks one.
 
     A corrupt or inconsistent TIFF raises :class:`RecordingError` naming the frames that can be read;
     with ``salvage`` the recording is those frames (``metadata["salvaged"]`` says how many of how many)."""
@@ -613,8 +661,8 @@ def open_recording(spec: str | os.PathLike, series: int = 0, salvage: bool = Fal
         path = Path(h5.group(1))
         if not path.exists():
             raise RecordingError(f"{path}: no such file")
-        return _hdf5(path, h5.group(2).lstrip("/") if h5.group(2) else None)
-    if any(c in text for c in "*?["):
+        return _hdf5(path, h5.group(2).lstrip("/") if h5.group(2) else None, salvage)
+    if any(c in text for c in "*?[") and not Path(text).exists():  # a name that exists is that file, brackets or not
         return _folder(glob.glob(text), text)
     path = Path(text)
     if not path.exists():

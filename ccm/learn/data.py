@@ -162,4 +162,15 @@ def iterate_pairs(path: Path, indices: np.ndarray, preprocessor: Preprocessor, b
                 frames, volumes = raw[lo:hi][chunk - lo], target[lo:hi][chunk - lo]
             else:
                 frames, volumes = raw[chunk.tolist()], target[chunk.tolist()]
+            check_targets(volumes, chunk, path)
             yield torch.from_numpy(preprocessor(frames, source=str(path))), torch.from_numpy(volumes)
+
+
+def check_targets(volumes: np.ndarray, indices: np.ndarray, path: Path) -> None:
+    """Raise :class:`StackError` if any target of ``volumes`` (n, D, h, w), pairs ``indices`` of ``path``, holds NaN
+    or infinite values: a network fitted to them is broken and would fail only when used."""
+    bad = ~np.isfinite(volumes).reshape(len(volumes), -1).all(axis=1)
+    if bad.any():
+        raise StackError(f"{path}: {int(bad.sum())} target(s) hold NaN or infinite values (pairs "
+                         f"{np.asarray(indices)[bad][:5].tolist()}{'…' if bad.sum() > 5 else ''}); a network cannot learn "
+                         "from them — fix or drop those pairs")

@@ -248,6 +248,7 @@ def _evaluate_one(bundles: list[Bundle], data: Path, output: Path, probes: bool,
             log(f"  two-point resolution per plane (µm): {entry['resolution']['resolution_um']}")
             if entry["sectioning"] is not None:
                 log(f"  axial sectioning FWHM per plane (µm): {entry['sectioning']['fwhm_um']}")
+                log(f"  emitters brightest on their own plane, per plane: {entry['sectioning']['assigned_fraction']}")
         report["bundles"].append(entry)
         if examples is None:
             examples = indices[:EXAMPLES]

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ccm.devices import CannulaDevice, WindowDevice  # noqa: E402
+from ccm.io.atomic import atomic_output  # noqa: E402
 from ccm.io.stack import CalibrationStack  # noqa: E402
 from ccm.physics.optics import forward_model  # noqa: E402
 
@@ -33,9 +34,11 @@ def _point_volume(device: CannulaDevice | WindowDevice, n_planes: int, plane: in
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

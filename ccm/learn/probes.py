@@ -95,7 +95,8 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
     Returns {"emitter_depths_um", "response": [[per emitter depth] per plane] (each normalised to its
     maximum), "fwhm_um": [per plane; None if the response does not fall to half within the sweep or
     peaks more than one step away from the plane],
-    "peak_depth_um": [per plane]}.
+    "peak_depth_um": [per plane], "assigned_fraction": [per plane: the share of emitters on that plane whose
+    reconstruction is brightest on that plane]}.
     """
     bundle = reconstructor.bundle
     device, depths = bundle.device, bundle.depths_um
@@ -111,6 +112,8 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
     reach = 0.5 * _field_radius_px(device)
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
     response = np.zeros((len(depths), len(sweep)))
+    on_plane = [sweep.index(round(d, 3)) for d in depths]
+    assigned = np.zeros(len(depths))
     for _ in range(trials):
         r, a = reach * np.sqrt(rng.random()), rng.uniform(0, 2 * np.pi)
         row, col = h / 2 + r * np.sin(a), w / 2 + r * np.cos(a)
@@ -120,7 +123,9 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
         for j in range(len(sweep)):
             volumes[j, j] = disk
         recon = reconstructor(simulator.frames(volumes, rng))  # (len(sweep), D, h, w)
-        response += recon[:, :, around].sum(axis=-1).T / trials
+        signal = recon[:, :, around].sum(axis=-1)  # (len(sweep), D)
+        response += signal.T / trials
+        assigned += signal[on_plane].argmax(axis=1) == np.arange(len(depths))
     fwhm, peaks, curves = [], [], []
     z = np.asarray(sweep)
     for k, curve in enumerate(response):
@@ -148,5 +153,6 @@ def axial_sectioning(reconstructor: Reconstructor, step_um: float = 25.0, reach_
         z_left = zk[left - 1] + (half - ck[left - 1]) / (ck[left] - ck[left - 1]) * (zk[left] - zk[left - 1])
         fwhm.append(round(float(z_right - z_left), 1))
     return {"emitter_depths_um": sweep, "depths_um": list(depths), "response": curves, "fwhm_um": fwhm,
-            "peak_depth_um": peaks, "step_um": step_um, "trials": trials,
+            "peak_depth_um": peaks, "assigned_fraction": (assigned / trials).round(3).tolist(), "step_um": step_um,
+            "trials": trials,
             "emitter": "4 µm-radius disk in one plane, peak 1; response summed within 2·radius + 1 px"}

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ccm.bounded_yaml import load_yaml, load_yaml_file
 from ccm.errors import RecipeError
 from ccm.infer.architecture import LinearFit, LinearSpec, UNetConfig, UNetLayout
 from ccm.infer.preprocess import PreprocessConfig
@@ -128,7 +129,7 @@ def _apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = load_yaml(value, f"override {assignment!r}")
 
 
 def load_recipe(spec: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -136,7 +137,7 @@ def load_recipe(spec: str | Path, overrides: list[str] = ()) -> Recipe:
     ``overrides`` (``section.field=value``). Errors name the file and the field."""
     path = resolve_shipped(spec, "models", ".yaml", "recipe")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_file(path) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
@@ -179,6 +180,6 @@ def load_dataset_recipe(spec: str | Path) -> tuple[DatasetRecipe, Path]:
     """Read a dataset recipe (a path, or the name of one in ``datasets/``)."""
     path = resolve_shipped(spec, "datasets", ".yaml", "dataset recipe")
     try:
-        return DatasetRecipe.model_validate(yaml.safe_load(path.read_text())), path
+        return DatasetRecipe.model_validate(load_yaml_file(path)), path
     except (yaml.YAMLError, ValidationError) as err:
         raise RecipeError(f"{path}: invalid dataset recipe — {err}") from None

@@ -32,6 +32,7 @@ from ccm.infer.bundle import Bundle, build_model
 from ccm.infer.linear import fit_linear_inverse, resolve_spec
 from ccm.infer.preprocess import Preprocessor
 from ccm.infer.reconstruct import Reconstructor
+from ccm.io.atomic import claim_output
 from ccm.io.stack import CalibrationStack, StackError
 from ccm.learn.consistency import fit_consistency, fit_forward
 from ccm.learn.data import Augment, CalibrationDataModule, iterate_pairs, split_indices
@@ -211,9 +212,13 @@ def _loggers(work: Path) -> list:
 
 
 def train(recipe: Recipe, data: Path, output: Path, work: Path | None = None, restart: bool = False,
-          progress: bool = True, log=print) -> Bundle:
-    """Train a bundle from the calibration stack ``data`` and write it to ``output`` (.safetensors)."""
+          overwrite: bool = False, progress: bool = True, log=print) -> Bundle:
+    """Train a bundle from the calibration stack ``data`` and write it to ``output`` (.safetensors).
+
+    ``output`` is never the stack (nor a link to it) and replaces an existing bundle only with ``overwrite``;
+    ``restart`` discards only what an earlier run wrote in the work folder (:data:`WORK_ENTRIES`)."""
     data, output = Path(data), Path(output)
+    claim_output(output, [data], overwrite, what="calibration stack")
     work = Path(work) if work is not None else output.with_name(output.name.removesuffix(".safetensors") + ".training")
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
@@ -315,6 +320,22 @@ def _init_output_bias(net: torch.nn.Module, data: Path, train: np.ndarray, pairs
         net.head.bias.fill_(value)
 
 
+WORK_ENTRIES = ("recipe.json", "data.sha256", "checkpoints", "logs", "tensorboard", VALIDATION_EXAMPLE)
+"""What a training writes in its work folder: all that ``--restart`` removes (the folder may hold the user's files)."""
+
+
+def discard_run(work: Path) -> None:
+    """Remove an earlier run's entries (:data:`WORK_ENTRIES`) from ``work``; anything else there stays."""
+    import shutil
+
+    for name in WORK_ENTRIES:
+        path = work / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def _same_recipe(stored_json: str, recipe_json: str) -> bool:
     """Whether a work folder's stored recipe is this one — read through today's schema, so a field added to
     recipes since (with its default) does not make an interrupted run unresumable."""
@@ -336,19 +357,21 @@ def _fit_network(recipe: Recipe, net: torch.nn.Module, data: Path, preprocessor:
     steps_per_epoch = max(1, len(split["train"]) // o.batch_size)
     total_steps = o.max_steps or o.max_epochs * steps_per_epoch
     max_epochs = math.ceil(total_steps / steps_per_epoch)
-    stamp = work / "recipe.json"
+    stamp, data_stamp = work / "recipe.json", work / "data.sha256"
     ckpt_dir = work / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     # the time limit may change between sittings (it counts all of them): extend a run that hit it
     recipe_json = json.dumps(recipe.model_dump(mode="json", exclude={"optim": {"max_minutes"}}), sort_keys=True)
-    if restart and work.exists():
-        import shutil
-
-        shutil.rmtree(work)
+    if restart:
+        discard_run(work)
     if stamp.exists() and not _same_recipe(stamp.read_text(), recipe_json):
         raise UsageError(f"{work} holds a run of a different recipe; pass --restart to discard it, or --workdir elsewhere")
+    if data_stamp.exists() and data_stamp.read_text().strip() != data_sha256:
+        raise UsageError(f"{work} holds a run on another calibration stack (sha256 {data_stamp.read_text().strip()[:12]}…, "
+                         f"{data} is {data_sha256[:12]}…); pass --restart to discard it, or --workdir elsewhere")
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(recipe_json)
+    data_stamp.write_text(data_sha256)
 
     if o.init_output_bias and not last.exists():
         _init_output_bias(net, data, split["train"])

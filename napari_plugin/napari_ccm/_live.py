@@ -66,6 +66,7 @@ from napari_ccm._common import (
     CONFIDENCE_LAYER,
     CONFIDENCE_MEANING,
     add_bundle_picker,
+    backend_box,
     bundle_choice,
     motion_compensation_box,
     options_from,
@@ -172,8 +173,7 @@ class LiveWidget(QWidget):
         self.bundle = QComboBox()
         self.bundle.addItems(shipped_bundles())
         bundle_row = add_bundle_picker(self, self.bundle)
-        self.backend = QComboBox()
-        self.backend.addItems(["onnx", "torch"])
+        self.backend = backend_box()
         self.precision = QComboBox()
         self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
         self.classifier = QLineEdit()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis
+from napari_ccm._common import RECONSTRUCTION_COLORMAP, _units, depth_axis, volume_contrast
 
 TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -116,7 +116,13 @@ def _read_ome_tiff(path: Path) -> list[tuple]:
     kwargs = {"name": Path(sizes["name"]).name, "scale": scale, "translate": tuple(translate), "units": units,
               "metadata": {"path": str(path), "axes": axes, "ccm": description}}
     if reconstruction:
-        kwargs.update(colormap=RECONSTRUCTION_COLORMAP, contrast_limits=(0.0, 1.0) if data.dtype == np.float32 else (0, 65535))
+        if data.dtype != np.float32:
+            limits = (0, 65535)
+        elif "Z" in axes:  # a volume's light is spread over its planes: the range from the data (first frames)
+            limits = volume_contrast(np.asarray(data[:8] if len(axes) > 3 else data))
+        else:
+            limits = (0.0, 1.0)
+        kwargs.update(colormap=RECONSTRUCTION_COLORMAP, contrast_limits=limits)
     return [(data, kwargs, "image")]
 
 
@@ -214,8 +220,12 @@ def _volumes_layer(data, axes: str, px: float, depths: list, name: str, path: Pa
     else:
         step, first = depth_axis(depths)
         scale, translate, units = (*(1.0,) * lead, step, px, px), (*(0.0,) * lead, first, 0.0, 0.0), (*("",) * lead, "µm", "µm", "µm")
+    limits = (0.0, 1.0)
+    if len(depths) > 1:  # a volume's light is spread over its planes: the range from the first volumes
+        first_volumes = np.asarray(data[(slice(0, 2),) * lead] if lead else data, np.float32)
+        limits = volume_contrast(first_volumes / 65535 if np.dtype(data.dtype) == np.uint16 else first_volumes)
     return (data, {"name": name, "scale": scale, "translate": translate, "units": _units(units), "colormap": RECONSTRUCTION_COLORMAP,
-                   "contrast_limits": (0.0, 1.0), "metadata": {"path": str(path), "axes": axes, "depths_um": depths}}, "image")
+                   "contrast_limits": limits, "metadata": {"path": str(path), "axes": axes, "depths_um": depths}}, "image")
 
 
 # --- OME-Zarr ------------------------------------------------------------------------------------
@@ -275,7 +285,7 @@ def _read_zarr(path: Path) -> list[tuple]:
     kwargs = layer[1]
     kwargs["metadata"]["ccm"] = ccm_attrs
     if array.dtype == np.uint16:  # [0, 65535] stands for [0, 1]
-        kwargs["contrast_limits"] = (0, 65535)
+        kwargs["contrast_limits"] = tuple(65535 * c for c in kwargs["contrast_limits"])
     group = zarr.open_group(str(path), mode="r")
     for name in ("timestamps_s", "consistency_score", "aperture_offset_um"):
         if name in group:

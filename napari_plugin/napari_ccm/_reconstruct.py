@@ -41,6 +41,7 @@ from napari_ccm._common import (
     CONFIDENCE_LAYER,
     CONFIDENCE_MEANING,
     add_bundle_picker,
+    backend_box,
     bundle_choice,
     motion_compensation_box,
     options_from,
@@ -81,8 +82,7 @@ class ReconstructWidget(QWidget):
         self.bundle = QComboBox()
         self.bundle.addItems(shipped_bundles())
         bundle_row = add_bundle_picker(self, self.bundle)
-        self.backend = QComboBox()
-        self.backend.addItems(["torch", "onnx"])
+        self.backend = backend_box()
         self.precision = QComboBox()
         self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
         self.confidence = QCheckBox("Confidence map")
@@ -150,6 +150,7 @@ class ReconstructWidget(QWidget):
         if self.running:
             return
         self.last_error, self.last_summary, self.result_layers = None, None, []
+        self.status.setStyleSheet("")  # an earlier run's error does not colour this one
         bundle_name = bundle_choice(self.bundle)
         backend, precision = self.backend.currentText(), self.precision.currentText()
         confidence, register = self.confidence.isChecked(), self.register.isChecked()
@@ -189,6 +190,8 @@ class ReconstructWidget(QWidget):
 
     def _progress(self, update: tuple[int, int]) -> None:
         done, total = update
+        if self.last_error is not None:  # a progress report queued before the error must not hide its reason
+            return
         if self._bar is None:
             self._bar = napari_progress(total=total, desc="ccm reconstruct")
         self._bar.total = total
@@ -209,7 +212,7 @@ class ReconstructWidget(QWidget):
             data, kwargs = reconstruction_layer_kwargs(bundle, maps[0] if single else maps, leading=0 if single else 1)
             kwargs.update(CONFIDENCE_LAYER, metadata=kwargs["metadata"] | {"what": CONFIDENCE_MEANING})
             self.result_layers.append(self.viewer.add_image(data, name=f"{name} confidence map ({bundle.name})", **kwargs))
-        self.status.setText(f"{len(volumes)} frames reconstructed with {bundle.name}")
+        self._complete(f"{len(volumes)} frames reconstructed with {bundle.name}")
 
     def _file_done(self, summary: dict, output: str) -> None:
         from napari_ccm._reader import read_ccm
@@ -220,8 +223,15 @@ class ReconstructWidget(QWidget):
             for data, kwargs, _ in read_ccm(summary["confidence_map"]):
                 kwargs.update(CONFIDENCE_LAYER, metadata=kwargs.get("metadata", {}) | {"what": CONFIDENCE_MEANING})
                 self.result_layers.append(self.viewer.add_image(data, **kwargs))
-        self.status.setText(f"wrote {output} ({summary.get('frames_done', '?')} frames, {summary.get('frames_per_s')} frames/s)")
+        self._complete(f"wrote {output} ({summary.get('frames_done', '?')} frames, {summary.get('frames_per_s')} frames/s)")
         show_info(f"ccm: reconstruction written to {output}")
+
+    def _complete(self, message: str) -> None:
+        """A successful run: the bar full (whatever the output format reported on the way) and ``message``."""
+        self.bar.setMaximum(max(self.bar.maximum(), 1))
+        self.bar.setValue(self.bar.maximum())
+        self.status.setStyleSheet("")
+        self.status.setText(message)
 
     def _finished(self) -> None:
         if self.worker is not None and self.worker.abort_requested and self.last_error is None and not self.result_layers:

@@ -1,0 +1,163 @@
+"""Nothing lost, round two (issue 30): every command that writes follows one rule (``ccm.io.atomic.claim_output``):
+it never writes over its inputs (the same file, a link, or a store that holds one), never replaces an existing file
+without --overwrite, and never deletes what it did not create."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_NET
+
+from ccm.cli.main import main
+from ccm.io.atomic import partial_path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def stack(tiny_bundle, tmp_path) -> Path:
+    """A copy of the tiny bundle's training stack (160 pairs of the tiny cannula), to be guarded."""
+    copy = tmp_path / "stack.h5"
+    shutil.copyfile(tiny_bundle[2] / "train.h5", copy)
+    return copy
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY_NET, "optim": {**TINY_NET["optim"], "max_epochs": 1, "max_steps": 2}}))
+    return path
+
+
+def test_train_restart_removes_only_what_a_training_wrote(stack, recipe, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    notes = work / "notes.txt"
+    notes.write_text("the user's notes")
+    inside = work / "stack.h5"
+    shutil.move(stack, inside)
+    before = _digest(inside)
+    args = ["train", "--data", str(inside), "--recipe", str(recipe), "-o", str(tmp_path / "net.safetensors"),
+            "--workdir", str(work), "--no-progress"]
+    assert main(args) == 0
+    assert (work / "checkpoints").is_dir()
+    assert main([*args, "--restart", "--overwrite"]) == 0
+    assert notes.read_text() == "the user's notes" and _digest(inside) == before
+    # a work folder of a run on another stack is not resumed: the difference is named
+    other = tmp_path / "other.h5"
+    shutil.copyfile(inside, other)
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    rc = main(["train", "--data", str(other), "--recipe", str(recipe), "-o", str(tmp_path / "o.safetensors"),
+               "--workdir", str(work), "--no-progress"])
+    assert rc == 2 and "another calibration stack" in _one_line(capsys.readouterr().err)
+
+
+def test_train_never_writes_over_its_stack_nor_an_existing_bundle(stack, recipe, tmp_path, capsys):
+    before = _digest(stack)
+    assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(stack), "--no-progress"]) == 2
+    assert "never writes over the data it reads" in _one_line(capsys.readouterr().err) and _digest(stack) == before
+    victim = tmp_path / "mine.safetensors"
+    victim.write_bytes(b"precious")
+    assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(victim), "--no-progress"]) == 2
+    assert "--overwrite" in _one_line(capsys.readouterr().err) and victim.read_bytes() == b"precious"
+
+
+def test_export_tiff_refuses_its_stack_one_file_for_both_and_an_existing_file(stack, tmp_path, capsys):
+    before = _digest(stack)
+    assert main(["export-tiff", str(stack), "-o", str(stack)]) == 2
+    assert "never writes over the data it reads" in _one_line(capsys.readouterr().err)
+    tif = tmp_path / "frames.ome.tif"
+    assert main(["export-tiff", str(stack), "-o", str(tif), "--targets", str(tif)]) == 2
+    assert "same file" in _one_line(capsys.readouterr().err) and not tif.exists()
+    assert main(["export-tiff", str(stack), "-o", str(tif)]) == 0
+    capsys.readouterr()
+    written = _digest(tif)
+    assert main(["export-tiff", str(stack), "-o", str(tif)]) == 2
+    assert "exists" in _one_line(capsys.readouterr().err) and _digest(tif) == written
+    assert main(["export-tiff", str(stack), "-o", str(tif), "--overwrite"]) == 0
+    assert _digest(stack) == before and not partial_path(tif).exists()
+
+
+def test_export_refuses_its_bundle_and_an_existing_file(tiny_bundle, tmp_path, capsys):
+    bundle = tiny_bundle[0]
+    copy = tmp_path / "b.safetensors"
+    shutil.copyfile(bundle.path, copy)
+    before = _digest(copy)
+    assert main(["export", "--bundle", str(copy), "-o", str(copy), "--overwrite"]) == 2
+    assert "never writes over the data it reads" in _one_line(capsys.readouterr().err) and _digest(copy) == before
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"precious")
+    assert main(["export", "--bundle", str(copy), "-o", str(onnx)]) == 2
+    assert "exists" in _one_line(capsys.readouterr().err) and onnx.read_bytes() == b"precious"
+
+
+def test_psf_refuses_an_existing_figure(tmp_path, capsys):
+    figure = tmp_path / "psf.png"
+    figure.write_bytes(b"precious")
+    assert main(["psf", "--device", "window-see-through", "-o", str(figure)]) == 2
+    assert "exists" in _one_line(capsys.readouterr().err) and figure.read_bytes() == b"precious"
+
+
+def test_a_store_that_holds_the_input_is_refused_even_with_overwrite(tmp_path):
+    from ccm.errors import OutputError
+    from ccm.io.atomic import claim_output
+
+    store = tmp_path / "s.ome.zarr"
+    (store / "0").mkdir(parents=True)
+    with pytest.raises(OutputError, match="same store"):
+        claim_output(store, [store / "0"], overwrite=True)
+    with pytest.raises(OutputError, match="same store"):
+        claim_output(store / "0" / "out.tif", [store], overwrite=True)
+    assert (store / "0").is_dir()
+
+
+@pytest.mark.parametrize("command", ["device", "recipe"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, command, capsys):
+    """A 1 KB "billion laughs" document as --device or recipe: refused in one line, nothing expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 1500
+    if command == "device":
+        args = ["simulate", "--device", str(bomb), "--n", "2", "-o", str(tmp_path / "s.h5"), "--no-progress"]
+    else:
+        args = ["train", "--data", str(tmp_path / "none.h5"), "--recipe", str(bomb), "-o", str(tmp_path / "b.safetensors")]
+    assert main(args) == 2
+    assert "aliases" in _one_line(capsys.readouterr().err)
+
+
+def test_bounded_yaml_refuses_deep_nesting_and_huge_texts():
+    from ccm.bounded_yaml import MAX_BYTES, YAMLLimitError, load_yaml
+
+    assert load_yaml("a: {b: [1, 2]}") == {"a": {"b": [1, 2]}}
+    with pytest.raises(YAMLLimitError, match="nested deeper"):
+        load_yaml("[" * 40 + "]" * 40)
+    with pytest.raises(YAMLLimitError, match="characters"):
+        load_yaml("a: 1\n" * (MAX_BYTES // 4))
+
+
+def test_a_nan_target_stops_training_before_a_bundle_is_written(stack, recipe, tmp_path, capsys):
+    import h5py
+    import hdf5plugin  # noqa: F401  (the stack's compression filter)
+
+    with h5py.File(stack, "r+") as f:
+        target = f["target"][3]
+        target[0, 0, 0] = float("nan")
+        f["target"][3] = target
+    out = tmp_path / "nan.safetensors"
+    assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 2
+    assert "NaN" in _one_line(capsys.readouterr().err) and not out.exists()
