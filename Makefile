@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,micromanager,napari]"
 	touch $(STAMP)
 
+# The main job: calibration sets, figures and the evaluation, then live reconstruction in napari (a window where
+# there is a display — close it to finish; headless: 5 s of live, a screenshot and the numbers in out/napari/)
 demo: $(STAMP)
 	$(VENV)/bin/ccm demo -o out/demo
-	@echo "Live in napari: $(VENV)/bin/ccm napari   (no display: runs headless, screenshot to out/napari/)"
+	$(VENV)/bin/ccm napari
 
 # napari's tests run in worker processes of their own: in a worker that had run many other tests first,
 # software OpenGL under Xvfb stopped painting the canvas (black screenshots, a missing GL context)

@@ -88,6 +88,47 @@ def test_linear_estimates_are_cached_by_stack_stage_and_pairs(stages):
         direct = torch.cat([linear.apply_map(x) for x, _ in iterate_pairs(data, split["val"], preprocessor)])
     np.testing.assert_allclose(first.float().numpy(), direct.numpy(), atol=2e-3, rtol=2e-3)
     assert cache_path(data, "another-stack", stage_digest(linear, preprocessor), split["val"]) != path
+    refitted = type(linear)(linear.spec)  # another fit of the same shape: another key, so the cache is not reused
+    refitted.load_state_dict({k: v + 1e-3 if v.is_floating_point() else v for k, v in linear.state_dict().items()})
+    assert stage_digest(refitted, preprocessor) != stage_digest(linear, preprocessor)
+    assert cache_path(data, "stack-digest", stage_digest(refitted, preprocessor), np.sort(split["val"])) != path
+
+
+def test_a_run_that_does_not_beat_its_linear_stage_is_stopped_by_the_guard(stages, tmp_path):
+    """The early-stop guard: no learning (a vanishing learning rate) → stopped after 25 % of the steps, saying why."""
+    data = stages[0]
+    recipe = tmp_path / "stuck.yaml"
+    recipe.write_text(yaml.safe_dump({**DC_NET, "name": "stuck", "model": {**DC_NET["model"], "dc_steps": 0},
+                                      "optim": {**DC_NET["optim"], "lr": 1e-12, "max_steps": 40, "val_every_steps": 4,
+                                                "baseline_guard": 0.25, "patience": 100}}))
+    out = tmp_path / "stuck.safetensors"
+    assert main(["train", "--data", str(data), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    training = load_bundle(out).training
+    assert "does not beat the linear stage" in training["baseline_guard"]
+    assert 10 <= training["steps"] < 40 and training["stopped_early"]
+
+
+def test_untrained_a_volume_network_is_its_linear_stage_on_every_plane(tmp_path):
+    """3D, global residual without data-consistency steps (the phantom bundle's design): equal to 1e-5 untrained."""
+    device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")
+    data = simulate_stack(device, tmp_path / "3d.h5", 96, mode="3d", seed=5, progress=False)
+    with CalibrationStack(data) as stack:
+        dark, raw = stack.dark, stack.raw[:64]
+    preprocessor = Preprocessor(PreprocessConfig(), device, dark=dark)
+    preprocessor = Preprocessor(preprocessor.fit_scale(raw), device, dark=dark)
+    split = split_indices(96, SplitConfig(val_fraction=0.1, test_fraction=0.05))
+    spec = resolve_spec(LinearFit(), preprocessor, 4, clip=False)
+    linear, _ = fit_linear_inverse(spec, LinearFit(), iterate_pairs(data, split["train"], preprocessor),
+                                   iterate_pairs(data, split["val"], preprocessor))
+    config = UNetConfig(widths=(8, 16), dc_steps=0, global_residual=True, output="clamp", input_stage="linear",
+                        in_shape=preprocessor.output_shape, out_shape=linear.spec.out_shape, out_channels=4, linear=linear.spec)
+    net = DataConsistentNet(config)
+    net.linear.load_state_dict(linear.state_dict())
+    x = next(iterate_pairs(data, split["val"], preprocessor))[0]
+    with torch.no_grad():
+        out = net.eval()(x)
+        assert out.shape[1] == 4
+        np.testing.assert_allclose(out.numpy(), linear(x).clamp(0, 1).numpy(), atol=1e-5)
 
 
 def test_a_data_consistent_bundle_trains_saves_and_runs_the_same_on_onnx(stages, tmp_path):

@@ -265,6 +265,7 @@ def test_live_stopped_while_opening_leaves_nothing_running(make_napari_viewer, q
     (pipeline, _), = opened
     assert pipeline.wait(0) is False and _ccm_threads() == []  # stopped, and its process ended
     assert not widget.running and not widget.starting and "raw" not in viewer.layers
+    assert "opening" not in widget.status.text()  # the status says it stopped, not that it still opens the camera
 
 
 @pytest.fixture
@@ -352,8 +353,10 @@ def test_live_shows_consistency_and_the_recalibration_alarm(make_napari_viewer, 
 def test_live_refuses_a_bundle_of_another_device(make_napari_viewer, qtbot, errors):
     viewer = make_napari_viewer()
     widget = _live_widget(viewer)
+    widget.trust.setText("trust: an earlier bundle's line")
     widget.bundle.setCurrentText("window-see-through-2d")
     widget.start()
+    assert widget.trust.text() == ""  # a failed start shows no earlier bundle's trust line
     qtbot.waitUntil(lambda: widget.last_error is not None, timeout=60000)
     assert not widget.running and not widget.starting
     assert "window" in widget.last_error and "expects" in widget.last_error
@@ -607,6 +610,32 @@ def test_reconstruct_widget_on_a_file_and_cancel(make_napari_viewer, qtbot, tmp_
     assert tuple(layer.scale)[-2:] == pytest.approx((1.72, 1.72)) and str(layer.units[-1]) == "micrometer"
     assert (tmp_path / "movie-recon.confidence.ome.tif").exists() and tuple(maps.scale) == tuple(layer.scale)
     assert maps.colormap.name == "inferno" and np.asarray(maps.data).max() > 0
+
+
+@pytest.mark.slow
+def test_closing_the_viewer_interrupts_a_file_reconstruction(make_napari_viewer, qtbot, tmp_path):
+    """The child ``ccm reconstruct`` goes with the viewer, as Ctrl-C: it stops and leaves its partial output."""
+    import tifffile
+
+    import ccm
+    from ccm.io.atomic import partial_path
+
+    bundle = ccm.load_bundle("cannula-220um-2d")
+    tifffile.imwrite(tmp_path / "long.tif", np.repeat(bundle.sample_raw[None], 3000, axis=0))
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("ccm", "Reconstruct recordings")
+    widget.source.setCurrentText("File or folder…")
+    widget.path.setText(str(tmp_path / "long.tif"))
+    widget.output.setText(str(tmp_path / "long-recon.h5"))
+    widget.backend.setCurrentText("torch")
+    widget.run()
+    children = widget.children
+    qtbot.waitUntil(lambda: bool(children) and widget.bar.value() > 0, timeout=120000)
+    process = children[0]
+    viewer.close()
+    qtbot.waitUntil(lambda: process.poll() is not None, timeout=60000)
+    assert process.returncode == 130  # interrupted as Ctrl-C, not run to the end
+    assert partial_path(tmp_path / "long-recon.h5").exists() and not (tmp_path / "long-recon.h5").exists()
 
 
 # --- readers and writer --------------------------------------------------------------------------

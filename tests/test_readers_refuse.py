@@ -78,3 +78,17 @@ def test_a_ccm_file_that_says_it_is_incomplete_is_not_read_as_whole(tiny_bundle,
     with pytest.raises(RecordingError, match="frames 0–4 of 8 were written"):
         open_recording(path)
     assert open_recording(path, salvage=True).n == 5
+
+
+def test_ccm_info_reads_ccm_own_recordings(tiny_bundle, tmp_path, capsys):
+    import h5py
+
+    raw = tiny_bundle[1]
+    path = tmp_path / "live.h5"
+    with h5py.File(path, "w") as f:  # the layout of a live recording (ccm.acquire.pipeline.LiveRecorder), cut short
+        f["raw"] = raw[:6]
+        f["volumes"] = np.zeros((6, 1, 24, 24), np.float32)
+        f.attrs["bundle"], f.attrs["frames_written"], f.attrs["complete"] = "tiny-net", 4, False
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a recording" in out and "4 of 6 frames written" in out and "tiny-net" in out

@@ -161,3 +161,34 @@ def test_a_nan_target_stops_training_before_a_bundle_is_written(stack, recipe, t
     out = tmp_path / "nan.safetensors"
     assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 2
     assert "NaN" in _one_line(capsys.readouterr().err) and not out.exists()
+
+
+def test_a_new_live_recording_keeps_an_interrupted_one_under_another_name(tiny_bundle, tmp_path, capsys):
+    import h5py
+
+    from conftest import tiny_cannula_dict
+
+    device = tmp_path / "tiny.yaml"
+    device.write_text(yaml.safe_dump(tiny_cannula_dict()))
+    record = tmp_path / "run.h5"
+    crashed = partial_path(record)  # what a crash or a full disk leaves: the partial file, flushed up to its last second
+    with h5py.File(crashed, "w") as f:
+        f["raw"] = tiny_bundle[1][:3]
+        f.attrs["frames_written"], f.attrs["complete"] = 3, False
+    before = _digest(crashed)
+    args = ["live", "--device", str(device), "--bundle", str(tiny_bundle[0].path), "--seconds", "0.3", "--fps", "50",
+            "--backend", "torch", "--record", str(record), "--json"]
+    assert main(args) == 0
+    kept = tmp_path / "run-interrupted-1.h5"
+    assert str(kept) in capsys.readouterr().err and _digest(kept) == before
+    with h5py.File(record) as f:
+        assert f.attrs["complete"] and f.attrs["frames_written"] > 0
+
+
+@pytest.mark.parametrize("name", ["run.ome.zarr", "run.ome.tif"])
+def test_acquire_refuses_an_output_whose_suffix_is_not_its_format(tmp_path, capsys, name):
+    sequence = tmp_path / "seq.yaml"
+    sequence.write_text("time_plan: {interval: 0, loops: 2}\n")
+    out = tmp_path / name
+    assert main(["acquire", "--sequence", str(sequence), "--bundle", "cannula-220um-2d", "-o", str(out)]) == 2
+    assert "name the output .h5" in _one_line(capsys.readouterr().err) and not out.exists()

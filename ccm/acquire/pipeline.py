@@ -38,7 +38,7 @@ from ccm.acquire.source import Frame, FrameSource, SourceError, metadata_json
 from ccm.errors import OutputError
 from ccm.infer.consistency import SATURATION_FLAG
 from ccm.infer.reconstruct import Reconstructor
-from ccm.io.atomic import ensure_room, fsync_path, partial_path, refuse_existing
+from ccm.io.atomic import ensure_room, fsync_path, keep_interrupted, partial_path, refuse_existing
 
 LATENCY_WINDOW = 20000
 """Latencies kept for the statistics (the most recent ones)."""
@@ -93,7 +93,8 @@ class LiveRecorder:
     The file is written as ``.NAME.partial`` and renamed to ``path`` when the recording closes
     cleanly (a camera that stops with an error still ends a whole recording); a crash or a recorder
     error leaves the partial file, readable up to its last flush. An existing ``path`` is refused
-    unless ``overwrite`` (and replaced only by the finished recording). The recorder stops with an
+    unless ``overwrite`` (and replaced only by the finished recording); an interrupted earlier recording to the
+    same name is kept as ``NAME-interrupted-K.h5`` (:func:`ccm.io.atomic.keep_interrupted`). The recorder stops with an
     :class:`~ccm.errors.OutputError` before the disk is full rather than during a write.
     """
 
@@ -108,6 +109,8 @@ class LiveRecorder:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.tmp = partial_path(path)
+        self.kept_interrupted = keep_interrupted(path)
+        """Where an earlier recording to ``path`` that was interrupted (a crash, a full disk) now is, or None."""
         ensure_room(self.tmp, 64 * 1024)
         self._file = h5py.File(self.tmp, "w")
         f = self._file

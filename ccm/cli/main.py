@@ -106,10 +106,62 @@ def _cmd_budget(args: argparse.Namespace) -> None:
               f"{'yes' if plane['reconstructable'] else 'no'}")
 
 
+def _holds_targets(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file with a ``target`` dataset (a calibration stack, whole or not)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "target" in f
+    except (OSError, ValueError):
+        return False
+
+
+def _recording_info(path: Path) -> dict:
+    """What ``ccm info`` says about a file that is not a calibration stack but a recording ccm can reconstruct
+    (ccm's own live and MDA recordings, TIFF, NDTiff, HDF5, OME-Zarr)."""
+    from ccm.io.recorded import open_recording
+
+    recording = open_recording(path, salvage=True)
+    attrs = recording.metadata.get("attrs", {})
+    info = {"file": str(path), "kind": "recording", "format": attrs.get("format") or recording.kind,
+            "axes": recording.axes, "shape": list(recording.shape), "frames": recording.n,
+            "frame_shape": list(recording.frame_shape), "dtype": str(recording.dtype)}
+    for key in ("bundle", "device_name", "device_fingerprint", "frames_written", "complete"):
+        if key in attrs:
+            info[key] = attrs[key]
+    if "salvaged" in recording.metadata:
+        info["incomplete"] = recording.metadata["salvaged"]
+    return info
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
+    from ccm.errors import StackError
     from ccm.io.stack import summarize
 
-    summary = summarize(args.stack)
+    try:
+        summary = summarize(args.stack)
+    except StackError as err:
+        if _holds_targets(args.stack):  # a calibration stack with a problem: that problem is the answer
+            raise
+        try:
+            summary = _recording_info(args.stack)
+        except CcmError:
+            raise err from None
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+            return
+        print(f"{summary['file']}  (a recording, {summary['format']}; not a calibration stack)")
+        print(f"  frames     {summary['frames']} on axes {summary['axes'] or '(one frame)'} {tuple(summary['shape'])}, "
+              f"each {tuple(summary['frame_shape'])} {summary['dtype']}")
+        if "incomplete" in summary:
+            gone = summary["incomplete"]
+            print(f"  incomplete {gone['readable']} of {gone['claimed']} frames written ({gone['problem']}); "
+                  "ccm reconstruct --salvage reads those")
+        for key in ("bundle", "device_name", "device_fingerprint"):
+            if key in summary:
+                print(f"  {key.replace('_', ' '):<10} {summary[key]}")
+        return
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -525,6 +577,9 @@ def _cmd_live(args: argparse.Namespace) -> None:
                 recorder = pipeline.record(recording_path(args.record) if args.record.suffix != ".h5" else args.record,
                                            overwrite=args.overwrite)
                 print(f"recording raw frames and reconstructions to {recorder.path}", file=sys.stderr)
+                if recorder.kept_interrupted is not None:
+                    print(f"an interrupted earlier recording to that name is kept as {recorder.kept_interrupted}",
+                          file=sys.stderr)
             report = None if args.json else (lambda stats: print(stats.line(), file=sys.stderr, flush=True))
             finished = pipeline.wait(args.seconds, every_s=args.status_every, report=report)
         except KeyboardInterrupt:
@@ -556,6 +611,10 @@ def _cmd_acquire(args: argparse.Namespace) -> None:
     from ccm.io.atomic import refuse_existing
 
     sequence = load_sequence(args.sequence)
+    if not str(args.output).lower().endswith((".h5", ".hdf5")):
+        raise UsageError(f"{args.output}: ccm acquire writes its reconstructions as HDF5 (raw frames, volumes and the "
+                         "acquired-frame mask): name the output .h5 — and use --raw-output for an OME-Zarr or OME-TIFF of "
+                         "the raw frames")
     refuse_existing(args.output, args.overwrite)
     core = _checked_core(args)  # before torch and the bundle load
     try:

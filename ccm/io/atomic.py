@@ -127,6 +127,23 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
                           "file is complete)")
 
 
+def keep_interrupted(path: str | os.PathLike) -> Path | None:
+    """Move an interrupted earlier write of ``path`` (its partial file, readable up to its last flush) aside to
+    ``NAME-interrupted-K.SUFFIX`` beside it, so that a new write never discards it; returns the new name, or None
+    when there was none. For writers that cannot resume (a live recording: the camera does not go back in time)."""
+    tmp = partial_path(path)
+    if not tmp.exists():
+        return None
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ""
+    stem = path.name[:len(path.name) - len(suffix)] if suffix else path.name
+    k = 1
+    while (kept := path.with_name(f"{stem}-interrupted-{k}{suffix}")).exists():
+        k += 1
+    os.replace(tmp, kept)
+    return kept
+
+
 ROOM_MARGIN = 256 * 1024
 """Bytes kept in reserve beyond a chunk's size for an HDF5 file's own bookkeeping (chunk index, metadata flush on close)."""
 

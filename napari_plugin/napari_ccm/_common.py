@@ -71,6 +71,19 @@ def backend_box():
     return box
 
 
+def volume_view_box(viewer):
+    """The widgets' "3D view" switch for volumes: napari's 3D display, where an image renders as its maximum-intensity
+    projection along the view (rotate it with the mouse); off: one depth plane at a time on the Z slider (µm)."""
+    from qtpy.QtWidgets import QCheckBox
+
+    box = QCheckBox("3D view (maximum-intensity rendering)")
+    box.setChecked(viewer.dims.ndisplay == 3)
+    box.setToolTip("volumes: show all depth planes at once, rendered as a maximum-intensity projection; off: one plane "
+                   "at a time, depth in µm on the Z slider")
+    box.toggled.connect(lambda on: setattr(viewer.dims, "ndisplay", 3 if on else 2))
+    return box
+
+
 def motion_compensation_box():
     """The widgets' "motion compensation" switch (on, as in the CLI)."""
     from qtpy.QtWidgets import QCheckBox

@@ -70,7 +70,11 @@ def _run(bundle: str, device: str, backend: str, seconds: float, out: Path, head
     widget.start()
     if not headless:
         napari.run()
-        widget.stop()
+        # closing the window deleted the widget's Qt side (its timers): stop through its holder, which the
+        # widget's own destroyed hook may already have emptied — never through the deleted widget
+        from napari_ccm._live import _stop_quietly
+
+        _stop_quietly(widget._holder)
         return 0
 
     from qtpy.QtWidgets import QApplication

@@ -69,6 +69,7 @@ from napari_ccm._common import (
     backend_box,
     bundle_choice,
     motion_compensation_box,
+    volume_view_box,
     options_from,
     reconstruction_layer_kwargs,
     replace_layer,
@@ -158,6 +159,7 @@ class LiveWidget(QWidget):
         self.fps = QDoubleSpinBox(minimum=1, maximum=2000, value=100, suffix=" frames/s", decimals=1)
         self.exposure = QDoubleSpinBox(minimum=0.1, maximum=10000, value=10, suffix=" ms", decimals=1)
         self.register = motion_compensation_box()
+        self.volume_view = volume_view_box(self.viewer)
         self.own_process = QCheckBox("camera and model in a process of their own")
         self.own_process.setChecked(True)
         self.own_process.setToolTip("the simulated camera, the reconstruction, the consistency score and the recording run "
@@ -249,6 +251,7 @@ class LiveWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.trust)
         layout.addWidget(self.show_residual)
+        layout.addWidget(self.volume_view)
         layout.addWidget(self.alarm_label)
         layout.addWidget(self.message)
         layout.addStretch(1)
@@ -343,6 +346,7 @@ class LiveWidget(QWidget):
             return
         self.last_error = None
         self._set_message("")
+        self.trust.setText("")  # the previous bundle's trust line is not this start's
         settings = {"camera": self.camera.currentIndex(), "device": self.device.currentText(), "fps": self.fps.value(),
                     "exposure_ms": self.exposure.value(), "config": self.config.text(), "bundle": bundle_choice(self.bundle),
                     "backend": self.backend.currentText(), "precision": self.precision.currentText(),
@@ -456,6 +460,7 @@ class LiveWidget(QWidget):
             worker, self._worker = self._worker, None
             worker.returned.disconnect(self._opened)
             worker.returned.connect(lambda result: _discard(result))
+            self.status.setText("stopped while opening the camera")
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             stats = pipeline.stop()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -44,6 +45,7 @@ from napari_ccm._common import (
     backend_box,
     bundle_choice,
     motion_compensation_box,
+    volume_view_box,
     options_from,
     reconstruction_layer_kwargs,
     shipped_bundles,
@@ -67,6 +69,9 @@ class ReconstructWidget(QWidget):
         self.last_error: str | None = None
         self.last_summary: dict | None = None
         self._bar = None
+        self.children: list[subprocess.Popen] = []
+        """The child ``ccm reconstruct`` of a file run: interrupted (as Ctrl-C) when the widget goes with its viewer."""
+        self.destroyed.connect(functools.partial(_interrupt_children, self.children))
 
         self.source = QComboBox()
         self.source.setToolTip("an image layer of raw frames (T, H, W) or (H, W), or a recording on disk")
@@ -87,6 +92,7 @@ class ReconstructWidget(QWidget):
         self.precision.addItems(["fp32", "int8", "bf16", "fp16"])
         self.confidence = QCheckBox("Confidence map")
         self.register = motion_compensation_box()
+        self.volume_view = volume_view_box(self.viewer)
         self.confidence.setToolTip("also compute each frame's confidence map (a layer over the reconstruction; for files, "
                                    "OUTPUT.confidence.ome.tif beside it): the brightness the raw frame does not support "
                                    "at each pixel, near 0 = supported. Needs a bundle with a consistency model.")
@@ -108,6 +114,7 @@ class ReconstructWidget(QWidget):
         form.addRow("Precision", self.precision)
         form.addRow("", self.confidence)
         form.addRow("", self.register)
+        form.addRow("", self.volume_view)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -162,7 +169,7 @@ class ReconstructWidget(QWidget):
             output = self.output.text().strip() or str(_default_output(source))
             self.output.setText(output)
             worker = create_worker(_run_cli, source, output, bundle_name, backend, precision, confidence, register,
-                                   _ignore_errors=True)
+                                   self.children, _ignore_errors=True)
             worker.returned.connect(lambda summary: self._file_done(summary, output))
             self.status.setText(f"ccm reconstruct {source} → {output}")
         else:
@@ -280,8 +287,15 @@ def _run_layer(frames: np.ndarray, bundle_name: str, backend: str, precision: st
     return bundle, volumes, maps, single
 
 
+def _interrupt_children(children: list) -> None:
+    """Interrupt the running child processes in ``children`` as Ctrl-C would (their partial outputs stay resumable)."""
+    for process in list(children):
+        if process.poll() is None:
+            process.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGINT)
+
+
 def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str, confidence: bool = False,
-             register: bool = True):
+             register: bool = True, children: list | None = None):
     """Worker: ``ccm reconstruct`` in a child process; yields (done, total) from its progress bar, returns its summary.
     Closing the generator (Cancel) interrupts the child as Ctrl-C does: its partial output stays resumable."""
     import json
@@ -292,6 +306,8 @@ def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str
     # progress: tqdm's bar on stderr
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                **({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {}))
+    if children is not None:
+        children.append(process)
     finished = False
     try:
         buffer, tail = b"", []
@@ -335,6 +351,8 @@ def _run_cli(source: str, output: str, bundle: str, backend: str, precision: str
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        if children is not None and process in children:
+            children.remove(process)
 
 
 def _default_output(source: str) -> Path:

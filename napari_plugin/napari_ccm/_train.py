@@ -425,11 +425,11 @@ def _reconstruct_bundle_combos(widget) -> list:
         from napari_ccm._reconstruct import ReconstructWidget
     except ImportError:
         return []
-    docks = getattr(widget.viewer.window, "_dock_widgets", {})
+    docks = getattr(widget.viewer.window, "dock_widgets", {})  # the inner widgets (napari ≥ 0.6.2, public)
     combos = []
-    for dock in list(docks.values()):
-        inner = dock.widget() if hasattr(dock, "widget") else None
-        candidates = [inner, *(inner.findChildren(ReconstructWidget) if inner is not None else [])]
+    for inner in list(docks.values()):
+        inner = getattr(inner, "native", inner)
+        candidates = [inner, *(inner.findChildren(ReconstructWidget) if hasattr(inner, "findChildren") else [])]
         for candidate in candidates:
             if isinstance(candidate, ReconstructWidget) and hasattr(candidate, "bundle"):
                 combos.append(candidate.bundle)
