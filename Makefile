@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# constraints pin torch to the CPU build; the package itself accepts a range
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,micromanager,napari]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,micromanager,napari,bioimageio]"
 	touch $(STAMP)
 
 # The main job: calibration sets, figures and the evaluation, then live reconstruction in napari (a window where

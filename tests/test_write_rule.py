@@ -165,7 +165,6 @@ def test_a_nan_target_stops_training_before_a_bundle_is_written(stack, recipe, t
 
 def test_a_new_live_recording_keeps_an_interrupted_one_under_another_name(tiny_bundle, tmp_path, capsys):
     import h5py
-
     from conftest import tiny_cannula_dict
 
     device = tmp_path / "tiny.yaml"

@@ -663,6 +663,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     bundle = load_bundle(args.bundle)
     claim_output(args.output, [bundle.path, args.calibration], args.overwrite)
+    if args.format == "bioimageio":
+        from ccm.infer.bioimageio_package import export_package
+
+        report = export_package(bundle, args.output, overwrite=True, log=lambda line: None if args.json else print(line))
+        if args.json:
+            print(json.dumps(report, indent=1))
+        return
     if args.calibration is not None:
         from ccm.io.recorded import open_recording
 
@@ -676,6 +683,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=1) if args.json else
           f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, {args.precision}); largest difference from PyTorch on "
           f"{report['check_frames']} frames: {report['max_abs_error']:.2e} (mean {report['mean_abs_error']:.2e})")
+
+
+def _cmd_import(args: argparse.Namespace) -> None:
+    from ccm.infer.bioimageio_package import import_package
+
+    output = args.output or Path(args.package.name.removesuffix(".zip")).with_suffix(".safetensors")
+    bundle = import_package(args.package, output, overwrite=args.overwrite)
+    print(f"wrote {output}: bundle {bundle.name} for {bundle.device.name} (weights {bundle.digest}, self-test passed)")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
@@ -960,14 +975,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing stack (only once the new one is complete)")
     p.set_defaults(func=_cmd_calibrate)
 
-    p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch")
+    p = sub.add_parser("export", help="export a bundle's model to ONNX (fp32 or int8) or as a BioImage Model Zoo package",
+                       description="Export a bundle's model to ONNX (fp32 or int8) and check it against PyTorch; or, with "
+                                   "--format bioimageio, as a bioimage.io model package (.zip: ONNX with the preprocessing "
+                                   "inside, test tensors, cover, device, card) that deepImageJ, ilastik, BiaPy and "
+                                   "bioimageio.core run; `ccm import` restores the bundle from it.")
     p.add_argument("--bundle", required=True, help="bundle (.safetensors) or the name of a shipped one")
-    p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("-o", "--output", type=Path, required=True, help="ONNX file (or, for bioimageio, .zip) to write")
+    p.add_argument("--format", choices=["onnx", "bioimageio"], default="onnx",
+                   help="onnx: the network alone, on preprocessed frames (default); bioimageio: a model zoo package")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="fp32 or static int8 (default: fp32)")
     p.add_argument("--calibration", help="raw frames for int8 calibration (any INPUT of reconstruct; default: simulated)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (only once the new one is complete)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="restore a ccm bundle from a bioimage.io package that ccm export made",
+                       description="Restore the ccm bundle inside a bioimage.io model package made by `ccm export --format "
+                                   "bioimageio` (checked against the digests in its rdf.yaml, self-tested on load). "
+                                   "Packages ccm did not make are refused: run those with bioimage.io tools.")
+    p.add_argument("package", type=Path, help="the package (.zip)")
+    p.add_argument("-o", "--output", type=Path, help="bundle to write (default: the package's name, .safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("napari", help="open napari with the Live widget running (simulated cannula, shipped 2D bundle)",
                        description="Open napari with ccm's Live widget docked and started. With no display, say so and run "

@@ -146,6 +146,12 @@ class Preprocessor:
                 raise FrameError(f"crop {config.crop} does not fit the {shape} sensor")
 
     @property
+    def pixel_gain(self) -> np.ndarray:
+        """(H, W) float32 per-pixel factor applied after the dark subtraction: 1 / flat × aperture mask / ``scale_adu``
+        (steps 3, 4 and 7 in one map)."""
+        return self._gain
+
+    @property
     def output_shape(self) -> tuple[int, int]:
         """(h, w) of the network input."""
         if self.config.input_shape is not None:

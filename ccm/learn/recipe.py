@@ -45,10 +45,13 @@ class LossConfig(_Strict):
     bright_weight: float = Field(default=0.0, ge=0)
     """Weight the L1 and MSE terms per pixel by 1 + ``bright_weight`` × target: in sparse 3D volumes
     almost every pixel is dark, and an unweighted loss is minimised by predicting nothing."""
+    pearson: float = Field(default=0.0, ge=0)
+    """Weight of 1 − Pearson correlation per plane (planes with signal): a sparse volume's few bright voxels carry
+    almost none of a pixel-wise loss, but all of its correlation with the truth."""
 
     @model_validator(mode="after")
     def _some(self) -> LossConfig:
-        if self.l1 + self.mse + self.ssim <= 0:
+        if self.l1 + self.mse + self.ssim + self.pearson <= 0:
             raise RecipeError("at least one loss weight must be positive")
         return self
 

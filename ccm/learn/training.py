@@ -87,6 +87,9 @@ class ReconstructionModule(pl.LightningModule):
             loss = loss + c.mse * (F.mse_loss(pred, y) if weight is None else ((pred - y) ** 2 * weight).mean())
         if c.ssim:
             loss = loss + c.ssim * (1 - ssim(pred, y).mean())
+        if c.pearson:
+            occupied = (y.flatten(2).amax(-1) > 0).float()  # (N, D): planes with signal (an empty plane has no correlation)
+            loss = loss + c.pearson * (((1 - pearson(pred, y)) * occupied).sum() / occupied.sum().clamp(min=1))
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -69,7 +69,6 @@ from napari_ccm._common import (
     backend_box,
     bundle_choice,
     motion_compensation_box,
-    volume_view_box,
     options_from,
     reconstruction_layer_kwargs,
     replace_layer,
@@ -77,6 +76,7 @@ from napari_ccm._common import (
     shipped_bundles,
     shipped_devices,
     show_in_place,
+    volume_view_box,
 )
 
 DISPLAY_HZ = 30

@@ -45,10 +45,10 @@ from napari_ccm._common import (
     backend_box,
     bundle_choice,
     motion_compensation_box,
-    volume_view_box,
     options_from,
     reconstruction_layer_kwargs,
     shipped_bundles,
+    volume_view_box,
 )
 
 LAYER_CHUNK = 16
