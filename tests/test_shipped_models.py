@@ -41,7 +41,8 @@ def test_shipped_bundle_reaches_its_card(card, tmp_path):
     assert bundle.fingerprint == card["device_fingerprint"]
     test = recipe.parts["test"]  # fresh scenes drawn as the card's test part draws them
     stack = simulate_stack(device, tmp_path / "fresh.h5", FRESH_PAIRS, mode=recipe.planes, scenes=test.scenes or recipe.scenes,
-                           seed=FRESH_SEED, progress=False, brightness=test.brightness, photons=test.photons)
+                           seed=FRESH_SEED, progress=False, brightness=test.brightness, photons=test.photons,
+                           planes_um=recipe.depths_um, between_planes=recipe.between_planes)
     result, _ = score_bundle(bundle, stack, file_sha256(stack))
     for metric, tolerance in card["tolerance"].items():
         reached = result["overall"][metric]

@@ -42,3 +42,21 @@ def test_window_stack(tmp_path, tiny_window):
         assert raw.shape == (24, 12, 16) and raw.max() <= 2**10 - 1
         assert stack.target.shape == (24, 1, 8, 8)
         assert raw.std(axis=0).mean() > 3  # scenes change the frames beyond the noise floor
+
+
+def test_a_3d_stack_on_planes_of_its_own_with_emitters_between_them(tmp_path, tiny_cannula):
+    """Planes other than the device's, and emitters half-way between them shared by the two planes around them."""
+    from ccm.cli.main import main
+    from ccm.physics.simulate import fold_midpoints, with_midpoints
+
+    assert with_midpoints([0, 50, 100]) == (0.0, 25.0, 50.0, 75.0, 100.0)
+    fine = np.zeros((1, 5, 2, 2), np.float32)
+    fine[0, 1], fine[0, 2] = 1.0, 2.0  # an emitter at 25 µm and one at 50 µm
+    np.testing.assert_array_equal(fold_midpoints(fine)[0, :, 0, 0], [0.5, 2.5, 0.0])
+    path = simulate_stack(tiny_cannula, tmp_path / "between.h5", 16, mode="3d", scenes=["beads"], seed=3, progress=False,
+                          planes_um=[0, 50, 100], between_planes=True)
+    with CalibrationStack(path) as stack:
+        assert tuple(stack.depths_um) == (0.0, 50.0, 100.0) and stack.target.shape[1] == 3
+        assert stack.provenance["between_planes"] is True and np.isfinite(stack.target[:]).all()
+    assert main(["simulate", "--device", "cannula-220um", "--planes", "2d", "--between-planes", "--n", "2",
+                 "-o", str(tmp_path / "x.h5")]) == 2  # a 2D stack has no planes to be between

@@ -174,6 +174,10 @@ class DatasetRecipe(_Strict):
     description: str = ""
     device: str = "cannula-220um"
     planes: Literal["2d", "3d"] = "2d"
+    depths_um: tuple[float, ...] | None = None
+    """3D: the stack's depth planes (µm) instead of the device's (e.g. the planes the physics can tell apart)."""
+    between_planes: bool = False
+    """3D: emitters also half-way between the planes, shared by the two around them in the target."""
     scenes: tuple[str, ...] = ("neurons",)
     parts: dict[str, DatasetPart]
     """Named parts, e.g. ``train`` and ``test``, each with its size and seed (different seeds: held-out data)."""

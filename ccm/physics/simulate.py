@@ -210,7 +210,8 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
                    scenes: Sequence[str] = ("neurons",), scene_files: Sequence[Path] = (), seed: int = 0,
                    chunk_size: int = 32, progress: bool = True, command: str = "",
                    simulator: Simulator | None = None, brightness: Brightness = 1.0, overwrite: bool = False,
-                   photons: float = 1.0, other_seeds: Sequence[int] = ()) -> Path:
+                   photons: float = 1.0, other_seeds: Sequence[int] = (), planes_um: Sequence[float] | None = None,
+                   between_planes: bool = False) -> Path:
     """Simulate ``n`` (raw, target) pairs into the calibration stack ``path``.
 
     Scenes are drawn (and passed through the forward model's scene-side half) in a worker
@@ -233,36 +234,50 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
     equal contiguous blocks of chunks, the first imaged through ``device``, the next through each other
     seed in turn. The stack still belongs to ``device`` (its fingerprint and dark frame); training on it
     teaches a network what differs from one cannula to the next.
+
+    ``planes_um`` (3D only): the stack's depth planes (µm) instead of the device's. ``between_planes``: emitters
+    also lie half-way between them — scenes are drawn on the planes and their midpoints, imaged there, and each
+    midpoint's light is shared equally by the two planes around it in the target (linear interpolation in depth),
+    so a network does not learn that nothing exists between its planes.
     """
     if n < 1:
         raise UsageError(f"n must be at least 1, got {n}")
     refuse_output_over_inputs(path, scene_files, "scene file")
     refuse_existing(path, overwrite)
+    if (planes_um is not None or between_planes) and mode != "3d":
+        raise UsageError("depth planes of one's own (--depths-um, --between-planes) are for 3D stacks (--planes 3d)")
+    planes = tuple(float(d) for d in planes_um) if planes_um is not None else device.target.planes(mode)
+    if list(planes) != sorted(set(planes)) or planes[0] < 0:
+        raise UsageError(f"depth planes {list(planes)} µm: give distinct depths at or below the face, in increasing order")
+    imaged = with_midpoints(planes) if between_planes else planes
     sources = scene_sources(scenes, scene_files, brightness)
     for source in sources:  # bad scene files stop the run before any output exists
         source = getattr(source, "source", source)
         if isinstance(source, ImageScenes):
-            source.check(len(device.target.planes(mode)))
+            source.check(len(imaged))
     class_names = {tuple(names) for source in sources if (names := getattr(source, "class_names", None))}
     if len(class_names) > 1:
         raise UsageError(f"scene classes {list(scenes)} label their scenes with different class sets {sorted(class_names)}; "
                          "simulate them into separate stacks")
     if simulator is None:
-        simulator = Simulator(device, mode, photons=photons)
-    elif simulator.device != device or simulator.mode != mode or simulator.photons != photons:
-        raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}, photons {simulator.photons}), "
-                         f"not {device.name} ({mode}, photons {photons})")
+        simulator = Simulator(device, mode, planes_um=imaged, photons=photons)
+    elif simulator.device != device or simulator.mode != mode or simulator.photons != photons or simulator.planes_um != imaged:
+        raise UsageError(f"the simulator given is for {simulator.device.name} ({simulator.mode}, planes {simulator.planes_um}, "
+                         f"photons {simulator.photons}), not {device.name} ({mode}, planes {imaged}, photons {photons})")
     brightness = check_brightness(brightness)
     provenance = {"source": "simulated", "mode": mode, "scenes": list(scenes), "scene_files": [str(p) for p in scene_files],
                   "seed": seed, "brightness": brightness, "chunk_size": chunk_size,
                   "photons_per_unit": simulator.photons_per_unit, "command": command}
     if photons != 1:
         provenance["photons"] = photons
+    if planes_um is not None or between_planes:
+        provenance |= {"planes_um": list(planes), "between_planes": bool(between_planes)}
     if other_seeds:
         provenance["device_seeds"] = [device.seed, *map(int, other_seeds)]
     simulators = [simulator, *(Simulator(device.model_copy(update={"seed": int(s)}), mode, simulator.planes_um, photons)
                                for s in other_seeds)]
-    with StackWriter(path, device, n, simulator.planes_um, simulator.dark(), provenance, resume=True,
+    fold = fold_midpoints if between_planes else None
+    with StackWriter(path, device, n, planes, simulator.dark(), provenance, resume=True,
                      class_names=next(iter(class_names), None)) as writer:
         n_chunks = -(-n // chunk_size)
         first = writer.written // chunk_size
@@ -271,7 +286,7 @@ def simulate_stack(device: CannulaDevice | WindowDevice, path: Path, n: int, mod
                 chunks = [(k, min(chunk_size, n - k * chunk_size)) for k in range(first, n_chunks)
                           if chunk_block(k, n_chunks, len(simulators)) == block]
                 if chunks:
-                    _simulate_chunks(block_simulator, sources, seed, chunks, chunk_size, writer, bar)
+                    _simulate_chunks(block_simulator, sources, seed, chunks, chunk_size, writer, bar, fold)
     return Path(path)
 
 
@@ -291,14 +306,34 @@ def own_device_pairs(provenance: dict, n: int, indices: np.ndarray) -> np.ndarra
     return indices[chunk_block(indices // chunk, -(-n // chunk), len(seeds)) == 0]
 
 
+def with_midpoints(planes: Sequence[float]) -> tuple[float, ...]:
+    """``planes`` (µm, increasing) and the depths half-way between neighbours: (p₀, (p₀+p₁)/2, p₁, …)."""
+    out = [float(planes[0])]
+    for a, b in zip(planes, planes[1:]):
+        out += [(float(a) + float(b)) / 2, float(b)]
+    return tuple(out)
+
+
+def fold_midpoints(volumes: np.ndarray) -> np.ndarray:
+    """(n, 2D − 1, h, w) volumes on planes and midpoints (:func:`with_midpoints`) → (n, D, h, w): each midpoint's
+    light shared equally by the planes around it (linear interpolation in depth)."""
+    planes = volumes[:, 0::2].copy()
+    half = 0.5 * volumes[:, 1::2]
+    planes[:, :-1] += half
+    planes[:, 1:] += half
+    return planes
+
+
 def _simulate_chunks(simulator: Simulator, sources: Sequence[SceneSource], seed: int, chunks: list[tuple[int, int]],
-                     chunk_size: int, writer: StackWriter, bar: tqdm) -> None:
-    """Draw, image and append ``chunks`` [(index, size)] in order."""
+                     chunk_size: int, writer: StackWriter, bar: tqdm, fold=None) -> None:
+    """Draw, image and append ``chunks`` [(index, size)] in order; ``fold`` maps the imaged volumes to the targets."""
     # scenes are drawn and encoded in a worker process while this one applies the operator,
     # the camera, and writes: two stages on two cores, so the operator runs single-threaded here
     with SceneWorker(simulator.forward, sources, seed, chunks, chunk_size) as drawn, threadpool_limits(1, user_api="blas"):
         for volumes, encoded, index, slot in drawn:
             raw = simulator.frames_from_encoded(encoded, chunk_noise_rng(seed, index))
+            if fold is not None:
+                volumes = fold(volumes)
             if writer.labelled:
                 writer.append(raw, volumes, labels=drawn.labels)
             else:
