@@ -50,6 +50,36 @@ def test_simulated_camera_delivers_paced_moving_frames(tiny_cannula):
         SimulatedSource(tiny_cannula, fps=100, exposure_ms=20)
 
 
+class _SlowReconstructor(Reconstructor):
+    """A model slower than the camera: every batch takes 40 ms more (a busy machine, a big bundle)."""
+
+    def run_preprocessed(self, x):
+        import time
+
+        time.sleep(0.04)  # the model's cost, not synchronisation: the test waits on events
+        return super().run_preprocessed(x)
+
+
+def test_keeping_up_reconstructs_the_newest_frames_and_records_the_others_raw(tiny_bundle, tiny_cannula, tmp_path):
+    """keep_up: a camera faster than the model — the newest frames are reconstructed, the older ones recorded raw
+    (NaN volumes, reconstructed False), and every frame is accounted for and on disk."""
+    bundle = tiny_bundle[0]
+    until = _Until(40)
+    pipeline = LivePipeline(SimulatedSource(tiny_cannula, fps=400), _SlowReconstructor(bundle, batch_size=4), max_batch=4,
+                            on_result=until, keep_up=True)
+    pipeline.start()
+    recorder = pipeline.record(tmp_path / "rec.h5")
+    assert until.done.wait(60)
+    stats = pipeline.stop()
+    assert stats.skipped > 0 and "camera outruns the model" in stats.line()
+    with h5py.File(recorder.path) as f:
+        done = f["reconstructed"][()]
+        volumes = f["volumes"][()]
+        assert len(f["raw"]) == len(done) == stats.recorded
+        assert np.isnan(volumes[~done]).all() and np.isfinite(volumes[done]).all()
+        assert (~done).sum() > 0 and list(f["frame_index"][()]) == sorted(f["frame_index"][()])  # in camera order
+
+
 def test_pipeline_reconstructs_every_frame_and_records_them(tiny_bundle, tiny_cannula, tmp_path):
     bundle = tiny_bundle[0]
     until = _Until(60)

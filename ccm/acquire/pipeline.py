@@ -3,7 +3,9 @@
 - The source delivers frames from its own thread into :class:`FrameRing` and never waits: when
   the ring is full the oldest frame is dropped and counted.
 - A reconstruction thread takes every frame waiting in the ring (up to ``max_batch``: it
-  batches when it falls behind, and returns to batch 1 when it has caught up), reconstructs
+  batches when it falls behind, and returns to batch 1 when it has caught up) — or, with
+  ``keep_up`` (napari's Live), only the newest ``max_batch`` when more wait, recording the older
+  ones raw (counted as ``skipped``: the display never lags the camera by more than a batch) — reconstructs
   them, and hands (frame, volume) pairs to the consumers: :meth:`LivePipeline.latest` (a cheap
   "newest result" for displays that redraw on a timer), callbacks, and the recorder.
 - :class:`LiveRecorder` writes raw frames and reconstructions to HDF5 from its own thread,
@@ -122,6 +124,7 @@ class LiveRecorder:
         self._exposure = f.create_dataset("exposure_ms", (0,), np.float32, maxshape=(None,), chunks=(1024,))
         self._camera_time = f.create_dataset("camera_time_ms", (0,), np.float64, maxshape=(None,), chunks=(1024,))
         self._metadata = f.create_dataset("metadata", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(256,))
+        self._reconstructed = f.create_dataset("reconstructed", (0,), bool, maxshape=(None,), chunks=(1024,))
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.attrs["frames_written"] = 0
@@ -135,7 +138,9 @@ class LiveRecorder:
         self._thread = threading.Thread(target=self._drain, name="ccm-live-recorder", daemon=True)
         self._thread.start()
 
-    def add(self, frames: list[Frame], volumes: np.ndarray) -> None:
+    def add(self, frames: list[Frame], volumes: np.ndarray | None) -> None:
+        """Queue ``frames`` and their ``volumes`` (n, D, h, w) for writing; ``volumes`` None: frames the model did not
+        reconstruct (a pipeline keeping up with a faster camera), recorded raw with NaN volumes."""
         if self.error is not None:
             raise self.error
         self._queue.put((frames, volumes))
@@ -159,8 +164,8 @@ class LiveRecorder:
             except BaseException as err:
                 self.error = err
 
-    def _write(self, frames: list[Frame], volumes: np.ndarray) -> None:
-        nbytes = sum(f.image.nbytes for f in frames) + np.asarray(volumes).nbytes + 20 * len(frames)
+    def _write(self, frames: list[Frame], volumes: np.ndarray | None) -> None:
+        nbytes = sum(f.image.nbytes for f in frames) + len(frames) * int(np.prod(self._volumes.shape[1:])) * 4 + 20 * len(frames)
         ensure_room(self.tmp, self._unflushed + nbytes)  # what HDF5 still holds in memory lands on the next flush
         self._unflushed += nbytes
         try:
@@ -173,10 +178,12 @@ class LiveRecorder:
         if self._t0 is None:
             self._t0 = frames[0].timestamp_s
         n0, n = self.written, len(frames)
-        for dataset in (self._raw, self._volumes, self._index, self._time, self._exposure, self._camera_time, self._metadata):
+        for dataset in (self._raw, self._volumes, self._index, self._time, self._exposure, self._camera_time, self._metadata,
+                        self._reconstructed):
             dataset.resize(n0 + n, axis=0)
         self._raw[n0:] = np.stack([f.image for f in frames])
-        self._volumes[n0:] = volumes
+        self._volumes[n0:] = np.nan if volumes is None else volumes
+        self._reconstructed[n0:] = volumes is not None
         self._index[n0:] = [f.index for f in frames]
         self._time[n0:] = [f.timestamp_s - self._t0 for f in frames]
         self._exposure[n0:] = [f.exposure_ms for f in frames]
@@ -226,6 +233,8 @@ class LiveStats:
     latency_ms_median: float | None
     latency_ms_p95: float | None
     recorded: int
+    skipped: int = 0
+    """Frames the model could not keep up with (``keep_up``): recorded raw, not reconstructed."""
     consistency_score: float | None = None
     """The last scored frame's forward-consistency score (None: the bundle has no consistency model)."""
     consistency_window_median: float | None = None
@@ -260,6 +269,8 @@ class LiveStats:
                      + ("  ALARM: recalibrate (ccm calibrate → ccm train)" if self.recalibrate else ""))
         return (f"{self.seconds:6.1f} s  {self.received} frames  {self.frames_per_s:6.1f} frames/s  dropped {self.dropped}  "
                 f"waiting {self.waiting}  {latency}  recorded {self.recorded}{trust}"
+                + (f"  camera outruns the model: {self.skipped} frames recorded raw only (pace the camera to "
+                   f"{self.frames_per_s:.0f} frames/s)" if self.skipped else "")
                 + (f"  moved back {self.registered_um:.2f} µm" if self.registered_um else "")
                 + (f"  SATURATED {100 * (self.saturated_fraction or 0):.1f} % of pixels (shorter exposure)" if self.saturated else "")
                 + (f"  class {self.predicted_class} ({self.confidence:.2f})" if self.predicted_class is not None else ""))
@@ -281,15 +292,21 @@ class LivePipeline:
         100 frames/s) and feed the recalibration alarm (a median over ``alarm_window`` scores).
     classifier : a :class:`ccm.infer.classifier.Classifier` of raw frames or of this bundle's
         reconstructions: every frame gets a class and confidence (:meth:`predictions`, the stats' line).
+    keep_up : when more than ``max_batch`` frames wait, reconstruct only the newest ``max_batch`` and record the
+        older ones raw (NaN volumes, ``reconstructed`` False), counting them in ``stats().skipped``: a display then
+        stays within about one batch of the camera however busy the machine (napari's Live). Off: every frame is
+        reconstructed, in batches when behind (the CLI, recordings meant to be complete).
     """
 
     def __init__(self, source: FrameSource, reconstructor: Reconstructor, ring_frames: int = 256, max_batch: int = 16,
                  on_result: Callable[[list[Frame], np.ndarray], None] | None = None, score_every: int = 4,
-                 alarm_window: int = 25, classifier=None):
+                 alarm_window: int = 25, classifier=None, keep_up: bool = False):
         bundle = reconstructor.bundle
         check_camera(source.name, source.frame_shape, source.device, bundle)
         self.source, self.reconstructor, self.max_batch, self.on_result = source, reconstructor, max_batch, on_result
         self.ring = FrameRing(ring_frames)
+        self.keep_up = keep_up
+        self._skipped = 0
         self.error: BaseException | None = None
         self.recorder: LiveRecorder | None = None
         self._latest: tuple[Frame, np.ndarray] | None = None
@@ -408,7 +425,7 @@ class LivePipeline:
                          waiting=len(self.ring), frames_per_s=self._reconstructed / seconds if seconds > 0 else 0.0,
                          latency_ms_median=float(np.median(latencies)) if latencies is not None else None,
                          latency_ms_p95=float(np.percentile(latencies, 95)) if latencies is not None else None,
-                         recorded=self._recorded_before + recording, consistency_score=self._last_score,
+                         recorded=self._recorded_before + recording, skipped=self._skipped, consistency_score=self._last_score,
                          consistency_window_median=self.alarm.score_median if self.alarm is not None else None,
                          aperture_offset_um=self.alarm.offset_median_um if self.alarm is not None else None,
                          recalibrate=bool(self.alarm is not None and self.alarm.active),
@@ -437,6 +454,14 @@ class LivePipeline:
                     if self.ring.closed:
                         return
                     continue
+                if self.keep_up and len(self.ring):  # behind: the newest frames first, the older ones recorded raw
+                    frames += self.ring.take(len(self.ring), timeout_s=0)
+                    behind, frames = frames[:-self.max_batch], frames[-self.max_batch:]
+                    if behind:
+                        self._skipped += len(behind)
+                        with self._lock:
+                            if self.recorder is not None:
+                                self.recorder.add(behind, None)
                 images = np.stack([f.image for f in frames])
                 x, measured = self.reconstructor.preprocessor.prepare(
                     images, f"{self.source.name} frames {frames[0].index}–{frames[-1].index}")

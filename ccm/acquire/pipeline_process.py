@@ -101,7 +101,7 @@ class PipelineProcess:
     """
 
     def __init__(self, camera: SimulatedCameraSpec, bundle, bundle_ref: str, options, classifier_path: str | None = None,
-                 classifier=None, batch_size: int = 16):
+                 classifier=None, batch_size: int = 16, keep_up: bool = False):
         self.consistency = bundle.consistency
         self.classifier = None
         if classifier is not None:
@@ -130,7 +130,7 @@ class PipelineProcess:
         self._conn = None
         self._process: subprocess.Popen | None = None
         spec = {"camera": camera, "bundle": bundle_ref, "options": options, "classifier": classifier_path,
-                "batch_size": batch_size, "memory": self._memory.name, "frame_shape": frame_shape, "output_shape": output_shape}
+                "batch_size": batch_size, "keep_up": keep_up, "memory": self._memory.name, "frame_shape": frame_shape, "output_shape": output_shape}
         try:
             self._conn = self._launch()
             self._conn.send(spec)
@@ -395,7 +395,7 @@ def _child(spec: dict, conn) -> None:
         reconstructor(bundle.sample_raw)  # warm up
         memory = _attach(spec["memory"])
         header, raw, volume = _views(memory, spec["frame_shape"], spec["output_shape"])
-        pipeline = ccm.LivePipeline(source, reconstructor, classifier=classifier)
+        pipeline = ccm.LivePipeline(source, reconstructor, classifier=classifier, keep_up=spec["keep_up"])
     except BaseException as err:  # noqa: BLE001  (what the camera or the bundle refused goes to the parent)
         conn.send(("error", _describe(err)))
         if memory is not None:

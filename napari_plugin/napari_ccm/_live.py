@@ -397,7 +397,7 @@ class LiveWidget(QWidget):
 
                 camera = SimulatedCameraSpec(settings["device"], settings["fps"], exposure, seed=0)
                 return PipelineProcess(camera, bundle, settings["bundle"], options, settings["classifier"], classifier,
-                                       batch_size=16), None
+                                       batch_size=16, keep_up=True), None
             device = ccm.load_device(settings["device"])
             source = ccm.SimulatedSource(device, fps=settings["fps"], exposure_ms=exposure, seed=0)
         elif settings["camera"] in (MM_CONFIG, MM_CORE):
@@ -415,7 +415,7 @@ class LiveWidget(QWidget):
         try:
             reconstructor = ccm.Reconstructor(bundle, options, batch_size=16)
             reconstructor(source.snap().image if settings["camera"] != SIMULATED else bundle.sample_raw)  # warm up; checks pixel type
-            return ccm.LivePipeline(source, reconstructor, classifier=classifier), loaded
+            return ccm.LivePipeline(source, reconstructor, classifier=classifier, keep_up=True), loaded
         except BaseException:
             if loaded is not None:
                 release_core(loaded)
@@ -631,11 +631,15 @@ class LiveWidget(QWidget):
                                "reconstructed": stats.reconstructed, "dropped": stats.dropped,
                                "latency_ms_median": stats.latency_ms_median, "latency_ms_p95": stats.latency_ms_p95,
                                "display_fps": round(self.display_fps(), 1), "recorded": stats.recorded,
+                               "skipped": stats.skipped,
                                "source": pipeline.source.name, "bundle": pipeline.reconstructor.bundle.name}
         latency = (f"latency {stats.latency_ms_median:.1f} ms (p95 {stats.latency_ms_p95:.1f})"
                    if stats.latency_ms_median is not None else "latency –")
         line = (f"camera {camera_fps:.0f} fps · reconstruction {stats.frames_per_s:.0f} fps · dropped {stats.dropped} · "
                 f"{latency} · display {self.display_fps():.0f} fps · recorded {stats.recorded}")
+        if stats.skipped:  # the display keeps up with the camera; what the model could not is recorded raw
+            line += (f" · the camera outruns the model: {stats.skipped} frames recorded raw only — pace the "
+                     f"camera to ≤ {stats.frames_per_s:.0f} frames/s to reconstruct every frame")
         if self.classification is not None:
             _, name, confidence = self.classification
             self.status_numbers.update(predicted_class=name, confidence=round(confidence, 4), classified=stats.classified)
