@@ -21,7 +21,7 @@ BUNDLES = {
     "cannula-220um-2d-neurons": ("cannula-220um-2d-neurons", ["cannula-220um-2d-reference"]),
     "cannula-220um-2d-generalist": ("cannula-220um-2d-generalist", ["cannula-220um-2d-generalist-reference"]),
     "cannula-220um-2d": ("cannula-220um-2d-generalist", ["cannula-220um-2d-generalist", "cannula-220um-2d-neurons"]),
-    "cannula-220um-3d": ("cannula-220um-tissue-3d", []),
+    "cannula-220um-3d": ("cannula-220um-3d-neurons", []),
     "cannula-220um-phantom-3d": ("cannula-220um-phantom-3d", []),
     "window-see-through-2d": ("window-see-through-2d-handwriting", []),
 }
