@@ -290,6 +290,20 @@ def test_a_different_job_does_not_mix_into_a_partial_output(tiny, inputs, tmp_pa
         reconstruct_recording(inputs["multipage"][0], bundle, out, num_workers=0, progress=False)
 
 
+def test_resuming_with_another_backend_is_refused_naming_it(tiny, inputs, tmp_path, monkeypatch):
+    """Frames of two backends never mix in one output: the resumed job must use the same backend and precision."""
+    bundle = tiny[0]
+    out = tmp_path / "b.ome.tif"
+    monkeypatch.setattr(Reconstructor, "run_preprocessed", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_recording(inputs["multipage"][0], bundle, out, InferenceOptions(backend="torch"), num_workers=0,
+                              progress=False)
+    monkeypatch.undo()
+    with pytest.raises(OutputError, match=r"backend differ.*backend was 'torch'"):
+        reconstruct_recording(inputs["multipage"][0], bundle, out, InferenceOptions(backend="onnx"), num_workers=0,
+                              progress=False)
+
+
 def test_full_disk_keeps_what_was_written(tiny, inputs, tmp_path, monkeypatch):
     bundle = tiny[0]
     spec, _, frames = inputs["multipage"]

@@ -121,6 +121,8 @@ def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Pat
     spec, frame_indices = output_spec(recording, selection or Selection(), bundle, Path(output), dtype)
     if convert_from is not None:
         spec.job["convert_from"] = convert_from
+    # what changes the numbers: a resumed output never mixes frames of two backends, precisions or registrations
+    spec.job.update(backend=options.backend, precision=options.precision, register=options.register)
     if spec.format == "hdf5" and (num_nodes > 1 or devices not in (1, "1")):
         raise OutputError(f"{spec.path}: several processes cannot write one HDF5 file; write OME-TIFF (.ome.tif) or OME-Zarr "
                           "(.ome.zarr) with --devices/--num-nodes, or HDF5 from one process")

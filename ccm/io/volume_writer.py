@@ -168,8 +168,11 @@ def prepare(spec: OutputSpec, restart: bool = False, overwrite: bool = False) ->
     job_file = spec.progress_dir / "job.json"
     if spec.tmp.exists() and job_file.exists() and not restart:
         if json.loads(job_file.read_text()) != json.loads(json.dumps(spec.job)):
-            raise OutputError(f"{spec.tmp} is the partial output of a different job (other input, bundle, selection or "
-                              "options); re-run that job to finish it, or pass --restart to discard it")
+            before = json.loads(job_file.read_text())
+            changed = sorted(k for k in set(before) | set(spec.job) if before.get(k) != json.loads(json.dumps(spec.job)).get(k))
+            raise OutputError(f"{spec.tmp} is the partial output of a different job ({', '.join(changed)} differ: "
+                              + "; ".join(f"{k} was {before.get(k)!r}" for k in changed if k not in ("input",))
+                              + "); re-run that job to finish it, or pass --restart to discard it")
         return written_positions(spec)
     for stale in (spec.tmp, spec.progress_dir):
         if stale.is_dir():
