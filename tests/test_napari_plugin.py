@@ -640,6 +640,21 @@ def test_closing_the_viewer_interrupts_a_file_reconstruction(make_napari_viewer,
 
 # --- readers and writer --------------------------------------------------------------------------
 
+def test_3d_contrast_comes_from_the_data_not_a_fixed_0_to_1():
+    """A volume's light is spread over its planes (a 3D reconstruction peaks near 0.16): shown 0–1 it is black."""
+    import ccm
+    from napari_ccm._common import reconstruction_layer_kwargs
+
+    bundle = ccm.load_bundle("cannula-220um-3d")
+    volume = np.zeros((len(bundle.depths_um), 128, 128), np.float32)
+    volume[2, 40:44, 50:54] = 0.16
+    _, kwargs = reconstruction_layer_kwargs(bundle, volume)
+    assert kwargs["contrast_limits"] == (0.0, pytest.approx(0.16, abs=0.01))
+    assert tuple(kwargs["scale"])[0] == pytest.approx(100.0) and tuple(kwargs["units"]) == ("µm", "µm", "µm")
+    _, blank = reconstruction_layer_kwargs(bundle, np.zeros_like(volume))  # Live's first, empty layer: the bundle's range
+    assert 0.05 <= blank["contrast_limits"][1] < 1.0
+
+
 def test_writer_and_reader_round_trip_um_scale(tmp_path):
     from napari_ccm._reader import get_reader
     from napari_ccm._writer import write_image

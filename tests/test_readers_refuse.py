@@ -92,3 +92,23 @@ def test_ccm_info_reads_ccm_own_recordings(tiny_bundle, tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "a recording" in out and "4 of 6 frames written" in out and "tiny-net" in out
+
+
+def test_an_ome_zarr_claiming_far_more_frames_than_it_stores_is_refused_before_allocating(tmp_path):
+    import json
+
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "lie.ome.zarr"), mode="w")
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "t", "type": "time"}, {"name": "y", "type": "space"},
+                                                                      {"name": "x", "type": "space"}],
+                                                             "datasets": [{"path": "0", "coordinateTransformations": [
+                                                                 {"type": "scale", "scale": [1, 1, 1]}]}]}]}
+    array = root.create_array("0", shape=(8, 16, 16), chunks=(1, 16, 16), dtype="uint16")
+    array[:] = 1
+    meta = tmp_path / "lie.ome.zarr" / "0" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["shape"] = [200_000_000, 16, 16]  # a lying header: 2×10⁸ frames
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(RecordingError, match=r"claims 200,000,000 frames .* at most 8"):
+        open_recording(tmp_path / "lie.ome.zarr")

@@ -108,6 +108,12 @@ def inspect_store(path: Path) -> StoreLayout:
         raise RecordingError(f"{path}: its {len(images)} images differ in axes, shape or pixel type ({sorted(layouts)}); "
                              f"open one of them, e.g. {path / posixpath.dirname(images[0][0])}")
     names, shape, dtype = layouts.pop()
+    for (array_path, _), array in zip(images, arrays):  # a header may claim any size: check it before allocating for it
+        claimed, held = int(np.prod(shape[:-2], dtype=np.float64)), _frames_held(Path(path) / array_path, array)
+        if claimed - held > max(HELD_MARGIN, held):  # a few missing frames are refused by number while reading
+            raise RecordingError(f"{path}: image {array_path} claims {claimed:,} frames of {shape[-2]}×{shape[-1]}, but its "
+                                 f"stored chunks hold at most {held:,} (frames never written are refused, not read as "
+                                 "zeros); reconstruct the written part with --select on its first axis")
     letters = "".join(NGFF_AXES.get(n.lower(), n[:1].upper()) for n in names[:-2])
     extra = tuple(shape[:-2])
     series_axis = None
@@ -126,6 +132,22 @@ def inspect_store(path: Path) -> StoreLayout:
         meta["pixel_size_um"] = pixel
     return StoreLayout([array_path for array_path, _ in images], letters, extra, (int(shape[-2]), int(shape[-1])),
                        np.dtype(dtype), series_axis, meta)
+
+
+HELD_MARGIN = 1024
+"""Frames a store may claim beyond what its stored chunks hold (and beyond as many again) before it is refused
+at once, rather than frame by frame while reading (what a header's size would otherwise make ccm allocate)."""
+
+
+def _frames_held(folder: Path, array) -> int:
+    """The most frames the chunk (or shard) files stored in ``folder`` for ``array`` (…, y, x) can hold: counted
+    by listing the folder — asking zarr would test every chunk the header claims."""
+    grid = array.shards or array.chunks
+    per_frame = int(np.prod([-(-a // c) for a, c in zip(array.shape[-2:], grid[-2:])]))
+    frames_per_file = int(np.prod(grid[:-2], dtype=np.int64)) if array.ndim > 2 else 1
+    metadata = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}
+    files = sum(1 for _, _, names in os.walk(folder) for name in names if name not in metadata)
+    return files * frames_per_file // max(per_frame, 1)
 
 
 def metadata_files(store: str, arrays: list[str]) -> list[str]:
