@@ -42,6 +42,33 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path, tiny_cannula, s
         assert a.raw[:].tobytes() != c.raw[:].tobytes()
 
 
+def test_an_interrupted_stack_with_a_brightness_range_and_planes_of_its_own_resumes(tmp_path, tiny_cannula, monkeypatch):
+    """Settings stored as JSON (a brightness range, planes) compare equal on resume; other settings are named."""
+    import ccm.io.stack
+
+    target = tmp_path / "range.h5"
+    original = ccm.io.stack.StackWriter.append
+    calls = {"n": 0}
+
+    def failing_append(self, raw, volumes):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        original(self, raw, volumes)
+
+    settings = dict(mode="3d", scenes=["beads"], seed=4, chunk_size=8, progress=False, brightness=(0.2, 1.0),
+                    planes_um=[0, 100], between_planes=True)
+    monkeypatch.setattr(ccm.io.stack.StackWriter, "append", failing_append)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_stack(tiny_cannula, target, 24, **settings)
+    monkeypatch.setattr(ccm.io.stack.StackWriter, "append", original)
+    with pytest.raises(StackError, match=r"different settings \(seed\)"):
+        simulate_stack(tiny_cannula, target, 24, **{**settings, "seed": 5})
+    simulate_stack(tiny_cannula, target, 24, **settings)
+    with CalibrationStack(target) as stack:
+        assert len(stack) == 24 and tuple(stack.depths_um) == (0.0, 100.0)
+
+
 def test_interrupted_write_leaves_no_complete_looking_file_and_resumes_identically(tmp_path, tiny_cannula, stack_path, monkeypatch):
     import ccm.io.stack
 

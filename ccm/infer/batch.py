@@ -99,7 +99,7 @@ def output_spec(recording: Recording, selection: Selection, bundle: Bundle, path
 
 
 def reconstruct_recording(source: str | os.PathLike, bundle: Bundle, output: Path, options: InferenceOptions | None = None,
-                          selection: Selection | None = None, dtype: str = "float32", batch_size: int = 32,
+                          selection: Selection | None = None, *, dtype: str = "float32", batch_size: int = 32,
                           num_workers: int = 1, devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto",
                           restart: bool = False, overwrite: bool = False, progress: bool = True, series: int | None = None,
                           convert_from: str | None = None, salvage: bool = False, confidence_map: bool = False) -> dict:

@@ -124,12 +124,18 @@ class StackWriter:
     def _check_resumable(self, device, n, depths_um, provenance) -> None:
         attrs = self._file.attrs
         old = json.loads(attrs["provenance_json"])
-        same = (attrs["device_fingerprint"] == fingerprint(device) and int(attrs["frames_total"]) == n
-                and np.allclose(self._file["depths_um"][()], depths_um)
-                and all(old.get(k) == v for k, v in provenance.items() if k != "command"))
-        if not same:
+        stored = np.asarray(self._file["depths_um"][()])
+        now = json.loads(json.dumps(provenance))  # as stored: tuples are lists in JSON (a brightness range, planes)
+        differ = [k for k, v in now.items() if k != "command" and old.get(k) != v]
+        if attrs["device_fingerprint"] != fingerprint(device):
+            differ.append("device")
+        if int(attrs["frames_total"]) != n:
+            differ.append("count")
+        if stored.shape != np.shape(depths_um) or not np.allclose(stored, depths_um):
+            differ.append("planes")
+        if differ:
             self._file.close()
-            raise StackError(f"{self.tmp}: an interrupted stack with different settings is in the way; "
+            raise StackError(f"{self.tmp}: an interrupted stack with different settings ({', '.join(differ)}) is in the way; "
                              "delete it or run again with the same device, count, planes, scenes and seed")
 
     def append(self, raw: np.ndarray, target: np.ndarray, labels: np.ndarray | None = None) -> None:
