@@ -174,7 +174,7 @@ class LiveRecorder:
             self._broken = True
             raise OutputError(f"writing {self.tmp} failed ({err}); the frames flushed before are in it") from None
 
-    def _append(self, frames: list[Frame], volumes: np.ndarray) -> None:
+    def _append(self, frames: list[Frame], volumes: np.ndarray | None) -> None:
         if self._t0 is None:
             self._t0 = frames[0].timestamp_s
         n0, n = self.written, len(frames)
