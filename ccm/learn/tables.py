@@ -55,7 +55,10 @@ def markdown_report(report: dict) -> str:
                      for key in ("as_calibrated", *(k for k, _ in ROBUST))]
             lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
     if len(report["bundles"][0]["metrics"]["per_plane"]) > 1:
-        lines += ["", *per_plane_table(report["bundles"][0], baseline)]
+        compared = next((e for e in report["bundles"][1:] if baseline.get("source") == "compare"
+                         and e["name"] == baseline.get("bundle") and not baseline.get("subset")), None)
+        planes = baseline.get("per_plane") or (compared["metrics"]["per_plane"] if compared is not None else None)
+        lines += ["", *per_plane_table(report["bundles"][0], {"per_plane": planes})]
     probed = [entry for entry in report["bundles"] if "resolution" in entry]
     if probed:
         lines += ["", "Two-point resolution per plane (µm; — not resolved at any separation):", ""]

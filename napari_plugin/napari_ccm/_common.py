@@ -60,6 +60,18 @@ def options_from(backend: str, precision: str, latency: bool, register: bool = T
                                 register=register).validate()
 
 
+def qt_alive(widget) -> bool:
+    """Whether ``widget``'s Qt object still exists (a worker's result can arrive after its viewer closed)."""
+    try:
+        import shiboken6
+
+        return bool(shiboken6.isValid(widget))
+    except ImportError:  # PyQt
+        from qtpy import sip
+
+        return not sip.isdeleted(widget)
+
+
 def backend_box():
     """The widgets' inference-backend choice: ONNX Runtime first (the default everywhere: 2–4× PyTorch's rate on a
     CPU), PyTorch second."""

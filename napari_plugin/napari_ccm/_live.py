@@ -460,7 +460,7 @@ class LiveWidget(QWidget):
             worker, self._worker = self._worker, None
             worker.returned.disconnect(self._opened)
             worker.returned.connect(lambda result: _discard(result))
-            self.status.setText("stopped while opening the camera")
+            self.status.setText("stopped before the camera was open")
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             stats = pipeline.stop()

@@ -46,6 +46,7 @@ from napari_ccm._common import (
     bundle_choice,
     motion_compensation_box,
     options_from,
+    qt_alive,
     reconstruction_layer_kwargs,
     shipped_bundles,
     volume_view_box,
@@ -196,22 +197,31 @@ class ReconstructWidget(QWidget):
             self.status.setText("cancelling…")
 
     def _progress(self, update: tuple[int, int]) -> None:
-        done, total = update
-        if self.last_error is not None:  # a progress report queued before the error must not hide its reason
+        if not qt_alive(self):  # the viewer closed while the worker ran
             return
-        if self._bar is None:
-            self._bar = napari_progress(total=total, desc="ccm reconstruct")
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
+        done, total = update
+        if self.worker is None or self.last_error is not None:  # a report delivered after the error or the end (Qt may
+            return                                             # deliver a generator's last yield late) changes nothing
         self.bar.setMaximum(max(total, 1))
         self.bar.setValue(done)
         elapsed = time.monotonic() - self._t0
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
         self.status.setText(f"{done}/{total} frames, {rate:.1f} frames/s{eta}")
+        # last: napari's progress bar processes Qt events (an error or the end may be handled in there)
+        if self._bar is None:
+            bar = napari_progress(total=total, desc="ccm reconstruct")
+            if self.worker is None:  # the run ended while the bar was being made
+                bar.close()
+                return
+            self._bar = bar
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
 
     def _layer_done(self, result, name: str) -> None:
+        if not qt_alive(self):  # the viewer closed while the worker ran
+            return
         bundle, volumes, maps, single = result
         data, kwargs = reconstruction_layer_kwargs(bundle, volumes[0] if single else volumes, leading=0 if single else 1)
         self.result_layers = [self.viewer.add_image(data, name=f"{name} reconstructed ({bundle.name})", **kwargs)]
@@ -222,6 +232,8 @@ class ReconstructWidget(QWidget):
         self._complete(f"{len(volumes)} frames reconstructed with {bundle.name}")
 
     def _file_done(self, summary: dict, output: str) -> None:
+        if not qt_alive(self):  # the viewer closed while the worker ran
+            return
         from napari_ccm._reader import read_ccm
 
         self.last_summary = summary
@@ -241,10 +253,15 @@ class ReconstructWidget(QWidget):
         self.status.setText(message)
 
     def _finished(self) -> None:
+        if not qt_alive(self):  # the viewer closed while the worker ran
+            return
         if self.worker is not None and self.worker.abort_requested and self.last_error is None and not self.result_layers:
             self.status.setText("cancelled" + (" — the partial output stays; Reconstruct again resumes it" if
                                                self.source.currentText() == FROM_FILE else ""))
         self.worker = None
+        if self.last_error is not None:  # the error's reason stays, whatever reports arrived around it
+            self.status.setText(self.last_error)
+            self.status.setStyleSheet("color: #ff6060")
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -252,6 +269,8 @@ class ReconstructWidget(QWidget):
         self.cancel_button.setEnabled(False)
 
     def _fail(self, message: str) -> None:
+        if not qt_alive(self):  # the viewer closed while the worker ran
+            return
         self.last_error = message
         self.status.setText(message)
         self.status.setStyleSheet("color: #ff6060")
