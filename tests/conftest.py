@@ -100,3 +100,18 @@ def tiny_bundle(tmp_path_factory, _isolated_cache):
     with h5py.File(train) as f:
         raw = f["raw"][:40]
     return load_bundle(out), raw, folder
+
+
+def digest(path) -> str:
+    """SHA-256 of a file's bytes: that a test's input is unchanged."""
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def one_line(err: str) -> str:
+    """The one non-empty line of a CLI error (asserts there is exactly one)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]

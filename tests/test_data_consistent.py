@@ -30,20 +30,26 @@ DC_NET = {"name": "tiny-dc", "model": {"widths": [8, 16], "refine_widths": [8, 1
           "split": {"val_fraction": 0.1, "test_fraction": 0.05}, "trainer": {"num_workers": 0, "precision": "32-true"}}
 
 
+def _fitted_stage(device, data, n: int, planes: int):
+    """(preprocessor with its fitted scale, split, linear stage fitted on the train split) of the stack ``data``."""
+    with CalibrationStack(data) as stack:
+        dark, raw = stack.dark, stack.raw[:64]
+    preprocessor = Preprocessor(PreprocessConfig(), device, dark=dark)
+    preprocessor = Preprocessor(preprocessor.fit_scale(raw), device, dark=dark)
+    split = split_indices(n, SplitConfig(val_fraction=0.1, test_fraction=0.05))
+    spec = resolve_spec(LinearFit(), preprocessor, planes, clip=False)
+    linear, _ = fit_linear_inverse(spec, LinearFit(), iterate_pairs(data, split["train"], preprocessor),
+                                   iterate_pairs(data, split["val"], preprocessor))
+    return preprocessor, split, linear
+
+
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     """(stack path, preprocessor, split, linear stage, normal operator, its report) for the tiny cannula."""
     folder = tmp_path_factory.mktemp("dc")
     device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")
     data = simulate_stack(device, folder / "train.h5", 200, seed=3, scenes=["neurons", "tissue"], progress=False)
-    with CalibrationStack(data) as stack:
-        dark, raw = stack.dark, stack.raw[:64]
-    preprocessor = Preprocessor(PreprocessConfig(), device, dark=dark)
-    preprocessor = Preprocessor(preprocessor.fit_scale(raw), device, dark=dark)
-    split = split_indices(200, SplitConfig(val_fraction=0.1, test_fraction=0.05))
-    spec = resolve_spec(LinearFit(), preprocessor, 1, clip=False)
-    linear, _ = fit_linear_inverse(spec, LinearFit(), iterate_pairs(data, split["train"], preprocessor),
-                                   iterate_pairs(data, split["val"], preprocessor))
+    preprocessor, split, linear = _fitted_stage(device, data, 200, planes=1)
     forward, _, _ = fit_forward(preprocessor, 1, data, split)
     targets = torch.cat([y for _, y in iterate_pairs(data, split["train"], preprocessor)])
     normal, report = fit_normal_operator(linear, forward, targets)
@@ -112,14 +118,7 @@ def test_untrained_a_volume_network_is_its_linear_stage_on_every_plane(tmp_path)
     """3D, global residual without data-consistency steps (the phantom bundle's design): equal to 1e-5 untrained."""
     device = device_from_dict(tiny_cannula_dict(), source="tiny cannula")
     data = simulate_stack(device, tmp_path / "3d.h5", 96, mode="3d", seed=5, progress=False)
-    with CalibrationStack(data) as stack:
-        dark, raw = stack.dark, stack.raw[:64]
-    preprocessor = Preprocessor(PreprocessConfig(), device, dark=dark)
-    preprocessor = Preprocessor(preprocessor.fit_scale(raw), device, dark=dark)
-    split = split_indices(96, SplitConfig(val_fraction=0.1, test_fraction=0.05))
-    spec = resolve_spec(LinearFit(), preprocessor, 4, clip=False)
-    linear, _ = fit_linear_inverse(spec, LinearFit(), iterate_pairs(data, split["train"], preprocessor),
-                                   iterate_pairs(data, split["val"], preprocessor))
+    preprocessor, split, linear = _fitted_stage(device, data, 96, planes=4)
     config = UNetConfig(widths=(8, 16), dc_steps=0, global_residual=True, output="clamp", input_stage="linear",
                         in_shape=preprocessor.output_shape, out_shape=linear.spec.out_shape, out_channels=4, linear=linear.spec)
     net = DataConsistentNet(config)

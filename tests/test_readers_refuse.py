@@ -6,16 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from conftest import one_line
 
 from ccm.cli.main import main
 from ccm.errors import RecordingError
 from ccm.io.recorded import _axis_value_key, open_recording
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_ndtiff_axis_values_sort_as_numbers_not_text():
@@ -33,7 +28,7 @@ def test_a_tiff_with_several_series_is_listed_and_refused_unless_one_is_picked(t
         open_recording(path)
     assert open_recording(path, series=1).n == 5
     rc = main(["reconstruct", str(path), "--bundle", str(bundle.path), "-o", str(tmp_path / "o.h5"), "--workers", "0", "--no-progress"])
-    assert rc == 2 and "--series N" in _one_line(capsys.readouterr().err)
+    assert rc == 2 and "--series N" in one_line(capsys.readouterr().err)
     assert main(["reconstruct", str(path), "--series", "1", "--bundle", str(bundle.path), "-o", str(tmp_path / "o.h5"),
                  "--workers", "0", "--no-progress"]) == 0
 
@@ -64,7 +59,7 @@ def test_hdf5_frames_never_written_are_refused_or_salvaged(tiny_bundle, tmp_path
     np.testing.assert_array_equal(salvaged.read(0, 6), raw[:6])
     out = tmp_path / "o.h5"
     rc = main(["reconstruct", str(path), "--bundle", str(bundle.path), "-o", str(out), "--workers", "0", "--no-progress"])
-    assert rc == 2 and "never stored" in _one_line(capsys.readouterr().err) and not out.exists()
+    assert rc == 2 and "never stored" in one_line(capsys.readouterr().err) and not out.exists()
 
 
 def test_a_ccm_file_that_says_it_is_incomplete_is_not_read_as_whole(tiny_bundle, tmp_path):

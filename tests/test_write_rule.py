@@ -4,26 +4,15 @@ without --overwrite, and never deletes what it did not create."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_NET
+from conftest import TINY_NET, digest, one_line
 
 from ccm.cli.main import main
 from ccm.io.atomic import partial_path
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture
@@ -48,13 +37,13 @@ def test_train_restart_removes_only_what_a_training_wrote(stack, recipe, tmp_pat
     notes.write_text("the user's notes")
     inside = work / "stack.h5"
     shutil.move(stack, inside)
-    before = _digest(inside)
+    before = digest(inside)
     args = ["train", "--data", str(inside), "--recipe", str(recipe), "-o", str(tmp_path / "net.safetensors"),
             "--workdir", str(work), "--no-progress"]
     assert main(args) == 0
     assert (work / "checkpoints").is_dir()
     assert main([*args, "--restart", "--overwrite"]) == 0
-    assert notes.read_text() == "the user's notes" and _digest(inside) == before
+    assert notes.read_text() == "the user's notes" and digest(inside) == before
     # a work folder of a run on another stack is not resumed: the difference is named
     other = tmp_path / "other.h5"
     shutil.copyfile(inside, other)
@@ -62,53 +51,53 @@ def test_train_restart_removes_only_what_a_training_wrote(stack, recipe, tmp_pat
         f.write(b"\0")
     rc = main(["train", "--data", str(other), "--recipe", str(recipe), "-o", str(tmp_path / "o.safetensors"),
                "--workdir", str(work), "--no-progress"])
-    assert rc == 2 and "another calibration stack" in _one_line(capsys.readouterr().err)
+    assert rc == 2 and "another calibration stack" in one_line(capsys.readouterr().err)
 
 
 def test_train_never_writes_over_its_stack_nor_an_existing_bundle(stack, recipe, tmp_path, capsys):
-    before = _digest(stack)
+    before = digest(stack)
     assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(stack), "--no-progress"]) == 2
-    assert "never writes over the data it reads" in _one_line(capsys.readouterr().err) and _digest(stack) == before
+    assert "never writes over the data it reads" in one_line(capsys.readouterr().err) and digest(stack) == before
     victim = tmp_path / "mine.safetensors"
     victim.write_bytes(b"precious")
     assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(victim), "--no-progress"]) == 2
-    assert "--overwrite" in _one_line(capsys.readouterr().err) and victim.read_bytes() == b"precious"
+    assert "--overwrite" in one_line(capsys.readouterr().err) and victim.read_bytes() == b"precious"
 
 
 def test_export_tiff_refuses_its_stack_one_file_for_both_and_an_existing_file(stack, tmp_path, capsys):
-    before = _digest(stack)
+    before = digest(stack)
     assert main(["export-tiff", str(stack), "-o", str(stack)]) == 2
-    assert "never writes over the data it reads" in _one_line(capsys.readouterr().err)
+    assert "never writes over the data it reads" in one_line(capsys.readouterr().err)
     tif = tmp_path / "frames.ome.tif"
     assert main(["export-tiff", str(stack), "-o", str(tif), "--targets", str(tif)]) == 2
-    assert "same file" in _one_line(capsys.readouterr().err) and not tif.exists()
+    assert "same file" in one_line(capsys.readouterr().err) and not tif.exists()
     assert main(["export-tiff", str(stack), "-o", str(tif)]) == 0
     capsys.readouterr()
-    written = _digest(tif)
+    written = digest(tif)
     assert main(["export-tiff", str(stack), "-o", str(tif)]) == 2
-    assert "exists" in _one_line(capsys.readouterr().err) and _digest(tif) == written
+    assert "exists" in one_line(capsys.readouterr().err) and digest(tif) == written
     assert main(["export-tiff", str(stack), "-o", str(tif), "--overwrite"]) == 0
-    assert _digest(stack) == before and not partial_path(tif).exists()
+    assert digest(stack) == before and not partial_path(tif).exists()
 
 
 def test_export_refuses_its_bundle_and_an_existing_file(tiny_bundle, tmp_path, capsys):
     bundle = tiny_bundle[0]
     copy = tmp_path / "b.safetensors"
     shutil.copyfile(bundle.path, copy)
-    before = _digest(copy)
+    before = digest(copy)
     assert main(["export", "--bundle", str(copy), "-o", str(copy), "--overwrite"]) == 2
-    assert "never writes over the data it reads" in _one_line(capsys.readouterr().err) and _digest(copy) == before
+    assert "never writes over the data it reads" in one_line(capsys.readouterr().err) and digest(copy) == before
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"precious")
     assert main(["export", "--bundle", str(copy), "-o", str(onnx)]) == 2
-    assert "exists" in _one_line(capsys.readouterr().err) and onnx.read_bytes() == b"precious"
+    assert "exists" in one_line(capsys.readouterr().err) and onnx.read_bytes() == b"precious"
 
 
 def test_psf_refuses_an_existing_figure(tmp_path, capsys):
     figure = tmp_path / "psf.png"
     figure.write_bytes(b"precious")
     assert main(["psf", "--device", "window-see-through", "-o", str(figure)]) == 2
-    assert "exists" in _one_line(capsys.readouterr().err) and figure.read_bytes() == b"precious"
+    assert "exists" in one_line(capsys.readouterr().err) and figure.read_bytes() == b"precious"
 
 
 def test_a_store_that_holds_the_input_is_refused_even_with_overwrite(tmp_path):
@@ -137,7 +126,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, command, capsys):
     else:
         args = ["train", "--data", str(tmp_path / "none.h5"), "--recipe", str(bomb), "-o", str(tmp_path / "b.safetensors")]
     assert main(args) == 2
-    assert "aliases" in _one_line(capsys.readouterr().err)
+    assert "aliases" in one_line(capsys.readouterr().err)
 
 
 def test_bounded_yaml_refuses_deep_nesting_and_huge_texts():
@@ -160,7 +149,7 @@ def test_a_nan_target_stops_training_before_a_bundle_is_written(stack, recipe, t
         f["target"][3] = target
     out = tmp_path / "nan.safetensors"
     assert main(["train", "--data", str(stack), "--recipe", str(recipe), "-o", str(out), "--no-progress"]) == 2
-    assert "NaN" in _one_line(capsys.readouterr().err) and not out.exists()
+    assert "NaN" in one_line(capsys.readouterr().err) and not out.exists()
 
 
 def test_a_new_live_recording_keeps_an_interrupted_one_under_another_name(tiny_bundle, tmp_path, capsys):
@@ -174,12 +163,12 @@ def test_a_new_live_recording_keeps_an_interrupted_one_under_another_name(tiny_b
     with h5py.File(crashed, "w") as f:
         f["raw"] = tiny_bundle[1][:3]
         f.attrs["frames_written"], f.attrs["complete"] = 3, False
-    before = _digest(crashed)
+    before = digest(crashed)
     args = ["live", "--device", str(device), "--bundle", str(tiny_bundle[0].path), "--seconds", "0.3", "--fps", "50",
             "--backend", "torch", "--record", str(record), "--json"]
     assert main(args) == 0
     kept = tmp_path / "run-interrupted-1.h5"
-    assert str(kept) in capsys.readouterr().err and _digest(kept) == before
+    assert str(kept) in capsys.readouterr().err and digest(kept) == before
     with h5py.File(record) as f:
         assert f.attrs["complete"] and f.attrs["frames_written"] > 0
 
@@ -190,4 +179,4 @@ def test_acquire_refuses_an_output_whose_suffix_is_not_its_format(tmp_path, caps
     sequence.write_text("time_plan: {interval: 0, loops: 2}\n")
     out = tmp_path / name
     assert main(["acquire", "--sequence", str(sequence), "--bundle", "cannula-220um-2d", "-o", str(out)]) == 2
-    assert "name the output .h5" in _one_line(capsys.readouterr().err) and not out.exists()
+    assert "name the output .h5" in one_line(capsys.readouterr().err) and not out.exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def export_package(bundle: Bundle, output: str | Path, overwrite: bool = False, 
 
     from ccm.devices import device_to_json
     from ccm.infer.backends import InferenceOptions
+    from ccm.infer.export import _quiet_logs
     from ccm.infer.reconstruct import Reconstructor
 
     output = claim_output(output, [bundle.path], overwrite, what="bundle")
@@ -171,7 +173,8 @@ def export_package(bundle: Bundle, output: str | Path, overwrite: bool = False, 
     with tempfile.TemporaryDirectory(prefix="ccm-bioimageio-") as folder:
         folder = Path(folder)
         onnx_path = folder / "model.onnx"
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), _quiet_logs(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch.onnx.export(module, (torch.from_numpy(np.concatenate([raw, raw])),), str(onnx_path), dynamo=True, verbose=False,
                               opset_version=OPSET, input_names=["raw"], output_names=["volume"],
                               dynamic_shapes={"raw": {0: torch.export.Dim("batch", min=1)}}, external_data=False)
@@ -222,25 +225,6 @@ def export_package(bundle: Bundle, output: str | Path, overwrite: bool = False, 
         f"{difference:.1e} on the self-test frame")
     return {"path": str(output), "bytes": output.stat().st_size, "max_abs_difference": difference,
             "format_version": rdf["format_version"]}
-
-
-class _quiet:
-    """Hold back the ONNX exporter's chatter (as :func:`ccm.infer.export._quiet_logs`)."""
-
-    def __enter__(self):
-        from ccm.infer.export import _quiet_logs
-
-        self._context = _quiet_logs()
-        self._context.__enter__()
-        import warnings
-
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-
-    def __exit__(self, *exc):
-        self._warnings.__exit__(*exc)
-        return self._context.__exit__(*exc)
 
 
 def import_package(package: str | Path, output: str | Path, overwrite: bool = False) -> Bundle:

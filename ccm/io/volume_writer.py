@@ -167,9 +167,9 @@ def prepare(spec: OutputSpec, restart: bool = False, overwrite: bool = False) ->
     refuse_existing(spec, overwrite)
     job_file = spec.progress_dir / "job.json"
     if spec.tmp.exists() and job_file.exists() and not restart:
-        if json.loads(job_file.read_text()) != json.loads(json.dumps(spec.job)):
-            before = json.loads(job_file.read_text())
-            changed = sorted(k for k in set(before) | set(spec.job) if before.get(k) != json.loads(json.dumps(spec.job)).get(k))
+        before, now = json.loads(job_file.read_text()), json.loads(json.dumps(spec.job))
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise OutputError(f"{spec.tmp} is the partial output of a different job ({', '.join(changed)} differ: "
                               + "; ".join(f"{k} was {before.get(k)!r}" for k in changed if k not in ("input",))
                               + "); re-run that job to finish it, or pass --restart to discard it")
